@@ -1,0 +1,6 @@
+"""Test support that ships with the package: the HPU emulation for CPU-only machines.
+
+`lmcache.testing.hpu_emulation.HpuEmulation` makes `torch.device("hpu")` tensors,
+`torch.hpu` and the Habana bridge modules exist on a machine without Gaudi. It is
+an emulation: it proves placement and sync discipline, not Gaudi speed.
+"""
