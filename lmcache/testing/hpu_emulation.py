@@ -142,7 +142,8 @@ class HpuEmulation:
                     f"refusing to emulate HPU: a real Habana bridge is present ({real}). "
                     "Run these tests on the Gaudi itself, without lmcache.testing's emulation."
                 )
-            self.guard_build_seconds = ensure_hpu_device_guard()
+            guard, self.guard_build_seconds = ensure_hpu_device_guard()
+            self._state.attach_guard(guard)
             self._install()
             _active = self
         self.activation_seconds = time.perf_counter() - started
@@ -172,7 +173,7 @@ class HpuEmulation:
         habana = make_habana_modules(state, torch_hpu)
         saved: dict[str, Any] = {
             "modules": {name: sys.modules.get(name) for name in [*habana, "torch.hpu"]},
-            "hooks": (hpu_tensor.hooks.on_op, hpu_tensor.hooks.current_index),
+            "hooks": (hpu_tensor.hooks.on_op, hpu_tensor.hooks.resolve),
             "cuda_is_available": torch.cuda.is_available,
             "migration_env": os.environ.get(_MIGRATION_ENV),
         }
@@ -180,7 +181,7 @@ class HpuEmulation:
         try:
             self._kernels.register()
             hpu_tensor.hooks.on_op = state.count_op
-            hpu_tensor.hooks.current_index = lambda: state.current_index
+            hpu_tensor.hooks.resolve = lambda d: torch.device("hpu", state.index_of(d))
             torch._register_device_module("hpu", torch_hpu)
             sys.modules.update(habana)
             if self.gpu_migration:
@@ -197,7 +198,7 @@ class HpuEmulation:
         saved = self._saved
         assert saved is not None
         self._kernels.unregister()
-        hpu_tensor.hooks.on_op, hpu_tensor.hooks.current_index = saved["hooks"]
+        hpu_tensor.hooks.on_op, hpu_tensor.hooks.resolve = saved["hooks"]
         if _is_emulated(getattr(torch, "hpu", None)):
             delattr(torch, "hpu")
         for name, previous in saved["modules"].items():

@@ -45,11 +45,29 @@ class DeviceState:
     def __init__(self, device_count: int, lazy: bool):
         self.device_count = device_count
         self.lazy = lazy
-        self.current_index = 0
+        self._index = 0
+        # Once attached, the C++ device guard holds the current index, so C++
+        # device guards and torch.hpu.set_device agree.
+        self.guard: Any = None
         self.counters = HpuCounters()
         self._lock = threading.Lock()
         self._streams = threading.local()
         self._warned_eager_mark_step = False
+
+    def attach_guard(self, guard: Any) -> None:
+        self.guard = guard
+        guard.set_device_count(self.device_count)
+        guard.set_device(self._index)
+
+    @property
+    def current_index(self) -> int:
+        return self.guard.get_device() if self.guard is not None else self._index
+
+    @current_index.setter
+    def current_index(self, index: int) -> None:
+        self._index = index
+        if self.guard is not None:
+            self.guard.set_device(index)
 
     def count_op(self) -> None:
         c = self.counters

@@ -85,7 +85,10 @@ class _OpHooks:
     """What the emulation wants to hear about ops (set while it is active)."""
 
     on_op: Callable[[], None] | None = None
-    current_index: Callable[[], int] = staticmethod(lambda: 0)
+    # hpu device (index may be None) -> hpu device with a valid index
+    resolve: Callable[[Any], torch.device] = staticmethod(
+        lambda d: torch.device("hpu", 0 if d is None or d.index is None else d.index)
+    )
 
 
 hooks = _OpHooks()
@@ -135,6 +138,20 @@ class EmulatedHpuTensor(torch.Tensor):
         if meta is not None:
             return meta(args[0].cpu_data, *args[1:])
         return _run_on_cpu(func, args, kwargs or {})
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = wrap(self.cpu_data.clone(), self.device)
+        return memo[id(self)]
+
+    def __format__(self, format_spec: str) -> str:
+        if self.dim() == 0:
+            return self.item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
+    def data_ptr(self) -> int:
+        """The address of the backing memory (a device address on a real HPU)."""
+        return self.cpu_data.data_ptr()
 
     def tolist(self):
         if hooks.on_op is not None:
@@ -215,7 +232,7 @@ def _run_on_cpu(func, args, kwargs):
     if dev is not None:
         dev = torch.device(dev)
         if dev.type == "hpu":
-            out_device = dev if dev.index is not None else torch.device("hpu", hooks.current_index())
+            out_device = hooks.resolve(dev)
             ckwargs["device"] = _CPU
         else:
             out_device = None
@@ -274,9 +291,7 @@ def _rewrap(out: Any, u: _Unwrapper, device: torch.device | None) -> Any:
 
 
 def _target(device: torch.device | None) -> torch.device:
-    if device is None or device.index is None:
-        return torch.device("hpu", hooks.current_index())
-    return device
+    return hooks.resolve(device)
 
 
 def _empty_memory_format(
