@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["lmcache", "lmcache.*"]),
     # torch is not pinned: each device brings its own build (CUDA, Gaudi's
     # bridge-matched torch, or the CPU build).
-    install_requires=["torch>=2.1", "PyYAML>=6.0"],
+    install_requires=["torch>=2.1", "PyYAML>=6.0", "numpy", "xxhash>=3.0"],
     extras_require={
         "redis": ["redis>=5.0"],
         "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel"],

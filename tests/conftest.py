@@ -7,6 +7,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.devices",
     "tests.fixtures.hpu",
+    "tests.fixtures.redis",
 ]
 
 

@@ -95,10 +95,12 @@ class MemoryObj:
         return self._readers > 0
 
     def free(self) -> None:
-        """Give the bytes back to the pool (idempotent)."""
+        """Give the bytes back to the pool (idempotent). The pool may hand the same
+        buffer out again, so nobody may touch `.tensor` after this."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.release(self.nbytes)
+            pool.recycle(self.tensor)
 
     def __repr__(self) -> str:
         return f"MemoryObj({self.fmt.name}, shape={tuple(self.metadata.shape)}, dtype={self.metadata.dtype})"
@@ -109,6 +111,11 @@ class HostMemoryPool:
 
     Pinned where the platform can pin (faster device copies); plain pageable
     memory otherwise. Running out returns None: the caller skips that store.
+
+    Freed buffers are kept for reuse by the next allocation of the same byte size
+    (fresh host memory costs page faults, pinned memory a slow registration); kept
+    buffers plus handed-out bytes never exceed the budget, the oldest kept ones
+    are dropped first.
     """
 
     def __init__(self, budget_bytes: int, pin: bool | None = None):
@@ -118,6 +125,8 @@ class HostMemoryPool:
         self._pin = pin
         self._used = 0
         self._lock = threading.Lock()
+        self._idle: dict[int, list[torch.Tensor]] = {}  # nbytes -> flat uint8 buffers
+        self._idle_bytes = 0
 
     @property
     def used_bytes(self) -> int:
@@ -139,15 +148,63 @@ class HostMemoryPool:
             if self._used + nbytes > self.budget_bytes:
                 return None
             self._used += nbytes
+            reused = self._take_idle(nbytes)
+            if reused is None:
+                self._trim_idle(self.budget_bytes - self._used)
         try:
-            tensor = torch.empty(shape, dtype=dtype)
-            if self._should_pin():
-                tensor = current_platform().pin(tensor)
+            if reused is not None:
+                tensor = reused.view(dtype).view(shape)
+            else:
+                flat = torch.empty(nbytes, dtype=torch.uint8)
+                if self._should_pin():
+                    flat = current_platform().pin(flat)
+                tensor = flat.view(dtype).view(shape)
         except RuntimeError as exc:  # the host itself is out of memory
             self.release(nbytes)
             logger.warning("cannot allocate %d bytes of host memory: %s", nbytes, exc)
             return None
         return MemoryObj(tensor, fmt, pool=self)
+
+    # -- reuse of freed buffers (caller holds self._lock) ------------------
+    def _take_idle(self, nbytes: int) -> torch.Tensor | None:
+        bucket = self._idle.get(nbytes)
+        if not bucket:
+            return None
+        self._idle_bytes -= nbytes
+        buf = bucket.pop()
+        if not bucket:
+            del self._idle[nbytes]
+        return buf
+
+    def _trim_idle(self, keep_bytes: int) -> None:
+        """Drop kept buffers (oldest sizes first) until at most keep_bytes remain."""
+        while self._idle_bytes > max(0, keep_bytes) and self._idle:
+            size = next(iter(self._idle))
+            bucket = self._idle[size]
+            bucket.pop(0)
+            self._idle_bytes -= size
+            if not bucket:
+                del self._idle[size]
+
+    def recycle(self, tensor: torch.Tensor) -> None:
+        """Keep a freed object's buffer for reuse (called by MemoryObj.free)."""
+        flat = tensor.view(torch.uint8).reshape(-1)
+        nbytes = flat.numel()
+        with self._lock:
+            if self._used + self._idle_bytes + nbytes > self.budget_bytes:
+                self._trim_idle(self.budget_bytes - self._used - nbytes)
+            if self._used + self._idle_bytes + nbytes <= self.budget_bytes:
+                self._idle.setdefault(nbytes, []).append(flat)
+                self._idle_bytes += nbytes
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of freed buffers kept for reuse (reclaimable; not counted as used)."""
+        return self._idle_bytes
+
+    def clear_idle(self) -> None:
+        with self._lock:
+            self._trim_idle(0)
 
     def release(self, nbytes: int) -> None:
         with self._lock:

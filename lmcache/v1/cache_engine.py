@@ -1,0 +1,369 @@
+"""LMCacheEngine: lookup / store / retrieve of KV chunks, and the builder that
+keeps one engine per name.
+
+The engine knows tokens, keys and tiers; it does not know device layouts. Moving
+KV between the paged cache and host memory objects is the GPU connector's job
+(lmcache.v1.gpu_connector, contract in docs/architecture.md): the engine makes
+ONE batched connector call per step, for all chunks of all requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+import torch
+
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.memory import MemoryFormat, MemoryObj
+from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
+from lmcache.v1.storage_backend.storage_manager import StorageManager
+from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, mask_skip
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EngineStats",
+    "LMCacheEngine",
+    "LMCacheEngineBuilder",
+    "LMCacheEngineMetadata",
+    "MISS_CAUSES",
+    "TransferSpec",
+]
+
+
+@dataclass
+class LMCacheEngineMetadata:
+    model_name: str
+    world_size: int
+    worker_id: int
+    kv_dtype: torch.dtype
+    kv_shape: tuple  # (num_layers, 2 or 1, chunk_size, num_kv_heads, head_size)
+    use_mla: bool = False
+    layout_fingerprint: str = ""
+
+    @property
+    def memory_format(self) -> MemoryFormat:
+        return MemoryFormat.KV_MLA_FMT if self.use_mla else MemoryFormat.KV_2LTD
+
+    def memory_shape(self, num_tokens: int) -> torch.Size:
+        """Shape of a memory object for `num_tokens` tokens, as a connector must give it."""
+        num_layers, _, _, num_heads, head_size = self.kv_shape
+        if self.use_mla:
+            return torch.Size((1, num_layers, num_tokens, head_size))
+        return torch.Size((2, num_layers, num_tokens, num_heads * head_size))
+
+
+@dataclass
+class TransferSpec:
+    tokens: torch.Tensor | list[int]  # token ids from position 0
+    slot_mapping: torch.Tensor  # one slot per token of `tokens` (position 0 on)
+    skip_tokens: int = 0  # chunk-aligned prefix vLLM already holds: not moved
+    num_tokens: int | None = None  # how many of `tokens` to move (default all)
+
+
+@dataclass
+class _Planned:
+    key: CacheEngineKey
+    obj: MemoryObj
+    start: int  # in the concatenated slot mapping
+    end: int
+    spec: int  # index of the request
+
+
+class LMCacheEngine:
+    def __init__(self, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata, gpu_connector=None):
+        self.config = config
+        self.metadata = metadata
+        self.stats = EngineStats()
+        self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
+        self.storage = StorageManager(config, self.stats)
+        self.gpu_connector = None
+        if gpu_connector is not None:
+            self.set_gpu_connector(gpu_connector)
+        self._closed = False
+
+    def set_gpu_connector(self, gpu_connector) -> None:
+        """Attach the connector (a scheduler-side engine has none: lookups only)."""
+        expected = self.metadata.memory_shape(self.config.chunk_size)
+        got = torch.Size(gpu_connector.get_shape(self.config.chunk_size))
+        if got != expected or gpu_connector.kv_dtype != self.metadata.kv_dtype:
+            raise ValueError(
+                f"GPU connector gives memory objects of shape {tuple(got)} and dtype {gpu_connector.kv_dtype} "
+                f"for {self.config.chunk_size} tokens, but the engine metadata (kv_shape={tuple(self.metadata.kv_shape)}, "
+                f"use_mla={self.metadata.use_mla}, kv_dtype={self.metadata.kv_dtype}) implies {tuple(expected)} "
+                f"and {self.metadata.kv_dtype}: the keys would not describe the data"
+            )
+        self.gpu_connector = gpu_connector
+
+    def _connector(self):
+        if self.gpu_connector is None:
+            raise RuntimeError("this engine has no GPU connector (built for lookups only): store/retrieve need one")
+        return self.gpu_connector
+
+    # -- lookup -------------------------------------------------------------
+    def lookup(self, tokens) -> int:
+        """How many tokens, from the first, the cache holds (chunk granularity)."""
+        chunks = self.token_db.chunks(tokens)
+        found = self.storage.lookup_prefix([c.key for c in chunks])
+        hit = chunks[found - 1].end if found else 0
+        self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
+        return hit
+
+    # -- store --------------------------------------------------------------
+    def store(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> int:
+        """Store the chunks of `tokens` (those `mask` does not skip); returns the
+        number of tokens newly stored."""
+        skip = mask_skip(mask, len(tokens), self.config.chunk_size)
+        return self.batched_store([TransferSpec(tokens, slot_mapping, skip)])[0]
+
+    def batched_store(self, specs: Sequence[TransferSpec]) -> list[int]:
+        """Store every request of a step with one connector call; per request the
+        number of tokens newly stored (chunks already cached are not moved again)."""
+        plan, slot_mapping = self._plan_store(specs)
+        if plan:
+            try:
+                self._connector().batched_from_gpu(
+                    [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
+                )
+            except BaseException:
+                for p in plan:
+                    p.obj.free()
+                raise
+        return self._commit_store(plan, len(specs))
+
+    def _plan_store(self, specs: Sequence[TransferSpec]) -> tuple[list[_Planned], torch.Tensor | None]:
+        connector = self._connector()
+        plan: list[_Planned] = []
+        slot_parts = []
+        offset = 0
+        seen: set[CacheEngineKey] = set()
+        out_of_memory = False
+        for index, spec in enumerate(specs):
+            num_tokens, skip = self._check_spec(spec)
+            for chunk in self.token_db.chunks(spec.tokens, num_tokens):
+                if chunk.end <= skip or chunk.key in seen or out_of_memory:
+                    continue
+                if self.storage.contains_local(chunk.key):
+                    continue
+                obj = self.storage.allocate(
+                    connector.get_shape(chunk.end - chunk.start), connector.kv_dtype, connector.memory_format
+                )
+                if obj is None:
+                    out_of_memory = True
+                    self.stats.miss("dropped")
+                    continue
+                seen.add(chunk.key)
+                plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
+            slot_parts.append(spec.slot_mapping[:num_tokens])
+            offset += num_tokens
+        if not plan:
+            return plan, None
+        return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)
+
+    def _commit_store(self, plan: list[_Planned], num_specs: int) -> list[int]:
+        stored = [0] * num_specs
+        nbytes = 0
+        for p in plan:
+            n = p.end - p.start
+            stored[p.spec] += n
+            nbytes += p.obj.nbytes
+            self.storage.put(p.key, p.obj)
+        if plan:
+            self.stats.add(stored_chunks=len(plan), stored_tokens=sum(stored), stored_bytes=nbytes)
+        return stored
+
+    def _check_spec(self, spec: TransferSpec) -> tuple[int, int]:
+        total = len(spec.tokens)
+        num_tokens = total if spec.num_tokens is None else spec.num_tokens
+        if not 0 <= num_tokens <= total:
+            raise ValueError(f"num_tokens={spec.num_tokens} is outside 0..{total} (the number of tokens given)")
+        if len(spec.slot_mapping) < num_tokens:
+            raise ValueError(
+                f"slot_mapping has {len(spec.slot_mapping)} entries for {num_tokens} tokens; it needs one per token"
+            )
+        skip = spec.skip_tokens
+        if skip < 0 or (skip % self.config.chunk_size and skip < num_tokens):
+            raise ValueError(
+                f"skip_tokens={skip} must be >= 0 and a multiple of chunk_size={self.config.chunk_size}"
+            )
+        return num_tokens, skip
+
+    # -- retrieve -----------------------------------------------------------
+    def retrieve(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Load the cached prefix of `tokens` (after the part `mask` skips) into
+        the paged cache; returns a bool mask of the tokens loaded."""
+        skip = mask_skip(mask, len(tokens), self.config.chunk_size)
+        valid = self.batched_retrieve([TransferSpec(tokens, slot_mapping, skip)])[0]
+        return self._loaded_mask(len(tokens), skip, valid - skip)
+
+    @staticmethod
+    def _loaded_mask(num_tokens: int, skip: int, loaded: int) -> torch.Tensor:
+        mask = torch.zeros(num_tokens, dtype=torch.bool)
+        mask[skip : skip + loaded] = True
+        return mask
+
+    def batched_retrieve(self, specs: Sequence[TransferSpec]) -> list[int]:
+        """Load every request of a step with one connector call. Per request: the
+        length of the prefix of `tokens` that is now in the paged cache, i.e.
+        skip_tokens + the tokens loaded (a missing or bad chunk ends the request's
+        load: chunks after a gap would be useless)."""
+        plan, slot_mapping, loaded = self._plan_retrieve(specs)
+        try:
+            if plan:
+                self._connector().batched_to_gpu(
+                    [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
+                )
+        finally:
+            for p in plan:
+                self.storage.release(p.obj)
+        self._count_loaded(plan, loaded)
+        return [spec.skip_tokens + n for spec, n in zip(specs, loaded)]
+
+    def _plan_retrieve(self, specs: Sequence[TransferSpec]) -> tuple[list[_Planned], torch.Tensor | None, list[int]]:
+        connector = self._connector()
+        plan: list[_Planned] = []
+        loaded = [0] * len(specs)
+        slot_parts = []
+        offset = 0
+        try:
+            for index, spec in enumerate(specs):
+                num_tokens, skip = self._check_spec(spec)
+                for chunk in self.token_db.chunks(spec.tokens, num_tokens):
+                    if chunk.end <= skip:
+                        continue
+                    obj = self.storage.get(chunk.key)
+                    if obj is None:
+                        break
+                    expected = connector.get_shape(chunk.end - chunk.start)
+                    if obj.metadata.shape != torch.Size(expected) or obj.metadata.dtype != connector.kv_dtype:
+                        logger.warning(
+                            "chunk %s holds %s %s, expected %s %s: not loaded",
+                            chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype,
+                            tuple(expected), connector.kv_dtype,
+                        )
+                        self.stats.miss("corrupt")
+                        self.storage.release(obj)
+                        break
+                    plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
+                    loaded[index] += chunk.end - chunk.start
+                slot_parts.append(spec.slot_mapping[:num_tokens])
+                offset += num_tokens
+        except BaseException:
+            for p in plan:
+                self.storage.release(p.obj)
+            raise
+        if not plan:
+            return plan, None, loaded
+        return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
+
+    def _count_loaded(self, plan: list[_Planned], loaded: list[int]) -> None:
+        if plan:
+            self.stats.add(
+                loaded_chunks=len(plan), loaded_tokens=sum(loaded), loaded_bytes=sum(p.obj.nbytes for p in plan)
+            )
+
+    # -- layerwise ------------------------------------------------------------
+    def store_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> Generator:
+        """Layer-by-layer store. next() number i (i = 1..num_layers) saves layer
+        i-1 (call it after that layer is computed); next() number num_layers+1
+        finishes (waits for the copies, hands the chunks to the tiers) and yields
+        the number of tokens stored."""
+        skip = mask_skip(mask, len(tokens), self.config.chunk_size)
+        num_layers = self.metadata.kv_shape[0]
+        plan, slot_mapping = self._plan_store([TransferSpec(tokens, slot_mapping, skip)])
+        committed = False
+        try:
+            steps = None
+            if plan:
+                steps = self._connector().batched_from_gpu_layerwise(
+                    [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
+                )
+            for _ in range(num_layers):
+                if steps is not None:
+                    next(steps)
+                yield None
+            if steps is not None:
+                next(steps, None)  # the connector's final step: synchronize
+            stored = self._commit_store(plan, 1)[0]
+            committed = True
+        finally:
+            if not committed:
+                for p in plan:
+                    p.obj.free()
+        yield stored
+
+    def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> Generator:
+        """Layer-by-layer load. next() number i (i = 1..num_layers) loads layer
+        i-1 (the first also fetches the chunks from the tiers); next() number
+        num_layers+1 waits for the copies and yields the bool mask of loaded tokens."""
+        skip = mask_skip(mask, len(tokens), self.config.chunk_size)
+        num_layers = self.metadata.kv_shape[0]
+        plan, slot_mapping, loaded = self._plan_retrieve([TransferSpec(tokens, slot_mapping, skip)])
+        try:
+            steps = None
+            if plan:
+                steps = self._connector().batched_to_gpu_layerwise(
+                    [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
+                )
+            for _ in range(num_layers):
+                if steps is not None:
+                    next(steps)
+                yield None
+            if steps is not None:
+                next(steps, None)
+        finally:
+            for p in plan:
+                self.storage.release(p.obj)
+        self._count_loaded(plan, loaded)
+        yield self._loaded_mask(len(tokens), skip, loaded[0])
+
+    # -- lifetime -------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until stores queued for the disk/remote tiers are written."""
+        return self.storage.flush(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued writes (up to `timeout` s), stop the writer thread, free memory."""
+        if self._closed:
+            return
+        self._closed = True
+        self.storage.close(timeout)
+
+
+class LMCacheEngineBuilder:
+    """One engine per name in the process (vLLM uses ENGINE_NAME)."""
+
+    _engines: dict[str, LMCacheEngine] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def get_or_create(
+        cls,
+        instance_id: str,
+        config: LMCacheEngineConfig,
+        metadata: LMCacheEngineMetadata,
+        gpu_connector=None,
+    ) -> LMCacheEngine:
+        with cls._lock:
+            engine = cls._engines.get(instance_id)
+            if engine is None:
+                engine = LMCacheEngine(config, metadata, gpu_connector)
+                cls._engines[instance_id] = engine
+            elif gpu_connector is not None and engine.gpu_connector is None:
+                engine.set_gpu_connector(gpu_connector)
+            return engine
+
+    @classmethod
+    def get(cls, instance_id: str) -> LMCacheEngine | None:
+        with cls._lock:
+            return cls._engines.get(instance_id)
+
+    @classmethod
+    def destroy(cls, instance_id: str) -> None:
+        with cls._lock:
+            engine = cls._engines.pop(instance_id, None)
+        if engine is not None:
+            engine.close()

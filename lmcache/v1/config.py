@@ -1,0 +1,388 @@
+"""LMCacheEngineConfig: the engine's settings and where they come from.
+
+Sources, later wins:
+  defaults < YAML file named by LMCACHE_CONFIG_FILE < LMCACHE_<KEY> env vars
+           < "lmcache.<key>" entries of vLLM's kv_connector_extra_config.
+
+Every value is checked when it is read. A bad value raises ConfigError naming the
+key, the value, where it came from and what is accepted; an unknown key warns and
+suggests the closest known one (typos are the usual cause).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
+VLLM_PREFIX = "lmcache."
+
+# LMCACHE_* variables that are not config keys (read elsewhere, or upstream
+# switches with no meaning here): never warned about.
+NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE"})
+
+REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+REMOTE_SERDES = ("naive",)
+
+GB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+@dataclass
+class LMCacheEngineConfig:
+    # --- upstream keys (same names and defaults) ---
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_serde: str = "naive"
+    save_unfull_chunk: bool = False
+    save_decode_cache: bool = False
+    use_layerwise: bool = False
+    min_retrieve_tokens: int = 0
+    extra_config: dict | None = None
+    # --- ours ---
+    remote_timeout: float = 2.0
+    remote_connect_timeout: float = 0.5
+    remote_retry_interval: float = 10.0
+    store_queue_size: int = 64
+
+    # Where each non-default value came from (for messages); not a config key.
+    sources: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- constructors like upstream's -------------------------------------
+    @classmethod
+    def from_defaults(cls, **overrides: Any) -> "LMCacheEngineConfig":
+        return apply_overrides(cls(), overrides, source="from_defaults()")
+
+    @classmethod
+    def from_file(cls, path: str) -> "LMCacheEngineConfig":
+        return _apply_file(cls(), path, source="from_file()")
+
+    @classmethod
+    def from_env(cls) -> "LMCacheEngineConfig":
+        return _apply_env(cls(), os.environ)
+
+    # -- derived sizes ----------------------------------------------------
+    @property
+    def local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB)
+
+    @property
+    def local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in KEYS}
+
+
+# --- per-key parsing -------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class _Bad(Exception):
+    """Raised by a parser; carries the 'accepted' text of the key."""
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _Bad
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Bad
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _Bad from None
+    raise _Bad
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Bad
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _Bad from None
+    raise _Bad
+
+
+def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+def _positive_int(value: Any) -> int:
+    n = _parse_int(value)
+    if n <= 0:
+        raise _Bad
+    return n
+
+
+def _non_negative_int(value: Any) -> int:
+    n = _parse_int(value)
+    if n < 0:
+        raise _Bad
+    return n
+
+
+def _non_negative_float(value: Any) -> float:
+    x = _parse_float(value)
+    if not x >= 0 or x == float("inf"):
+        raise _Bad
+    return x
+
+
+def _positive_float(value: Any) -> float:
+    x = _parse_float(value)
+    if not x > 0 or x == float("inf"):
+        raise _Bad
+    return x
+
+
+def _disk_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad
+    value = value.strip()
+    if "://" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
+            raise _Bad
+        value = urllib.parse.unquote(parts.path)
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise _Bad
+    return value
+
+
+def _remote_url(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad
+    value = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise _Bad from None
+    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
+        raise _Bad
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise _Bad
+    return value
+
+
+def _serde(value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in REMOTE_SERDES:
+        return value.strip().lower()
+    raise _Bad
+
+
+def _extra(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none", "null"):
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise _Bad from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise _Bad
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: Callable[[Any], Any]
+    accepted: str
+
+
+KEYS: dict[str, _Key] = {
+    "chunk_size": _Key(_positive_int, "a positive integer (tokens per chunk)"),
+    "local_cpu": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "max_local_cpu_size": _Key(_non_negative_float, "a number of GB >= 0"),
+    "local_disk": _Key(
+        _none_or(_disk_path),
+        "a directory path or file:///path/ (not an existing regular file), or none",
+    ),
+    "max_local_disk_size": _Key(_non_negative_float, "a number of GB >= 0"),
+    "remote_url": _Key(
+        _none_or(_remote_url),
+        "none or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
+        + ", ".join(REMOTE_SCHEMES),
+    ),
+    "remote_serde": _Key(_serde, "one of: " + ", ".join(REMOTE_SERDES)),
+    "save_unfull_chunk": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "save_decode_cache": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "use_layerwise": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "min_retrieve_tokens": _Key(_non_negative_int, "an integer >= 0 (tokens)"),
+    "extra_config": _Key(_extra, "a mapping (in env vars: a JSON object), or none"),
+    "remote_timeout": _Key(_positive_float, "a number of seconds > 0"),
+    "remote_connect_timeout": _Key(_positive_float, "a number of seconds > 0"),
+    "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
+    "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
+}
+
+
+def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:
+    spec = KEYS[key]
+    try:
+        parsed = spec.parse(value)
+    except _Bad:
+        raise ConfigError(
+            f"lmcache config: {key}={value!r} (from {source}) is not valid; accepted: {spec.accepted}"
+        ) from None
+    setattr(config, key, parsed)
+    config.sources[key] = source
+
+
+def _warn_unknown(key: str, source: str) -> None:
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
+    logger.warning("lmcache config: unknown key %r (from %s) is ignored%s", key, source, hint)
+
+
+def _check_whole(config: LMCacheEngineConfig) -> LMCacheEngineConfig:
+    """Rules that involve more than one key."""
+    if config.local_disk is not None and config.max_local_disk_size <= 0:
+        raise ConfigError(
+            f"lmcache config: local_disk={config.local_disk!r} (from "
+            f"{config.sources.get('local_disk', 'default')}) needs a disk budget, but "
+            f"max_local_disk_size={config.max_local_disk_size!r} (from "
+            f"{config.sources.get('max_local_disk_size', 'default')}); accepted: a number of GB > 0"
+        )
+    return config
+
+
+# --- applying sources ------------------------------------------------------
+
+def apply_overrides(
+    config: LMCacheEngineConfig,
+    overrides: Mapping[str, Any] | None,
+    source: str = "overrides",
+    check: bool = True,
+) -> LMCacheEngineConfig:
+    """A copy of `config` with plain `key: value` overrides applied and checked."""
+    new = dataclasses.replace(config, sources=dict(config.sources))
+    for key, value in (overrides or {}).items():
+        if key in KEYS:
+            _set(new, key, value, source)
+        else:
+            _warn_unknown(str(key), source)
+    return _check_whole(new) if check else new
+
+
+def apply_vllm_extra_config(
+    config: LMCacheEngineConfig, extra_config: Mapping[str, Any] | None, check: bool = True
+) -> LMCacheEngineConfig:
+    """Apply the "lmcache.<key>" entries of vLLM's kv_connector_extra_config
+    (other entries belong to other connectors and are left alone)."""
+    new = dataclasses.replace(config, sources=dict(config.sources))
+    for name, value in (extra_config or {}).items():
+        if not isinstance(name, str) or not name.startswith(VLLM_PREFIX):
+            continue
+        key = name[len(VLLM_PREFIX):]
+        source = f"vLLM kv_connector_extra_config[{name!r}]"
+        if key in KEYS:
+            _set(new, key, value, source)
+        else:
+            _warn_unknown(key, source)
+    return _check_whole(new) if check else new
+
+
+def _read_yaml(path: str, source: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"lmcache config: config file {path!r} (from {source}) does not exist; "
+            "accepted: the path of a readable YAML file"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"lmcache config: cannot read YAML file {path!r}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"lmcache config: file {path!r} holds a {type(data).__name__}; accepted: a YAML mapping of key: value"
+        )
+    return data
+
+
+def _apply_file(config: LMCacheEngineConfig, path: str, source: str, check: bool = True) -> LMCacheEngineConfig:
+    return apply_overrides(config, _read_yaml(path, source), source=f"file {path}", check=check)
+
+
+def _apply_env(
+    config: LMCacheEngineConfig, environ: Mapping[str, str], check: bool = True
+) -> LMCacheEngineConfig:
+    new = dataclasses.replace(config, sources=dict(config.sources))
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if rest in NON_CONFIG_ENV:
+            continue
+        key = rest.lower()
+        if key in KEYS:
+            _set(new, key, value, f"env {name}")
+        else:
+            _warn_unknown(key, f"env {name}")
+    return _check_whole(new) if check else new
+
+
+def load_config(
+    extra_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> LMCacheEngineConfig:
+    """The engine config from every source: defaults < LMCACHE_CONFIG_FILE (YAML)
+    < LMCACHE_<KEY> env vars < "lmcache.<key>" entries of `extra_config`
+    (vLLM's kv_connector_extra_config)."""
+    environ = os.environ if environ is None else environ
+    config = LMCacheEngineConfig()
+    path = environ.get(CONFIG_FILE_ENV)
+    if path:
+        config = _apply_file(config, path, source=f"env {CONFIG_FILE_ENV}", check=False)
+    config = _apply_env(config, environ, check=False)
+    config = apply_vllm_extra_config(config, extra_config, check=False)
+    return _check_whole(config)

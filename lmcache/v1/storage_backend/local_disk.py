@@ -1,0 +1,245 @@
+"""The local disk tier: one file per chunk in one directory, LRU within a byte budget.
+
+A file is written under a temporary name and renamed into place, so a crash
+never leaves a half-written chunk visible. Each file is a serde blob (header
+with checksum + raw bytes); a file that does not parse or verify is a miss, is
+removed, and is logged. At start-up the directory is rescanned, so what an
+earlier process stored is found again. Several processes may share the
+directory: a file another process wrote is adopted when first looked for.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+
+from lmcache.v1.memory import MemoryObj
+from lmcache.v1.storage_backend import serde
+from lmcache.v1.storage_backend.serde import Allocator, SerdeError
+from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.token_database import CacheEngineKey
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+_MAX_NAME = 200
+_STALE_TMP_SECONDS = 3600.0
+
+
+def file_name(key: CacheEngineKey) -> str:
+    text = key.to_string()
+    if len(text) > _MAX_NAME:  # file systems cap names at 255 bytes
+        text = "h-" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+    return text + SUFFIX
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class LocalDiskBackend:
+    name = "disk"
+
+    def __init__(self, path: str, budget_bytes: int, stats: EngineStats | None = None):
+        self.path = os.path.abspath(path)
+        self.budget_bytes = int(budget_bytes)
+        self._stats = stats or EngineStats()
+        self._index: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, oldest first
+        self._used = 0
+        self._lock = threading.Lock()
+        self._failing_errnos: set[int] = set()
+        os.makedirs(self.path, exist_ok=True)
+        self._rescan()
+
+    # -- bookkeeping --------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _rescan(self) -> None:
+        found = []
+        now = time.time()
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if entry.name.endswith(TMP_SUFFIX) and now - st.st_mtime > _STALE_TMP_SECONDS:
+                    self._unlink(entry.path)  # left by a process that crashed mid-write
+                elif entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
+                    found.append((st.st_mtime, entry.name, st.st_size))
+        for _, name, size in sorted(found):
+            self._index[name] = size
+            self._used += size
+        with self._lock:
+            self._evict_locked(0)
+        if found:
+            logger.info("disk tier %s: found %d chunks (%d bytes) from earlier runs", self.path, len(found), self._used)
+
+    def _evict_locked(self, incoming: int) -> None:
+        while self._index and self._used + incoming > self.budget_bytes:
+            name, size = self._index.popitem(last=False)
+            self._used -= size
+            self._unlink(os.path.join(self.path, name))
+            self._stats.miss("evicted")
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self._used -= size
+
+    def _adopt(self, name: str, size: int) -> None:
+        """Count a file found on disk (written by another process) in the budget."""
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+                return
+            self._evict_locked(size)
+            self._index[name] = size
+            self._used += size
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("disk tier: cannot remove %s: %s", path, exc)
+
+    # -- the tier -------------------------------------------------------------
+    def contains(self, key: CacheEngineKey) -> bool:
+        name = file_name(key)
+        if name in self._index:
+            return True
+        try:
+            st = os.stat(os.path.join(self.path, name))
+        except OSError:
+            return False
+        self._adopt(name, st.st_size)
+        return True
+
+    def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
+        """Read the chunk into a memory object from `allocate`; None on a miss."""
+        name = file_name(key)
+        path = os.path.join(self.path, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(name)
+            self._stats.miss("absent")
+            return None
+        except OSError as exc:
+            logger.warning("disk tier: cannot open %s: %s", path, exc)
+            self._stats.miss("tier_down")
+            return None
+        obj = None
+        try:
+            st = os.fstat(fd)
+            header = serde.decode_header(os.pread(fd, serde.HEADER_SIZE, 0))
+            if st.st_size != serde.HEADER_SIZE + header.payload_nbytes:
+                raise SerdeError(
+                    f"file is {st.st_size} bytes, header says {serde.HEADER_SIZE + header.payload_nbytes} (truncated?)"
+                )
+            obj = allocate(header.shape, header.dtype, header.fmt)
+            if obj is None:
+                self._stats.miss("dropped")
+                return None
+            payload = serde.payload_view(obj.tensor)
+            if os.preadv(fd, [payload], serde.HEADER_SIZE) != payload.nbytes:
+                raise SerdeError("file shrank while being read (truncated)")
+            serde.verify(header, payload)
+        except SerdeError as exc:
+            if obj is not None:
+                obj.free()
+            self._reject(name, path, st, exc)
+            return None
+        except OSError as exc:
+            if obj is not None:
+                obj.free()
+            logger.warning("disk tier: cannot read %s: %s", path, exc)
+            self._stats.miss("tier_down")
+            return None
+        finally:
+            os.close(fd)
+        self._adopt(name, st.st_size)
+        return obj
+
+    def _reject(self, name: str, path: str, st: os.stat_result, reason: Exception) -> None:
+        logger.warning("disk tier: %s is not a valid chunk (%s): treated as a miss and removed", path, reason)
+        self._stats.miss("corrupt")
+        self._forget(name)
+        try:
+            now = os.stat(path)
+        except OSError:
+            return
+        if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not replaced meanwhile by a good one
+            self._unlink(path)
+
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> bool:
+        """Write the chunk; False (counted as dropped) if it cannot be written."""
+        name = file_name(key)
+        size = serde.HEADER_SIZE + obj.nbytes
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+                return True
+            if size > self.budget_bytes:
+                self._stats.miss("dropped")
+                return False
+            self._evict_locked(size)
+            self._used += size  # reserved while writing
+        path = os.path.join(self.path, name)
+        tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+        try:
+            payload = serde.payload_view(obj.tensor)
+            header = serde.encode_header(obj, payload)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, payload)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._unlink(tmp)
+            with self._lock:
+                self._used -= size
+            self._stats.miss("dropped")
+            if exc.errno not in self._failing_errnos:
+                self._failing_errnos.add(exc.errno)
+                hint = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                logger.warning("disk tier: cannot write to %s%s: %s; such stores are skipped", self.path, hint, exc)
+            return False
+        with self._lock:
+            if name in self._index:  # written meanwhile by another thread: counted once
+                self._used -= size
+                self._index.move_to_end(name)
+            else:
+                self._index[name] = size
+        if self._failing_errnos:
+            self._failing_errnos.clear()
+            logger.info("disk tier: writes to %s work again", self.path)
+        return True
+
+    def remove(self, key: CacheEngineKey) -> None:
+        name = file_name(key)
+        self._forget(name)
+        self._unlink(os.path.join(self.path, name))
+
+    def close(self) -> None:
+        pass

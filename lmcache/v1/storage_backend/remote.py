@@ -1,0 +1,201 @@
+"""The shared tier: a Redis or Valkey server (redis://, rediss://, valkey://, valkeys://).
+
+Values are serde blobs (binary, never pickled). The server being down or slow
+is never a failed request: the operation is a miss, ONE warning is logged for
+the outage, and the tier is not asked again until `retry_interval` seconds have
+passed (so requests do not wait on a dead server). Timeouts come from config.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+
+from lmcache.v1.memory import MemoryObj
+from lmcache.v1.storage_backend import serde
+from lmcache.v1.storage_backend.serde import Allocator, SerdeError
+from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.token_database import CacheEngineKey
+
+logger = logging.getLogger(__name__)
+
+_SCHEME_FOR_REDIS_PY = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (for logs)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def redis_py_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    scheme = _SCHEME_FOR_REDIS_PY.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(
+            f"remote_url {redacted(url)!r}: unknown scheme {parts.scheme!r}; accepted: {', '.join(_SCHEME_FOR_REDIS_PY)}"
+        )
+    return urllib.parse.urlunsplit(parts._replace(scheme=scheme))
+
+
+class RemoteBackend:
+    name = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        connect_timeout: float = 0.5,
+        retry_interval: float = 10.0,
+        stats: EngineStats | None = None,
+    ):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self._redis = redis
+        self.url = url
+        self.retry_interval = retry_interval
+        self._stats = stats or EngineStats()
+        self._client = redis.Redis.from_url(
+            redis_py_url(url),
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),  # our own back-off decides when to try again
+            health_check_interval=0,
+        )
+        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._down_until = 0.0
+        self._down = False
+        self._lock = threading.Lock()
+
+    # -- health ---------------------------------------------------------------
+    @property
+    def is_down(self) -> bool:
+        return self._down
+
+    def _usable(self) -> bool:
+        if self._down and time.monotonic() < self._down_until:
+            self._stats.miss("tier_down")
+            return False
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self._stats.miss("tier_down")
+        with self._lock:
+            self._down_until = time.monotonic() + self.retry_interval
+            if self._down:
+                return
+            self._down = True
+        logger.warning(
+            "remote tier %s unreachable (%s: %s): treated as misses, retrying every %.1fs",
+            redacted(self.url),
+            type(exc).__name__,
+            exc,
+            self.retry_interval,
+        )
+
+    def _worked(self) -> None:
+        if self._down:
+            with self._lock:
+                was_down, self._down = self._down, False
+            if was_down:
+                logger.warning("remote tier %s reachable again", redacted(self.url))
+
+    # -- the tier -------------------------------------------------------------
+    def contains(self, key: CacheEngineKey) -> bool:
+        return self.prefix_count([key]) == 1
+
+    def prefix_count(self, keys: list[CacheEngineKey]) -> int:
+        """How many of `keys`, from the first, the server holds (one round trip)."""
+        if not keys or not self._usable():
+            return 0
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key.to_string())
+            found = pipe.execute()
+        except self._errors as exc:
+            self._failed(exc)
+            return 0
+        except self._redis.RedisError as exc:
+            logger.warning("remote tier: lookup failed: %s", exc)
+            return 0
+        self._worked()
+        n = 0
+        for hit in found:
+            if not hit:
+                break
+            n += 1
+        return n
+
+    def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
+        if not self._usable():
+            return None
+        name = key.to_string()
+        try:
+            blob = self._client.get(name)
+        except self._errors as exc:
+            self._failed(exc)
+            return None
+        except self._redis.RedisError as exc:
+            logger.warning("remote tier: GET failed: %s", exc)
+            return None
+        self._worked()
+        if blob is None:
+            self._stats.miss("absent")
+            return None
+        try:
+            obj = serde.from_bytes(blob, allocate)
+        except SerdeError as exc:
+            logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
+            self._stats.miss("corrupt")
+            self._delete_if_same(name, blob)
+            return None
+        if obj is None:
+            self._stats.miss("dropped")
+        return obj
+
+    def _delete_if_same(self, name: str, blob: bytes) -> None:
+        """Delete a bad value unless another writer replaced it meanwhile."""
+        try:
+            if self._client.get(name) == blob:
+                self._client.delete(name)
+        except self._redis.RedisError:
+            pass
+
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> bool:
+        if not self._usable():
+            self._stats.miss("dropped")
+            return False
+        try:
+            self._client.set(key.to_string(), serde.to_bytes(obj))
+        except self._errors as exc:
+            self._failed(exc)
+            self._stats.miss("dropped")
+            return False
+        except self._redis.RedisError as exc:  # e.g. the server's maxmemory is reached
+            logger.warning("remote tier: SET failed: %s", exc)
+            self._stats.miss("dropped")
+            return False
+        self._worked()
+        return True
+
+    def remove(self, key: CacheEngineKey) -> None:
+        try:
+            self._client.delete(key.to_string())
+        except self._redis.RedisError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing a dead connection must not raise
+            pass

@@ -1,0 +1,175 @@
+"""The storage manager: the tiers together.
+
+lookup walks CPU -> disk -> remote and returns the longest chunk prefix found;
+get brings a chunk into host memory (a hit in a lower tier is promoted to the
+CPU tier); put hands a chunk to the CPU tier at once and to the slower tiers
+through the background writer.
+
+Ownership of memory objects: an object given to put() belongs to the manager.
+The CPU tier frees what it evicts; an object no tier keeps is freed once the
+writer is done with it. Objects returned by get() carry a reader reference
+that the caller gives back with release().
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.memory import HostMemoryPool, MemoryFormat, MemoryObj
+from lmcache.v1.storage_backend.background_writer import BackgroundWriter
+from lmcache.v1.storage_backend.local_cpu import LocalCPUBackend
+from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
+from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.token_database import CacheEngineKey
+
+logger = logging.getLogger(__name__)
+
+
+class StorageManager:
+    def __init__(self, config: LMCacheEngineConfig, stats: EngineStats | None = None, pool: HostMemoryPool | None = None):
+        self.config = config
+        self.stats = stats or EngineStats()
+        # One byte budget for host memory: the CPU tier and the buffers in flight.
+        self.pool = pool or HostMemoryPool(config.local_cpu_bytes)
+        self.cpu = LocalCPUBackend(self.pool.budget_bytes, self.stats) if config.local_cpu else None
+        self.disk = (
+            LocalDiskBackend(config.local_disk, config.local_disk_bytes, self.stats) if config.local_disk else None
+        )
+        self.remote = None
+        if config.remote_url:
+            from lmcache.v1.storage_backend.remote import RemoteBackend
+
+            self.remote = RemoteBackend(
+                config.remote_url,
+                timeout=config.remote_timeout,
+                connect_timeout=config.remote_connect_timeout,
+                retry_interval=config.remote_retry_interval,
+                stats=self.stats,
+            )
+        slow = [t for t in (self.disk, self.remote) if t is not None]
+        self.writer = BackgroundWriter(slow, config.store_queue_size, self.stats) if slow else None
+        self._transient: set[int] = set()  # ids of objects given out by get() that no tier owns
+        self._lock = threading.Lock()
+        self._no_memory_logged = False
+        self._closed = False
+
+    # -- memory -------------------------------------------------------------
+    def allocate(self, shape, dtype: torch.dtype, fmt: MemoryFormat) -> MemoryObj | None:
+        """A memory object from the pool, evicting idle CPU-tier chunks if needed;
+        None (logged once) when even that does not make room."""
+        obj = self.pool.allocate(shape, dtype, fmt)
+        if obj is None and self.cpu is not None:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            self.cpu.evict_until(lambda: self.pool.free_bytes >= nbytes)
+            obj = self.pool.allocate(shape, dtype, fmt)
+        if obj is None and not self._no_memory_logged:
+            self._no_memory_logged = True
+            logger.warning(
+                "host memory budget (max_local_cpu_size=%.3f GB) is exhausted by chunks in use: "
+                "stores and loads beyond it are skipped", self.config.max_local_cpu_size
+            )
+        return obj
+
+    # -- lookup -------------------------------------------------------------
+    def contains_local(self, key: CacheEngineKey) -> bool:
+        """In the CPU tier, or on the local disk (no network round trip)."""
+        if self.cpu is not None and self.cpu.contains(key):
+            return True
+        return self.disk is not None and self.disk.contains(key)
+
+    def lookup_prefix(self, keys: list[CacheEngineKey]) -> int:
+        """How many of `keys`, from the first, some tier holds. No side effects on
+        what is cached (a scheduler may ask again and again)."""
+        n, total = 0, len(keys)
+        while n < total:
+            if self.contains_local(keys[n]):
+                n += 1
+                continue
+            if self.remote is None:
+                break
+            found = self.remote.prefix_count(keys[n:])
+            if found == 0:
+                break
+            n += found
+        return n
+
+    # -- load ---------------------------------------------------------------
+    def get(self, key: CacheEngineKey) -> MemoryObj | None:
+        """The chunk in host memory with a reader reference (give it back with
+        release()), or None if no tier has it (the cause is counted)."""
+        if self.cpu is not None:
+            obj = self.cpu.get(key)
+            if obj is not None:
+                return obj
+        counted = False  # tiers that were asked count their own miss cause
+        for tier in (self.disk, self.remote):
+            if tier is None or (tier is self.disk and not tier.contains(key)):
+                continue
+            obj = tier.get(key, self.allocate)
+            if obj is not None:
+                return self._promote(key, obj)
+            counted = True
+        if not counted:
+            self.stats.miss("absent")
+        return None
+
+    def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> MemoryObj:
+        obj.ref_count_up()
+        if self.cpu is None or not self.cpu.put(key, obj):
+            with self._lock:
+                self._transient.add(id(obj))
+        return obj
+
+    def release(self, obj: MemoryObj) -> None:
+        obj.ref_count_down()
+        with self._lock:
+            transient = id(obj) in self._transient
+            if transient and not obj.in_use:
+                self._transient.discard(id(obj))
+            else:
+                transient = False
+        if transient:
+            obj.free()
+
+    # -- store --------------------------------------------------------------
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        """Store a filled chunk in every tier; the manager now owns `obj`."""
+        if self.writer is None:
+            if self.cpu is None or not self.cpu.put(key, obj):
+                obj.free()
+            return
+        obj.ref_count_up()  # before the CPU tier may see it: it must not be evicted while queued
+        in_cpu = self.cpu is not None and self.cpu.put(key, obj)
+        if not self.writer.submit(key, obj, self._written if in_cpu else self._written_and_free):
+            obj.ref_count_down()
+            if not in_cpu:
+                obj.free()
+
+    @staticmethod
+    def _written(obj: MemoryObj) -> None:
+        obj.ref_count_down()
+
+    @staticmethod
+    def _written_and_free(obj: MemoryObj) -> None:
+        obj.ref_count_down()
+        obj.free()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued disk/remote writes are done; False on timeout."""
+        return True if self.writer is None else self.writer.flush(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None:
+            self.writer.close(timeout)
+        if self.remote is not None:
+            self.remote.close()
+        if self.cpu is not None:
+            self.cpu.clear()
+        self.pool.clear_idle()

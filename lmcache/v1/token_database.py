@@ -1,0 +1,193 @@
+"""Tokens -> chunk keys.
+
+A prompt is cut into `chunk_size`-token chunks. Chunk i's hash is
+blake2b(hash of chunk i-1 || token ids of chunk i as little-endian int32), so a
+key names the whole prefix up to the end of its chunk, and equal prefixes give
+equal keys in any process, after a restart and on any rank (no Python `hash`,
+no PYTHONHASHSEED).
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import sys
+import urllib.parse
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+# Changing how chunks are hashed must change every key: the seed names the scheme.
+_HASH_SEED = hashlib.blake2b(b"lmcache chunk hash v1 int32le", digest_size=16).digest()
+_DIGEST_SIZE = 16
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_SEP = "@"
+_SAFE = "-_.+"  # kept as is by the escaping; everything else (/, @, %, spaces) is %XX
+
+
+def _escape(text: str) -> str:
+    return urllib.parse.quote(text, safe=_SAFE)
+
+
+class CacheEngineKey(NamedTuple):
+    """Names one chunk of KV: whose model, which shard, which dtype and layout,
+    and which token prefix (chunk_hash, hex)."""
+
+    model_name: str
+    world_size: int
+    worker_id: int
+    chunk_hash: str
+    dtype: str
+    fingerprint: str
+
+    def to_string(self) -> str:
+        """`model@world_size@worker_id@chunk_hash@dtype@fingerprint`, with model
+        and fingerprint %-escaped, so the string holds no '/' and is safe as a
+        file name and a Redis key."""
+        return _SEP.join(
+            (
+                _escape(self.model_name),
+                str(self.world_size),
+                str(self.worker_id),
+                self.chunk_hash,
+                _escape(self.dtype),
+                _escape(self.fingerprint),
+            )
+        )
+
+    @classmethod
+    def from_string(cls, text: str) -> "CacheEngineKey":
+        parts = text.split(_SEP)
+        if len(parts) != 6:
+            raise ValueError(
+                f"not a cache key: {text!r}; expected model@world_size@worker_id@chunk_hash@dtype@fingerprint"
+            )
+        model, world, worker, chunk_hash, dtype, fingerprint = parts
+        if not (world.isdigit() and worker.isdigit()):
+            raise ValueError(f"not a cache key: {text!r}; world_size and worker_id must be integers")
+        try:
+            bytes.fromhex(chunk_hash)
+        except ValueError:
+            raise ValueError(f"not a cache key: {text!r}; chunk_hash must be hex") from None
+        unquote = urllib.parse.unquote
+        return cls(unquote(model), int(world), int(worker), chunk_hash, unquote(dtype), unquote(fingerprint))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layout_key(metadata) -> str:
+    """The KV layout part of a key, from the engine metadata alone (a scheduler
+    without KV tensors must compute the same keys as the workers): memory format
+    and per-token shape, plus metadata.layout_fingerprint when one is given."""
+    num_layers, _, _, num_heads, head_size = metadata.kv_shape
+    if getattr(metadata, "use_mla", False):
+        text = f"mla.L{num_layers}.D{head_size}"
+    else:
+        text = f"kv.L{num_layers}.H{num_heads}.D{head_size}"
+    extra = getattr(metadata, "layout_fingerprint", "") or ""
+    return f"{text}.{extra}" if extra else text
+
+
+def token_bytes(tokens) -> memoryview:
+    """The token ids as little-endian int32 bytes (the hashed representation)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().reshape(-1)
+        if tokens.device.type != "cpu":
+            tokens = tokens.cpu()
+        tokens = tokens.numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got an array of {tokens.dtype}")
+        if tokens.size and (tokens.min() < _INT32_MIN or tokens.max() > _INT32_MAX):
+            raise ValueError("token ids must fit in int32")
+        return memoryview(np.ascontiguousarray(tokens.reshape(-1), dtype="<i4")).cast("B")
+    try:
+        arr = array.array("i", tokens)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"token ids must be a sequence of int32 integers: {exc}") from None
+    if arr.itemsize != 4:  # pragma: no cover - platforms where C int is not 32-bit
+        return memoryview(np.asarray(arr, dtype="<i4")).cast("B")
+    if sys.byteorder == "big":  # pragma: no cover
+        arr.byteswap()
+    return memoryview(arr).cast("B")
+
+
+def chunk_hashes(tokens, chunk_size: int) -> list[str]:
+    """Hex hashes of the prefix chain, one per chunk (the last may be partial)."""
+    data = token_bytes(tokens)
+    step = chunk_size * 4
+    blake = hashlib.blake2b
+    prev = _HASH_SEED
+    out = []
+    for offset in range(0, len(data), step):
+        h = blake(prev, digest_size=_DIGEST_SIZE)
+        h.update(data[offset : offset + step])
+        prev = h.digest()
+        out.append(prev.hex())
+    return out
+
+
+class Chunk(NamedTuple):
+    start: int
+    end: int
+    key: CacheEngineKey
+
+
+class ChunkedTokenDatabase:
+    def __init__(self, chunk_size: int, metadata, save_unfull_chunk: bool = False):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.save_unfull_chunk = save_unfull_chunk
+        self.metadata = metadata
+        self._key_prefix = (
+            metadata.model_name,
+            int(metadata.world_size),
+            int(metadata.worker_id),
+        )
+        self._key_suffix = (dtype_name(metadata.kv_dtype), layout_key(metadata))
+
+    def make_key(self, chunk_hash: str) -> CacheEngineKey:
+        model, world, worker = self._key_prefix
+        dtype, fingerprint = self._key_suffix
+        return CacheEngineKey(model, world, worker, chunk_hash, dtype, fingerprint)
+
+    def chunks(self, tokens, num_tokens: int | None = None) -> list[Chunk]:
+        """Every chunk of the first `num_tokens` tokens (default: all); the
+        trailing partial chunk only with save_unfull_chunk."""
+        total = len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
+        if not self.save_unfull_chunk:
+            total -= total % self.chunk_size
+        if total <= 0:
+            return []
+        hashes = chunk_hashes(tokens[:total] if total < len(tokens) else tokens, self.chunk_size)
+        make, cs = self.make_key, self.chunk_size
+        return [Chunk(i * cs, min((i + 1) * cs, total), make(h)) for i, h in enumerate(hashes)]
+
+    def process_tokens(self, tokens, mask: torch.Tensor | None = None) -> Iterator[tuple[int, int, CacheEngineKey]]:
+        """(start, end, key) per chunk, skipping the chunk-aligned prefix that
+        `mask` marks False (tokens the caller already holds)."""
+        skip = mask_skip(mask, len(tokens), self.chunk_size)
+        for chunk in self.chunks(tokens):
+            if chunk.end > skip:
+                yield chunk.start, chunk.end, chunk.key
+
+
+def mask_skip(mask: torch.Tensor | Sequence[bool] | None, num_tokens: int, chunk_size: int) -> int:
+    """How many leading tokens a mask skips: it must be False for a chunk-aligned
+    prefix and True after it."""
+    if mask is None:
+        return 0
+    m = torch.as_tensor(mask, dtype=torch.bool).reshape(-1).cpu()
+    if m.numel() != num_tokens:
+        raise ValueError(f"mask has {m.numel()} entries for {num_tokens} tokens; it needs one per token")
+    true_at = torch.nonzero(m)
+    skip = int(true_at[0]) if true_at.numel() else num_tokens
+    if not bool(m[skip:].all()):
+        raise ValueError("mask must be False for a prefix and True after it (no gaps)")
+    if skip % chunk_size and skip != num_tokens:
+        raise ValueError(f"mask skips {skip} tokens, which is not a multiple of chunk_size={chunk_size}")
+    return skip
