@@ -228,6 +228,8 @@ def _run_on_cpu(func, args, kwargs):
     ckwargs = {k: u.one(v, func, strict) for k, v in kwargs.items()} if kwargs else kwargs
 
     out_device = u.hpu_device
+    if cross_device:  # a copy's result lives where its first operand does
+        out_device = args[0].device if isinstance(args[0], EmulatedHpuTensor) else None
     dev = ckwargs.get("device") if ckwargs else None
     if dev is not None:
         dev = torch.device(dev)

@@ -30,6 +30,12 @@ def fresh_platform(monkeypatch):
 
 
 @pytest.fixture
+def no_devices(fresh_platform, monkeypatch):
+    """No GPU either, also on a machine that has one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
 def fake_cuda_build(monkeypatch):
     """A CUDA build of torch with a visible GPU, as far as detection can tell."""
     monkeypatch.setattr(torch.version, "cuda", "12.4")
@@ -39,7 +45,7 @@ def fake_cuda_build(monkeypatch):
 # -- detection matrix -------------------------------------------------------------
 
 
-def test_nothing_present_is_cpu(fresh_platform):
+def test_nothing_present_is_cpu(no_devices):
     assert detect_device_type() == "cpu"
     assert isinstance(current_platform(), CpuPlatform)
     assert current_platform().device == torch.device("cpu")
@@ -127,7 +133,7 @@ def test_cuda_build_without_a_gpu_is_cpu(fresh_platform, monkeypatch):
     assert detect_device_type() == "cpu"
 
 
-def test_platform_is_resolved_once(fresh_platform, monkeypatch):
+def test_platform_is_resolved_once(no_devices, monkeypatch):
     first = current_platform()
     monkeypatch.setenv("LMCACHE_DEVICE", "not-a-device")  # would raise if probed again
     assert current_platform() is first
@@ -208,15 +214,33 @@ def test_synchronize_is_torch_hpu_synchronize(hpu_emu):
     assert hpu_emu.counters.mark_steps == 0  # a synchronize is not a graph break
 
 
-def test_pin_falls_back_to_unpinned_when_refused(hpu_emu):
-    platform = current_platform()
+def _refuse_pinning(monkeypatch):
+    """Pinned host memory refused, as vllm-gaudi reports it (and as a CPU build does)."""
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("pinned memory refused (simulated)")
+        return real_empty(*args, **kwargs)
+
+    def pin_memory(self, *args, **kwargs):
+        raise RuntimeError("pinned memory refused (simulated)")
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+
+
+def test_pin_falls_back_to_unpinned_when_refused(hpu_emu, monkeypatch):
+    _refuse_pinning(monkeypatch)
+    platform = make_platform("hpu")
     host = torch.randn(4, 4)
-    assert platform.pin_available is False  # this torch build refuses pinned memory
+    assert platform.pin_available is False
     assert platform.pin(host) is host
     assert platform.empty_host((2, 3), torch.float16).shape == (2, 3)
 
 
-def test_pin_failure_after_a_positive_probe_still_falls_back(hpu_emu):
+def test_pin_failure_after_a_positive_probe_still_falls_back(hpu_emu, monkeypatch):
+    _refuse_pinning(monkeypatch)
     platform = make_platform("hpu")
     platform._pin_ok = True  # the probe said yes; the real pin then fails
     host = torch.randn(3)

@@ -31,7 +31,9 @@ def _run(code: str) -> str:
 
 
 def test_one_liner_prints_cpu_false_here():
-    assert _run(ONE_LINER) == "cpu False"
+    from tests.fixtures.devices import cuda_present
+
+    assert _run(ONE_LINER) == ("cuda False" if cuda_present() else "cpu False")
 
 
 def test_one_liner_prints_hpu_true_inside_the_emulation():
@@ -46,7 +48,8 @@ def no_platform(monkeypatch):
     set_platform(previous)
 
 
-def test_helpers_on_cpu(no_platform):
+def test_helpers_on_cpu(no_platform, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (get_device_type(), is_hpu_available(), is_cuda_available()) == ("cpu", False, False)
     assert get_device() == torch.device("cpu")
     assert get_device(3) == torch.device("cpu")
