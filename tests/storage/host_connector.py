@@ -59,7 +59,8 @@ class HostPagedConnector:
         bits(obj.tensor)[:, layers, positions, :] = bits(self.cache)[slots][:, :, layers].permute(1, 2, 0, 3)
 
     def _scatter(self, obj, positions, slots, layers=slice(None)):
-        bits(self.cache)[slots, :, layers] = bits(obj.tensor)[:, layers][:, :, positions].permute(2, 0, 1, 3)
+        src = bits(obj.tensor)[:, layers][:, :, positions].permute(2, 0, 1, 3).contiguous()
+        bits(self.cache)[:, :, layers].index_copy_(0, slots, src)
 
     def from_gpu(self, memory_obj, start, end, *, slot_mapping, **kw):
         self.batched_from_gpu([memory_obj], [start], [end], slot_mapping=slot_mapping)
