@@ -9,9 +9,8 @@ no PYTHONHASHSEED).
 
 from __future__ import annotations
 
-import array
 import hashlib
-import sys
+import struct
 import urllib.parse
 from typing import Iterator, NamedTuple, Sequence
 
@@ -104,15 +103,14 @@ def token_bytes(tokens) -> memoryview:
         if tokens.size and (tokens.min() < _INT32_MIN or tokens.max() > _INT32_MAX):
             raise ValueError("token ids must fit in int32")
         return memoryview(np.ascontiguousarray(tokens.reshape(-1), dtype="<i4")).cast("B")
+    # A list (what vLLM's scheduler holds): struct.pack unboxes the ints about
+    # twice as fast as array/numpy, and "<" fixes the byte order on any machine.
+    if not isinstance(tokens, (list, tuple)):
+        tokens = list(tokens)
     try:
-        arr = array.array("i", tokens)
-    except (OverflowError, TypeError) as exc:
+        return memoryview(struct.pack(f"<{len(tokens)}i", *tokens))
+    except struct.error as exc:
         raise ValueError(f"token ids must be a sequence of int32 integers: {exc}") from None
-    if arr.itemsize != 4:  # pragma: no cover - platforms where C int is not 32-bit
-        return memoryview(np.asarray(arr, dtype="<i4")).cast("B")
-    if sys.byteorder == "big":  # pragma: no cover
-        arr.byteswap()
-    return memoryview(arr).cast("B")
 
 
 def chunk_hashes(tokens, chunk_size: int) -> list[str]:

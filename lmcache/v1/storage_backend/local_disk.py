@@ -46,6 +46,38 @@ def _write_all(fd: int, data) -> None:
         view = view[written:]
 
 
+def _write_all_at(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _write_hashing(fd: int, payload) -> int:
+    """Write the payload at the current offset, hashing each block just before
+    it is written (so the kernel copies it from the cache); returns the checksum."""
+    h = serde.new_checksum()
+    view = memoryview(payload).cast("B")
+    for offset in range(0, len(view), serde.BLOCK_BYTES):
+        block = view[offset : offset + serde.BLOCK_BYTES]
+        h.update(block)
+        _write_all(fd, block)
+    return h.intdigest()
+
+
+def _read_hashing(fd: int, payload) -> int:
+    """Fill the payload from the file (after the header), hashing each block
+    right after it was read; returns the checksum. SerdeError if the file ends early."""
+    h = serde.new_checksum()
+    view = memoryview(payload).cast("B")
+    for offset in range(0, len(view), serde.BLOCK_BYTES):
+        block = view[offset : offset + serde.BLOCK_BYTES]
+        if os.preadv(fd, [block], serde.HEADER_SIZE + offset) != len(block):
+            raise SerdeError("file shrank while being read (truncated)")
+        h.update(block)
+    return h.intdigest()
+
+
 class LocalDiskBackend:
     name = "disk"
 
@@ -160,9 +192,7 @@ class LocalDiskBackend:
                 self._stats.miss("dropped")
                 return None
             payload = serde.payload_view(obj.tensor)
-            if os.preadv(fd, [payload], serde.HEADER_SIZE) != payload.nbytes:
-                raise SerdeError("file shrank while being read (truncated)")
-            serde.verify(header, payload)
+            serde.verify(header, payload, _read_hashing(fd, payload))
         except SerdeError as exc:
             if obj is not None:
                 obj.free()
@@ -207,11 +237,11 @@ class LocalDiskBackend:
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
             payload = serde.payload_view(obj.tensor)
-            header = serde.encode_header(obj, payload)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, header)
-                _write_all(fd, payload)
+                os.lseek(fd, serde.HEADER_SIZE, os.SEEK_SET)
+                payload_checksum = _write_hashing(fd, payload)
+                _write_all_at(fd, serde.encode_header(obj, payload, payload_checksum), 0)
             finally:
                 os.close(fd)
             os.replace(tmp, path)

@@ -176,7 +176,7 @@ class RemoteBackend:
             self._stats.miss("dropped")
             return False
         try:
-            self._client.set(key.to_string(), serde.to_bytes(obj))
+            self._set_blob(key.to_string(), obj)
         except self._errors as exc:
             self._failed(exc)
             self._stats.miss("dropped")
@@ -187,6 +187,29 @@ class RemoteBackend:
             return False
         self._worked()
         return True
+
+    def _set_blob(self, name: str, obj: MemoryObj) -> None:
+        """SET name <header + payload> without first joining them into one bytes
+        object (a 32 MiB copy): the RESP command is sent as pieces, the payload
+        straight from the memory object."""
+        payload = serde.payload_view(obj.tensor)
+        header = serde.encode_header(obj, payload)
+        key = name.encode()
+        command = [
+            b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),
+            memoryview(payload),
+            b"\r\n",
+        ]
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(command, check_health=False)
+            conn.read_response()  # +OK, or raises the server's error
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def remove(self, key: CacheEngineKey) -> None:
         try:

@@ -1,0 +1,313 @@
+"""`python -m lmcache bench storage`: put/get throughput of each tier for 256-token
+chunks at a Llama-3.1-8B KV shape, next to a raw baseline of the same medium
+measured in the same run (alternating rounds):
+
+  cpu    put = take a buffer from the pool, copy the chunk in, insert in the LRU;
+         get = find, hold, copy out, release.          baseline: memcpy of the same bytes
+  disk   the disk tier's put/get (header, checksum, temp file + rename, verify)
+                                                       baseline: plain file write / read
+  redis  the remote tier's put/get (blob build, checksum, verify, copy to host buffer)
+                                                       baseline: redis-py SET / GET of the same blob
+
+Disk figures go through the page cache (no fsync on either side). Without
+--redis-url a redis-server is started on a free port for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+from lmcache.bench.common import gbps, machine_name, print_table
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.memory import HostMemoryPool, MemoryFormat
+from lmcache.v1.storage_backend import serde
+from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
+from lmcache.v1.storage_backend.storage_manager import StorageManager
+from lmcache.v1.token_database import CacheEngineKey
+
+TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per measured round (default 8)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per chunk (default 256)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds; the best of each is reported")
+    parser.add_argument("--tiers", default="cpu,disk,redis", help="comma-separated subset of cpu,disk,redis")
+    parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
+    parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
+
+
+def interleaved_best_with_setup(cases: dict[str, tuple[Callable[[], object], Callable[[], object]]],
+                                repeat: int) -> dict[str, float]:
+    """Like bench.common.interleaved_best, with an untimed setup before each timed call."""
+    best = {name: float("inf") for name in cases}
+    for round_ in range(repeat + 1):  # round 0 warms up
+        for name, (setup, fn) in cases.items():
+            setup()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_:
+                best[name] = min(best[name], elapsed)
+    return best
+
+
+def _key(i: int, tag: str) -> CacheEngineKey:
+    return CacheEngineKey("bench/llama-3.1-8b", 1, 0, f"{i:032x}", tag, "kv.L32.H8.D128")
+
+
+def _nothing() -> None:
+    pass
+
+
+def bench_cpu(sources, shape, dtype, repeat):
+    nbytes = sources[0].nbytes
+    config = LMCacheEngineConfig.from_defaults(max_local_cpu_size=(len(sources) + 1) * nbytes / 1024**3)
+    manager = StorageManager(config)
+    dst = torch.empty_like(sources[0])
+    keys = [_key(i, "cpu") for i in range(len(sources))]
+
+    def memcpy():
+        for src in sources:
+            dst.copy_(src)
+
+    def put():
+        for key, src in zip(keys, sources):
+            obj = manager.allocate(shape, dtype, MemoryFormat.KV_2LTD)
+            obj.tensor.copy_(src)
+            manager.put(key, obj)
+
+    def get():
+        for key in keys:
+            obj = manager.get(key)
+            dst.copy_(obj.tensor)
+            manager.release(obj)
+
+    put()
+    best = interleaved_best_with_setup(
+        {"memcpy": (_nothing, memcpy), "put": (manager.cpu.clear, put), "get": (_nothing, get)}, repeat
+    )
+    manager.close()
+    return best
+
+
+def bench_disk(objs, directory, repeat):
+    nbytes = objs[0].nbytes
+    tier = LocalDiskBackend(os.path.join(directory, "tier"), (len(objs) + 1) * (nbytes + serde.HEADER_SIZE))
+    pool = HostMemoryPool(2 * nbytes)
+    raw_dir = os.path.join(directory, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    keys = [_key(i, "disk") for i in range(len(objs))]
+    raw_paths = [os.path.join(raw_dir, f"{i}.bin") for i in range(len(objs))]
+    payloads = [serde.payload_view(o.tensor) for o in objs]
+    dst = bytearray(nbytes)
+
+    def clear_tier():
+        for key in keys:
+            tier.remove(key)
+
+    def put():
+        for key, obj in zip(keys, objs):
+            assert tier.put(key, obj)
+
+    def get():
+        for key in keys:
+            obj = tier.get(key, pool.allocate)
+            assert obj is not None, "disk tier lost a chunk during the benchmark"
+            obj.free()
+
+    def clear_raw():
+        for path in raw_paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def raw_write():
+        for path, payload in zip(raw_paths, payloads):
+            with open(path, "wb", buffering=0) as f:
+                f.write(payload)
+
+    def raw_read():
+        view = memoryview(dst)
+        for path in raw_paths:
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(view)
+
+    put()
+    raw_write()
+    return interleaved_best_with_setup(
+        {
+            "raw_write": (clear_raw, raw_write),
+            "put": (clear_tier, put),
+            "raw_read": (_nothing, raw_read),
+            "get": (_nothing, get),
+        },
+        repeat,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found: install it (Debian: redis-server) or pass --redis-url")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if redis.Redis(port=port, socket_timeout=0.5).ping():
+                return proc, f"redis://127.0.0.1:{port}"
+        except redis.RedisError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+
+
+def bench_redis(objs, url, repeat):
+    import redis
+
+    from lmcache.v1.storage_backend.remote import RemoteBackend, redis_py_url
+
+    nbytes = objs[0].nbytes
+    tier = RemoteBackend(url, timeout=30.0)
+    client = redis.Redis.from_url(redis_py_url(url), socket_timeout=30.0)
+    pool = HostMemoryPool(2 * nbytes)
+    keys = [_key(i, "redis") for i in range(len(objs))]
+    raw_keys = [f"lmcache-bench-raw-{i}" for i in range(len(objs))]
+    blobs = [serde.to_bytes(o) for o in objs]  # the same bytes the tier stores
+
+    def put():
+        for key, obj in zip(keys, objs):
+            assert tier.put(key, obj), "Redis refused a chunk (maxmemory?)"
+
+    def get():
+        for key in keys:
+            obj = tier.get(key, pool.allocate)
+            assert obj is not None, "Redis lost a chunk during the benchmark"
+            obj.free()
+
+    def raw_set():
+        for key, blob in zip(raw_keys, blobs):
+            client.set(key, blob)
+
+    def raw_get():
+        for key in raw_keys:
+            assert client.get(key) is not None
+
+    try:
+        return interleaved_best_with_setup(
+            {
+                "raw_set": (_nothing, raw_set),
+                "put": (_nothing, put),
+                "raw_get": (_nothing, raw_get),
+                "get": (_nothing, get),
+            },
+            repeat,
+        )
+    finally:
+        client.delete(*raw_keys, *(k.to_string() for k in keys))
+        tier.close()
+        client.close()
+
+
+def run(args: argparse.Namespace) -> dict:
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    unknown = set(tiers) - set(TARGETS)
+    if unknown:
+        raise SystemExit(f"--tiers: unknown {sorted(unknown)}; accepted: {', '.join(TARGETS)}")
+    if args.chunks <= 0 or args.repeat <= 0:
+        raise SystemExit("--chunks and --repeat must be positive")
+    dtype = DTYPES[args.dtype]
+    shape = torch.Size((2, args.layers, args.tokens, args.kv_heads * args.head_size))
+    chunk_bytes = shape.numel() * dtype.itemsize
+    total = chunk_bytes * args.chunks
+    print(f"machine: {machine_name()}")
+    print(f"chunk: {args.tokens} tokens, KV_2LTD {tuple(shape)} {args.dtype}"
+          f" = {chunk_bytes / 2**20:.1f} MiB; {args.chunks} chunks per round, best of {args.repeat} rounds")
+
+    pool = HostMemoryPool(total + chunk_bytes)
+    objs = []
+    for i in range(args.chunks):
+        obj = pool.allocate(shape, dtype, MemoryFormat.KV_2LTD)
+        obj.tensor.view(torch.int16).random_()  # bf16/fp16 bit patterns; values don't matter
+        objs.append(obj)
+    sources = [o.tensor for o in objs]
+
+    result: dict = {"bench": "storage", "machine": machine_name(), "chunk_mib": round(chunk_bytes / 2**20, 2),
+                    "chunks": args.chunks}
+    rows = []
+    met = True
+
+    def record(tier, op, best, baseline_name, ours, base):
+        nonlocal met
+        ours_gbps, base_gbps = gbps(total, best[ours]), gbps(total, best[base])
+        ratio = ours_gbps / base_gbps
+        target = TARGETS[tier]
+        ok = ratio >= target
+        met = met and ok
+        result[f"{tier}_{op}_gbps"] = round(ours_gbps, 3)
+        result[f"{baseline_name}_gbps"] = round(base_gbps, 3)
+        result[f"{tier}_{op}_vs_{baseline_name}"] = round(ratio, 3)
+        rows.append([tier, op, ours_gbps, baseline_name, base_gbps, ratio, f">= {target}", "yes" if ok else "NO"])
+
+    if "cpu" in tiers:
+        best = bench_cpu(sources, shape, dtype, args.repeat)
+        record("cpu", "put", best, "memcpy", "put", "memcpy")
+        record("cpu", "get", best, "memcpy", "get", "memcpy")
+    if "disk" in tiers:
+        base_dir = args.disk_dir or tempfile.gettempdir()
+        os.makedirs(base_dir, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix="lmcache-bench-", dir=base_dir)
+        try:
+            best = bench_disk(objs, directory, args.repeat)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        record("disk", "put", best, "raw_write", "put", "raw_write")
+        record("disk", "get", best, "raw_read", "get", "raw_read")
+        result["disk_dir"] = base_dir
+    if "redis" in tiers:
+        proc = None
+        workdir = tempfile.mkdtemp(prefix="lmcache-bench-redis-")
+        try:
+            url = args.redis_url
+            if url is None:
+                proc, url = _start_redis(workdir)
+            best = bench_redis(objs, url, args.repeat)
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(workdir, ignore_errors=True)
+        record("redis", "put", best, "raw_set", "put", "raw_set")
+        record("redis", "get", best, "raw_get", "get", "raw_get")
+
+    print_table(["tier", "op", "GB/s", "baseline", "baseline GB/s", "ratio", "target", "met"], rows)
+    if "disk" in tiers:
+        print("disk: both sides through the page cache (no fsync)")
+    result["targets_met"] = met
+    return result
