@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.devices",
     "tests.fixtures.hpu",
     "tests.fixtures.redis",
+    "tests.fixtures.model",
 ]
 
 

@@ -1,0 +1,111 @@
+"""Our own vLLM KV connector class, `LMCacheConnectorV1Dynamic`.
+
+Use it either by the short name the plugin registers,
+    kv_transfer_config={"kv_connector": "lmcache", "kv_role": "kv_both"}
+or by module path,
+    {"kv_connector": "LMCacheConnectorV1Dynamic",
+     "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1", ...}
+
+It drives the same `LMCacheConnectorV1Impl` as vLLM's built-in `LMCacheConnectorV1`,
+with what that wrapper cannot offer: asynchronous saving (on by default; turn it off
+with kv_connector_extra_config {"async_save": false}). A step then only hands its
+stores to a background thread; a finished request keeps its blocks
+(`request_finished` returns True) until every worker reports its saves done through
+`get_finished`, and a preempted request's pending saves are awaited before its blocks
+are reused (`handle_preemptions`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from lmcache.integration.vllm.utils import ASYNC_SAVE_KEY, truthy
+from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
+
+
+class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return truthy(extra_config.get("use_layerwise", False)) or truthy(
+            extra_config.get("lmcache.use_layerwise", False)
+        )
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self._impl = LMCacheConnectorV1Impl(
+            vllm_config, role, self, async_save=truthy(extra.get(ASYNC_SAVE_KEY, True))
+        )
+        self._blocks_held: set[str] = set()  # scheduler: finished requests awaiting saves
+
+    @property
+    def impl(self) -> LMCacheConnectorV1Impl:
+        return self._impl
+
+    # -- worker side ---------------------------------------------------------
+    def register_kv_caches(self, kv_caches) -> None:
+        self._impl.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._impl.bind_connector_metadata(connector_metadata)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self._impl.clear_connector_metadata()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        self._impl.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self._impl.start_load_kv(forward_context, **kwargs)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._impl.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        self._impl.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+
+    def wait_for_save(self) -> None:
+        self._impl.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._impl.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._impl.get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        self._impl.shutdown()
+
+    # -- scheduler side --------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._impl.get_num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._impl.update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return self._impl.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        delay_free, params = self._impl.request_finished(request, block_ids)
+        if delay_free:
+            self._blocks_held.add(request.request_id)
+        return delay_free, params
+
+    def update_connector_output(self, connector_output) -> None:
+        for req_id in connector_output.finished_sending or ():
+            self._blocks_held.discard(req_id)
+
+    def has_pending_block_frees(self) -> bool:
+        return bool(self._blocks_held)

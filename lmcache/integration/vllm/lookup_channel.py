@@ -1,0 +1,197 @@
+"""How the scheduler asks the workers what LMCache holds.
+
+vLLM runs its scheduler and its workers in different processes (EngineCore and one
+Worker process per rank), and the host-memory tier lives inside each worker. So every
+worker answers lookups on a local ZMQ socket (`LookupServer`), and the scheduler asks
+all ranks (`LookupClient`): with tensor parallelism every rank holds its own shard,
+and a prefix is a hit only as far as every rank holds it.
+
+Wire format (no pickle anywhere): a request is a multipart message whose first frame
+names the operation.
+  [b"lookup", int64 little-endian token ids] -> [int64 hit tokens]
+  [b"stats"]                                 -> [JSON object]
+  [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
+Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from typing import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_DTYPE = np.dtype("<i8")
+_POLL_MS = 100
+
+
+def socket_address(engine_id: str, rank: int) -> str:
+    """The ZMQ address of rank `rank`'s lookup server for one vLLM engine."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in engine_id)[:64]
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'lmcache-{safe}-{rank}.sock')}"
+
+
+def encode_tokens(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype=_TOKEN_DTYPE).tobytes()
+
+
+def decode_tokens(payload: bytes) -> list[int]:
+    if len(payload) % _TOKEN_DTYPE.itemsize:
+        raise ValueError(f"token payload of {len(payload)} bytes is not a whole number of int64")
+    return np.frombuffer(payload, dtype=_TOKEN_DTYPE).tolist()
+
+
+class LookupServer:
+    """Answers lookups for one worker on a background thread."""
+
+    def __init__(
+        self,
+        address: str,
+        lookup: Callable[[list[int]], int],
+        stats: Callable[[], dict],
+        control: Callable[[dict], dict] | None = None,
+    ):
+        self.address = address
+        self._lookup = lookup
+        self._stats = stats
+        self._control = control
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="lmcache-lookup-server", daemon=True)
+
+    def start(self) -> "LookupServer":
+        self._thread.start()
+        self._ready.wait(timeout=10)
+        if self._error is not None:
+            raise RuntimeError(f"LMCache lookup server could not bind {self.address}: {self._error}")
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def _serve(self) -> None:
+        import zmq
+
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            path = self.address[len("ipc://"):] if self.address.startswith("ipc://") else None
+            if path and os.path.exists(path):
+                os.unlink(path)  # left over by a process that died
+            sock.bind(self.address)
+        except Exception as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._ready.set()
+            sock.close()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS):
+                    continue
+                frames = sock.recv_multipart()
+                sock.send_multipart(self._answer(frames))
+        finally:
+            sock.close()
+
+    def _answer(self, frames: list[bytes]) -> list[bytes]:
+        op = frames[0] if frames else b""
+        try:
+            if op == b"lookup" and len(frames) == 2:
+                hit = int(self._lookup(decode_tokens(frames[1])))
+                return [np.asarray([hit], dtype=_TOKEN_DTYPE).tobytes()]
+            if op == b"stats":
+                return [json.dumps(self._stats()).encode()]
+            if op == b"control" and len(frames) == 2 and self._control is not None:
+                return [json.dumps(self._control(json.loads(frames[1]))).encode()]
+            raise ValueError(f"unknown request {op!r} with {len(frames)} frames")
+        except Exception as exc:  # noqa: BLE001 - a lookup fault is a miss, never a crash
+            logger.warning("LMCache lookup server: %s failed: %s", op.decode(errors="replace"), exc)
+            if op == b"lookup":
+                return [np.asarray([0], dtype=_TOKEN_DTYPE).tobytes()]
+            return [json.dumps({"error": str(exc)}).encode()]
+
+
+class LookupClient:
+    """Asks every rank's lookup server; a hit is the shortest of their answers."""
+
+    def __init__(self, addresses: Sequence[str], timeout_ms: int):
+        import zmq
+
+        self._zmq = zmq
+        self._context = zmq.Context.instance()
+        self.addresses = list(addresses)
+        self.timeout_ms = int(timeout_ms)
+        self._sockets: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def _socket(self, address: str):
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = self._context.socket(self._zmq.REQ)
+            sock.setsockopt(self._zmq.LINGER, 0)
+            sock.setsockopt(self._zmq.RCVTIMEO, self.timeout_ms)
+            sock.setsockopt(self._zmq.SNDTIMEO, self.timeout_ms)
+            sock.connect(address)
+            self._sockets[address] = sock
+        return sock
+
+    def _ask(self, address: str, frames: list[bytes]) -> bytes | None:
+        sock = self._socket(address)
+        try:
+            sock.send_multipart(frames)
+            reply = sock.recv_multipart()
+        except self._zmq.ZMQError as exc:
+            # A REQ socket that missed its reply cannot send again: start afresh.
+            sock.close()
+            self._sockets.pop(address, None)
+            if address not in self._warned:
+                self._warned.add(address)
+                logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
+            return None
+        self._warned.discard(address)
+        return reply[0] if reply else None
+
+    def lookup(self, tokens: Sequence[int]) -> int:
+        if not tokens:
+            return 0
+        payload = encode_tokens(tokens)
+        hit = len(tokens)
+        with self._lock:
+            for address in self.addresses:
+                reply = self._ask(address, [b"lookup", payload])
+                if reply is None or len(reply) != _TOKEN_DTYPE.itemsize:
+                    return 0
+                hit = min(hit, int(np.frombuffer(reply, dtype=_TOKEN_DTYPE)[0]))
+                if hit <= 0:
+                    return 0
+        return hit
+
+    def stats(self) -> list[dict | None]:
+        """Each rank's counters (None where a rank did not answer)."""
+        return [self._json(address, [b"stats"]) for address in self.addresses]
+
+    def control(self, command: dict) -> list[dict | None]:
+        return [self._json(address, [b"control", json.dumps(command).encode()]) for address in self.addresses]
+
+    def _json(self, address: str, frames: list[bytes]) -> dict | None:
+        with self._lock:
+            reply = self._ask(address, frames)
+        return None if reply is None else json.loads(reply)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets.values():
+                sock.close()
+            self._sockets.clear()

@@ -1,0 +1,52 @@
+"""Read LMCache's counters from the workers of a running vLLM `LLM`.
+
+vLLM runs the workers in their own processes; each answers on its lookup socket
+(lookup_channel), so the process that owns the `LLM` can ask them:
+
+    from lmcache.integration.vllm.worker_stats import worker_stats, loaded_tokens
+    worker_stats(llm)   # one dict per rank: {"rank", "adapter": {...}, "engine": {...}}
+    loaded_tokens(llm)  # tokens rank 0 loaded from LMCache so far
+"""
+
+from __future__ import annotations
+
+from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+
+
+def _config(llm):
+    return llm.llm_engine.vllm_config
+
+
+def client_for(llm, timeout_ms: int = 10000) -> LookupClient:
+    config = _config(llm)
+    if config.kv_transfer_config is None:
+        raise ValueError("this LLM was started without a kv_transfer_config: LMCache is not in use")
+    parallel = config.parallel_config
+    world = int(parallel.tensor_parallel_size) * int(parallel.pipeline_parallel_size)
+    engine_id = str(config.kv_transfer_config.engine_id)
+    return LookupClient([socket_address(engine_id, r) for r in range(world)], timeout_ms)
+
+
+def worker_stats(llm) -> list[dict | None]:
+    client = client_for(llm)
+    try:
+        return client.stats()
+    finally:
+        client.close()
+
+
+def loaded_tokens(llm) -> int:
+    stats = worker_stats(llm)
+    first = stats[0] if stats else None
+    if not first:
+        raise RuntimeError("LMCache worker 0 did not answer (is the connector LMCache's?)")
+    return int(first["adapter"]["loaded_tokens"])
+
+
+def control(llm, command: dict) -> list[dict | None]:
+    """Test hooks (only in workers started with LMCACHE_TEST_HOOKS=1)."""
+    client = client_for(llm)
+    try:
+        return client.control(command)
+    finally:
+        client.close()
