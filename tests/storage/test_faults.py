@@ -163,3 +163,20 @@ def test_second_process_finds_what_the_first_stored(tmp_path, redis_url, run_chi
             assert check_prompt(engine, engine.gpu_connector, p, N) == (N, True)
         assert engine.lookup(prompt_tokens(3, N)) == 0
         engine.close()
+
+
+@pytest.mark.redis
+def test_full_redis_is_a_skipped_store(redis_factory, caplog):
+    server = redis_factory("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CS, max_local_cpu_size=0.02, local_cpu=False,
+                                               remote_url=server.url)
+    n = 1024  # 64 chunks of 16 KiB per prompt
+    engine, conn = make_engine(config, n)
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        for p in range(5):
+            store_prompt(engine, conn, p, n)
+            assert engine.flush(10)
+    assert engine.stats.misses["dropped"] > 0
+    assert caplog.text.count("SET failed") == 1, caplog.text
+    assert check_prompt(engine, conn, 0, n) == (n, True)  # what fitted is intact
+    engine.close()

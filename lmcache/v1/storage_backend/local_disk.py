@@ -155,15 +155,10 @@ class LocalDiskBackend:
 
     # -- the tier -------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
+        """Known, or written by another process sharing the directory (no side
+        effects: such a file is adopted into the budget when it is read)."""
         name = file_name(key)
-        if name in self._index:
-            return True
-        try:
-            st = os.stat(os.path.join(self.path, name))
-        except OSError:
-            return False
-        self._adopt(name, st.st_size)
-        return True
+        return name in self._index or os.path.isfile(os.path.join(self.path, name))
 
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
         """Read the chunk into a memory object from `allocate`; None on a miss."""

@@ -75,6 +75,7 @@ class RemoteBackend:
         self._down_until = 0.0
         self._down = False
         self._lock = threading.Lock()
+        self._logged_errors: set[str] = set()
 
     # -- health ---------------------------------------------------------------
     @property
@@ -102,6 +103,14 @@ class RemoteBackend:
             self.retry_interval,
         )
 
+    def _server_error(self, op: str, exc: Exception) -> None:
+        """An error reply (not an outage), e.g. maxmemory reached: logged once per kind."""
+        kind = f"{op}:{type(exc).__name__}:{str(exc).split(' ', 1)[0]}"
+        if kind not in self._logged_errors:
+            self._logged_errors.add(kind)
+            logger.warning("remote tier %s: %s failed: %s (further such errors are not logged)",
+                           redacted(self.url), op, exc)
+
     def _worked(self) -> None:
         if self._down:
             with self._lock:
@@ -126,7 +135,7 @@ class RemoteBackend:
             self._failed(exc)
             return 0
         except self._redis.RedisError as exc:
-            logger.warning("remote tier: lookup failed: %s", exc)
+            self._server_error("EXISTS", exc)
             return 0
         self._worked()
         n = 0
@@ -146,7 +155,7 @@ class RemoteBackend:
             self._failed(exc)
             return None
         except self._redis.RedisError as exc:
-            logger.warning("remote tier: GET failed: %s", exc)
+            self._server_error("GET", exc)
             return None
         self._worked()
         if blob is None:
@@ -182,7 +191,7 @@ class RemoteBackend:
             self._stats.miss("dropped")
             return False
         except self._redis.RedisError as exc:  # e.g. the server's maxmemory is reached
-            logger.warning("remote tier: SET failed: %s", exc)
+            self._server_error("SET", exc)
             self._stats.miss("dropped")
             return False
         self._worked()

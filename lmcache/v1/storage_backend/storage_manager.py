@@ -56,6 +56,11 @@ class StorageManager:
         self._lock = threading.Lock()
         self._no_memory_logged = False
         self._closed = False
+        if self.pool.budget_bytes == 0:
+            logger.warning(
+                "max_local_cpu_size=0: no host memory for chunks, so nothing can be stored or "
+                "loaded (every tier moves chunks through host memory)"
+            )
 
     # -- memory -------------------------------------------------------------
     def allocate(self, shape, dtype: torch.dtype, fmt: MemoryFormat) -> MemoryObj | None:
