@@ -1,0 +1,229 @@
+"""The batched paged connector: vLLM's paged KV cache <-> host memory objects.
+
+One implementation for CUDA, Gaudi HPU and CPU; device specifics come only
+from the Platform.
+
+Store (paged -> host), for all objects of a batch at once:
+  CPU     per layer and plane, an index_select straight into each object's
+          slice (no staging, no extra copy: the objects are the destination).
+  device  flush() (HPU lazy mode: run the graph that wrote the KV), then per
+          layer and plane ONE index_select over the concatenated slots of all
+          objects into a device staging buffer [layers, planes, tokens, hidden]
+          (sized by `staging_bytes`, several layers at a time), then
+          non_blocking device->host copies of each object's slice into its
+          (pinned) host tensor; on CUDA all of it on a side stream that waits
+          for the compute stream. One synchronize at the end.
+Load (host -> paged): the mirror image; per layer and plane ONE index_copy_ on
+the device (CPU: one numpy fancy assignment per object, several times faster
+than torch's CPU index_copy_), then flush() once (HPU lazy mode) and one
+synchronize.
+
+Bytes are moved through integer views of the same width (bit-exact, and fp8
+works where the index kernels lack fp8), except on HPU, whose bridge kernels
+get the native dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from lmcache.platforms import Platform
+from lmcache.v1.gpu_connector import GPUConnectorInterface
+from lmcache.v1.gpu_connector.layouts import KVLayout
+from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch
+from lmcache.v1.memory import MemoryFormat
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STAGING_BYTES = 256 << 20
+
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_RAW_DTYPES[t.element_size()])
+
+
+class VLLMPagedMemConnector(GPUConnectorInterface):
+    """Batched connector for every supported layout (see layouts.py) and device."""
+
+    def __init__(self, layout: KVLayout, platform: Platform, staging_bytes: int = DEFAULT_STAGING_BYTES):
+        self.layout = layout
+        self.platform = platform
+        self.staging_bytes = int(staging_bytes)
+        self._on_cpu = layout.device.type == "cpu"
+        # HPU kernels get native dtypes; elsewhere integer views keep every bit and allow fp8.
+        self._as_moved = (lambda t: t) if layout.device.type == "hpu" else _raw
+        self._tables = [
+            [plane.table(self._as_moved(t)) for plane, t in zip(layout.planes, tensors)]
+            for tensors in layout.plane_tensors
+        ]
+        self._np_tables = (
+            [[table.numpy() for table in per_layer] for per_layer in self._tables] if self._on_cpu else None
+        )
+        self._stream = None
+
+    # -- what the engine asks -------------------------------------------------
+    @property
+    def memory_format(self) -> MemoryFormat:
+        return self.layout.memory_format
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def layout_fingerprint(self) -> str:
+        return self.layout.fingerprint
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layout.hidden
+
+    def get_shape(self, num_tokens: int) -> torch.Size:
+        return torch.Size((self.layout.num_planes, self.layout.num_layers, int(num_tokens), self.layout.hidden))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layout.describe()})"
+
+    # -- single object ----------------------------------------------------------
+    def from_gpu(self, memory_obj: Any, start: int, end: int, *, slot_mapping: torch.Tensor, **kw: Any) -> None:
+        self.batched_from_gpu([memory_obj], [start], [end], slot_mapping=slot_mapping, **kw)
+
+    def to_gpu(self, memory_obj: Any, start: int, end: int, *, slot_mapping: torch.Tensor, **kw: Any) -> None:
+        self.batched_to_gpu([memory_obj], [start], [end], slot_mapping=slot_mapping, **kw)
+
+    # -- batches ------------------------------------------------------------------
+    def batched_from_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
+                         slot_mapping: torch.Tensor, **kw: Any) -> None:
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        if not plan.parts:
+            return
+        if self._on_cpu:
+            for layer in range(self.num_layers):
+                self._cpu_store_layer(plan, layer)
+            self.platform.synchronize()
+            return
+        self.platform.flush()
+        fixups: list = []
+        with self._side_stream():
+            for first, last in self._layer_groups(plan.total):
+                staging = self._staging(last - first, plan.total)
+                for layer in range(first, last):
+                    self._gather_layer(plan, layer, staging[layer - first])
+                for part in plan.parts:
+                    self._staging_to_host(part, staging, first, last, fixups)
+        self.platform.synchronize()
+        _apply_fixups(fixups)
+
+    def batched_to_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
+                       slot_mapping: torch.Tensor, **kw: Any) -> None:
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        if not plan.parts:
+            return
+        if self._on_cpu:
+            for layer in range(self.num_layers):
+                self._cpu_load_layer(plan, layer)
+            self.platform.synchronize()
+            return
+        with self._side_stream():
+            for first, last in self._layer_groups(plan.total):
+                staging = self._staging(last - first, plan.total)
+                for part in plan.parts:
+                    self._host_to_staging(part, staging, first, last)
+                for layer in range(first, last):
+                    self._scatter_layer(plan, layer, staging[layer - first])
+        self.platform.flush()
+        self.platform.synchronize()
+
+    # -- CPU: the memory objects are the destination, no staging ------------------
+    def _cpu_store_layer(self, plan: BatchPlan, layer: int) -> None:
+        device = self.layout.device
+        for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
+            rows = plan.rows(plane_index, device)
+            for part in plan.parts:
+                part_rows = rows[part.first: part.first + part.count].reshape(-1)
+                dst = _raw(part.tensor)[plane_index, layer]
+                if part.positions is None:
+                    torch.index_select(table, 0, part_rows, out=dst[: part.count].view(-1, plane.width))
+                else:
+                    gathered = torch.index_select(table, 0, part_rows)
+                    dst.index_copy_(0, part.positions, gathered.view(part.count, -1))
+
+    def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
+        device = self.layout.device
+        assert self._np_tables is not None
+        for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._np_tables[layer])):
+            rows = plan.rows(plane_index, device)
+            for part in plan.parts:
+                part_rows = rows[part.first: part.first + part.count].reshape(-1).numpy()
+                src = _raw(part.tensor)[plane_index, layer].numpy()
+                src = src[: part.count] if part.positions is None else src[part.positions.numpy()]
+                table[part_rows] = src.reshape(-1, plane.width)
+
+    # -- devices: one gather / scatter per layer and plane through staging ----------
+    def _gather_layer(self, plan: BatchPlan, layer: int, out: torch.Tensor) -> None:
+        for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
+            rows = plan.rows(plane_index, self.layout.device).reshape(-1)
+            torch.index_select(table, 0, rows, out=out[plane_index].view(-1, plane.width))
+
+    def _scatter_layer(self, plan: BatchPlan, layer: int, src: torch.Tensor) -> None:
+        for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
+            rows = plan.rows(plane_index, self.layout.device).reshape(-1)
+            table.index_copy_(0, rows, src[plane_index].view(-1, plane.width))
+
+    def _staging_to_host(self, part: ObjectPart, staging: torch.Tensor, first: int, last: int, fixups: list) -> None:
+        host = self._as_moved(part.tensor)
+        for plane_index in range(self.layout.num_planes):
+            src = staging[:, plane_index, part.first: part.first + part.count]
+            if part.positions is None:
+                host[plane_index, first:last, : part.count].copy_(src, non_blocking=True)
+            else:
+                temp = self.platform.empty_host(tuple(src.shape), src.dtype)
+                temp.copy_(src, non_blocking=True)
+                fixups.append((host[plane_index, first:last], part.positions, temp))
+
+    def _host_to_staging(self, part: ObjectPart, staging: torch.Tensor, first: int, last: int) -> None:
+        host = self._as_moved(part.tensor)
+        for plane_index in range(self.layout.num_planes):
+            src = host[plane_index, first:last]
+            src = src[:, : part.count] if part.positions is None else src.index_select(1, part.positions)
+            staging[:, plane_index, part.first: part.first + part.count].copy_(src, non_blocking=True)
+
+    def _layer_groups(self, total: int) -> list[tuple[int, int]]:
+        per_layer = self.layout.num_planes * total * self.layout.hidden * self.layout.dtype.itemsize
+        group = max(1, min(self.num_layers, self.staging_bytes // max(1, per_layer)))
+        return [(first, min(first + group, self.num_layers)) for first in range(0, self.num_layers, group)]
+
+    def _staging(self, layers: int, total: int) -> torch.Tensor:
+        dtype = self._tables[0][0].dtype
+        return torch.empty((layers, self.layout.num_planes, total, self.layout.hidden), dtype=dtype,
+                           device=self.layout.device)
+
+    def _side_stream(self):
+        """Run on a side stream that first waits for the compute stream (CUDA); plain elsewhere.
+
+        HPU stays on its default stream: in lazy mode the copies belong to the graph
+        that flush() ends, which is how vllm-gaudi orders its own work."""
+        if self.layout.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = self.platform.stream()
+        ready = self.platform.event()
+        ready.record(self.platform.current_stream())
+        self._stream.wait_event(ready)
+        return self.platform.use_stream(self._stream)
+
+
+def _apply_fixups(fixups: list) -> None:
+    """Objects with padding: scatter their valid tokens into place once the copies are done."""
+    for host_layers, positions, temp in fixups:
+        host_layers.index_copy_(1, positions, temp)
