@@ -78,11 +78,13 @@ def bench_cpu(sources, shape, dtype, repeat):
     nbytes = sources[0].nbytes
     config = LMCacheEngineConfig.from_defaults(max_local_cpu_size=(len(sources) + 1) * nbytes / 1024**3)
     manager = StorageManager(config)
-    dst = torch.empty_like(sources[0])
+    # Distinct destinations, like the pool's buffers: one reused buffer would stay in the
+    # CPU cache and flatter the baseline.
+    dsts = [torch.empty_like(src) for src in sources]
     keys = [_key(i, "cpu") for i in range(len(sources))]
 
     def memcpy():
-        for src in sources:
+        for dst, src in zip(dsts, sources):
             dst.copy_(src)
 
     def put():
@@ -92,7 +94,7 @@ def bench_cpu(sources, shape, dtype, repeat):
             manager.put(key, obj)
 
     def get():
-        for key in keys:
+        for key, dst in zip(keys, dsts):
             obj = manager.get(key)
             dst.copy_(obj.tensor)
             manager.release(obj)
