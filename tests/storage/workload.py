@@ -7,6 +7,7 @@ store or verify prompts in a separate Python process.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -30,8 +31,9 @@ def prompt_tokens(p: int, num_tokens: int) -> list[int]:
     return torch.randint(0, 50_000, (num_tokens,), generator=gen).tolist()
 
 
+@functools.lru_cache(maxsize=64)
 def prompt_kv(p: int, num_tokens: int, dtype=torch.float16) -> torch.Tensor:
-    """[num_tokens, 2, L, H*D]: the paged-cache rows of prompt p's tokens."""
+    """[num_tokens, 2, L, H*D]: the paged-cache rows of prompt p's tokens (cached: do not modify)."""
     rows = torch.empty(num_tokens, 2, SHAPE["num_layers"], SHAPE["num_heads"] * SHAPE["head_size"], dtype=dtype)
     return random_fill(rows, seed=p)
 
