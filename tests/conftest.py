@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.hpu",
     "tests.fixtures.redis",
     "tests.fixtures.model",
+    "tests.fixtures.upstream_lmcache",
 ]
 
 
