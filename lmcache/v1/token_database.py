@@ -162,8 +162,15 @@ class ChunkedTokenDatabase:
         if total <= 0:
             return []
         hashes = chunk_hashes(tokens[:total] if total < len(tokens) else tokens, self.chunk_size)
-        make, cs = self.make_key, self.chunk_size
-        return [Chunk(i * cs, min((i + 1) * cs, total), make(h)) for i, h in enumerate(hashes)]
+        # tuple.__new__ skips the NamedTuple constructors' Python-level calls: a 131k-token
+        # prompt has 512 chunks and lookups must stay in the low milliseconds.
+        new, cs = tuple.__new__, self.chunk_size
+        model, world, worker = self._key_prefix
+        dtype, fingerprint = self._key_suffix
+        return [
+            new(Chunk, (i * cs, min((i + 1) * cs, total), new(CacheEngineKey, (model, world, worker, h, dtype, fingerprint))))
+            for i, h in enumerate(hashes)
+        ]
 
     def process_tokens(self, tokens, mask: torch.Tensor | None = None) -> Iterator[tuple[int, int, CacheEngineKey]]:
         """(start, end, key) per chunk, skipping the chunk-aligned prefix that
