@@ -69,10 +69,9 @@ def flash_attn(physical: str, L, B, N, H, D, dtype, gen, device="cpu") -> PagedC
     def write(layer, slots, values):
         tokens_first = views[layer].transpose(1, 2)         # [B, N, H, 2D], as vLLM's FA splits it
         key_cache, value_cache = tokens_first.split(D, dim=-1)
-        for t, slot in enumerate(slots.tolist()):
-            b, o = divmod(slot, N)
-            key_cache[b, o] = values[0, t]
-            value_cache[b, o] = values[1, t]
+        b, o = _block_offset(slots, N)
+        key_cache[b, o] = values[0]
+        value_cache[b, o] = values[1]
 
     return PagedCache(f"flash_attn/{physical}", "FLASH_ATTN", {f"model.layers.{i}.attn": v for i, v in enumerate(views)},
                       buffers, B, N, H, D, dtype, 2, write, dtype)
@@ -113,10 +112,8 @@ def hpu_kv(L, B, N, H, D, dtype, gen, device="cpu", padded: bool = False) -> Pag
 
     def write(layer, slots, values):
         for plane in range(2):
-            cache = planes[2 * layer + plane]
-            for t, slot in enumerate(slots.tolist()):
-                b, o = divmod(slot, N)
-                cache[b, o] = values[plane, t]
+            b, o = _block_offset(slots, N)
+            planes[2 * layer + plane][b, o] = values[plane]
 
     return PagedCache("hpu_kv" + ("/strided" if padded else ""), None, layers, buffers, B, N, H, D, dtype, 2, write, dtype)
 
@@ -134,18 +131,23 @@ def mla(form: str, L, B, N, C, dtype, gen, device="cpu") -> PagedCache:
 
     def write(layer, slots, values):
         view = views[layer]
-        for t, slot in enumerate(slots.tolist()):
-            b, o = divmod(slot, N)
-            if form in ("4d", "4d_strided"):
-                view[b, 0, o] = values[0, t, 0]
-            elif form == "hpu4d":
-                view[b, o, 0] = values[0, t, 0]
-            else:
-                view[b, o] = values[0, t, 0]
+        b, o = _block_offset(slots, N)
+        if form in ("4d", "4d_strided"):
+            view[b, 0, o] = values[0, :, 0]
+        elif form == "hpu4d":
+            view[b, o, 0] = values[0, :, 0]
+        else:
+            view[b, o] = values[0, :, 0]
 
     backend = "FLASH_ATTN_MLA" if form in ("4d", "4d_strided", "3d") else None
     return PagedCache(f"mla/{form}", backend, {f"model.layers.{i}.attn": v for i, v in enumerate(views)},
                       buffers, B, N, 1, C, dtype, 1, write, dtype)
+
+
+def _block_offset(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset) index tensors of each slot, for advanced indexing (host tensors)."""
+    slots = slots.to("cpu", torch.int64)
+    return slots // block_size, slots % block_size
 
 
 class TensorTuple(tuple):

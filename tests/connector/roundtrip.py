@@ -37,16 +37,17 @@ def known_values(cache: PagedCache, num_tokens: int, gen: torch.Generator, devic
 
 def check_objects(cache: PagedCache, objs, starts, ends, slots, values) -> None:
     """Every valid token of every object holds exactly its known K/V."""
+    num_tokens = len(slots)
+    # [planes, layers, tokens, hidden], as the objects hold them
+    want_all = torch.stack([v.to("cpu") for v in values], dim=1).reshape(cache.planes, len(values), num_tokens, -1)
     for i, (obj, start, end) in enumerate(zip(objs, starts, ends)):
-        for j, slot in enumerate(slots[start:end].tolist()):
-            if slot < 0:
-                continue
-            for layer, per_layer in enumerate(values):
-                for plane in range(cache.planes):
-                    got = raw(obj.tensor[plane, layer, j])
-                    want = raw(per_layer[plane, start + j].reshape(-1).to("cpu"))
-                    if not torch.equal(got, want):
-                        raise Mismatch(f"object {i} token {j} (slot {slot}) layer {layer} plane {plane} differs")
+        positions = (slots[start:end] >= 0).nonzero().squeeze(1)
+        got = raw(obj.tensor[:, :, positions])
+        want = raw(want_all[:, :, start + positions])
+        if not torch.equal(got, want):
+            plane, layer, j = (got != want).nonzero()[0, :3].tolist()
+            raise Mismatch(f"object {i} token {int(positions[j])} (slot {int(slots[start + positions[j]])}) "
+                           f"layer {layer} plane {plane} differs")
 
 
 def check_caches(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:

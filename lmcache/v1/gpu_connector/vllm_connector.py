@@ -226,4 +226,4 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
 def _apply_fixups(fixups: list) -> None:
     """Objects with padding: scatter their valid tokens into place once the copies are done."""
     for host_layers, positions, temp in fixups:
-        host_layers.index_copy_(1, positions, temp)
+        _raw(host_layers).index_copy_(1, positions, _raw(temp))
