@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--layouts", default=None,
                         help=f"comma-separated subset of {','.join(LAYOUTS)} (default depends on --device)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="block size for every layout (default: 16 for flash_attn/cpu_attn, 128 for hpu_kv)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the best of each is reported")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
@@ -105,7 +107,7 @@ def _platform(device: str, emulate_hpu: bool, stack: contextlib.ExitStack):
 def _make_setup(layout: str, platform, args, dtype: torch.dtype, gen: torch.Generator) -> Setup:
     from lmcache.v1.memory import MemoryFormat, MemoryObj
 
-    block = BLOCK_SIZES[layout]
+    block = args.block_size or BLOCK_SIZES[layout]
     heads, head, layers, tokens = args.kv_heads, args.head_size, args.layers, args.tokens
     num_blocks = (tokens + block - 1) // block + max(8, tokens // block // 4)
     device = platform.device
@@ -258,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.head_size}, {args.dtype}: {nbytes / 1e9:.3f} GB per store/load; best of {args.repeat} rounds")
     rows = []
     for name, f in results.items():
-        rows.append([name, BLOCK_SIZES[name], f["store_gbps"], f["load_gbps"], f["memcpy_store_gbps"],
+        rows.append([name, args.block_size or BLOCK_SIZES[name], f["store_gbps"], f["load_gbps"], f["memcpy_store_gbps"],
                      f["memcpy_load_gbps"], f["store_vs_memcpy"], f["load_vs_memcpy"],
                      f.get("upstream_store_gbps", "-"), f.get("upstream_load_gbps", "-"),
                      f.get("store_vs_upstream_pattern", "-"), f.get("load_vs_upstream_pattern", "-"),

@@ -62,8 +62,25 @@ class CpuAttnPacking:
     k_pos: torch.Tensor  # [N, D] int64
     v_pos: torch.Tensor  # [N, D] int64
 
+    model_dtype: torch.dtype | None = None   # dtype of the kernel's K/V inputs
+
     def describe(self) -> str:
         return f"cpu_attn[{self.isa}]"
+
+    def writer(self, cache_dtype: torch.dtype):
+        """vLLM's own kernel as a scatter of canonical [T, H, D] K/V into a cache layer,
+        where the object bytes are exactly its inputs (not for fp8 caches, which it quantizes)."""
+        if _fp8_flavour(cache_dtype, None) is not None or self.model_dtype not in (None, cache_dtype):
+            return None
+        op, _ = _vllm_cpu_ops()
+        n, isa = self.block_size, self.isa
+
+        def write(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+            num_blocks, heads = layer.shape[0], layer.shape[1]
+            key_cache, value_cache = layer.view(num_blocks, heads, 2 * n, -1).chunk(2, dim=2)
+            op(key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+
+        return write
 
 
 def _vllm_cpu_ops():
@@ -193,4 +210,4 @@ def probe_cpu_attn_packing(
                     )
         positions[plane] = pos.view(n, d)
     logger.info("vLLM CPU attention layout probed: isa=%s block_size=%d head_size=%d dtype=%s", isa, n, d, cache_dtype)
-    return CpuAttnPacking(isa, n, d, positions["k"], positions["v"])
+    return CpuAttnPacking(isa, n, d, positions["k"], positions["v"], input_dtype)

@@ -135,6 +135,7 @@ class KVLayout:
     device: torch.device
     layer_shape: tuple[int, ...]   # one layer's shape (for a (K, V) pair: one of them)
     detail: str = ""               # e.g. the CPU kernel's ISA
+    cpu_attn_packing: Any = None   # CpuAttnPacking for the cpu_attn layout
 
     @property
     def num_layers(self) -> int:
@@ -285,11 +286,12 @@ def _tensor_kind(t: torch.Tensor, device_type: str, backend: str | None, use_mla
 def _build(kind: LayoutKind, names: list[str], entries: list[Any], seen: str,
            cpu_attn_isa: str | None, model_dtype: torch.dtype | None) -> KVLayout:
     detail = ""
+    packing = None
     if kind is LayoutKind.HPU_KV:
         k = entries[0][0]
         num_blocks, block_size, heads, head_size = k.shape
         addr = _strided_addresses(block_size, heads, head_size, k.stride(1), k.stride(2), k.stride(3), seen)
-        plane = plane_addressing(addr, k.stride(0), num_blocks)
+        plane = plane_addressing(addr, k.stride(0), num_blocks, heads)
         planes = (plane, plane)
         plane_tensors = [(e[0], e[1]) for e in entries]
         hidden = heads * head_size
@@ -305,8 +307,9 @@ def _build(kind: LayoutKind, names: list[str], entries: list[Any], seen: str,
                 for p in (0, 1)
             ]
         else:
-            addrs, detail = _cpu_attn_addresses(t, seen, cpu_attn_isa, model_dtype)
-        planes = tuple(plane_addressing(a, t.stride(0), num_blocks) for a in addrs)
+            addrs, packing = _cpu_attn_addresses(t, seen, cpu_attn_isa, model_dtype)
+            detail = packing.describe()
+        planes = tuple(plane_addressing(a, t.stride(0), num_blocks, heads) for a in addrs)
         plane_tensors = [(e, e) for e in entries]
         hidden = heads * head_size
     else:  # MLA / HPU_MLA
@@ -337,6 +340,7 @@ def _build(kind: LayoutKind, names: list[str], entries: list[Any], seen: str,
         device=first.device,
         layer_shape=tuple(int(d) for d in first.shape),
         detail=detail,
+        cpu_attn_packing=packing,
     )
 
 
@@ -352,7 +356,7 @@ def _strided_addresses(block_size: int, heads: int, head_size: int, token_stride
 
 
 def _cpu_attn_addresses(t: torch.Tensor, seen: str, isa: str | None,
-                        model_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], str]:
+                        model_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], Any]:
     from lmcache.v1.gpu_connector.cpu_attn_packing import CpuAttnProbeError, probe_cpu_attn_packing
 
     num_blocks, heads, block_size, width = t.shape
@@ -366,4 +370,4 @@ def _cpu_attn_addresses(t: torch.Tensor, seen: str, isa: str | None,
     h = torch.arange(heads, dtype=torch.int64).view(1, -1, 1) * t.stride(1)
     addrs = [(h + pos.view(block_size, 1, head_size)).reshape(block_size, heads * head_size)
              for pos in (packing.k_pos, packing.v_pos)]
-    return addrs, packing.describe()
+    return addrs, packing

@@ -24,6 +24,15 @@ class ObjectPart:
     first: int                      # where its valid tokens start in the concatenated list
     count: int                      # how many valid tokens it has
     positions: torch.Tensor | None  # their token positions in the object, None for 0..count-1
+    # complete blocks at the start of a dense part, in order (their tokens are positions
+    # 0 .. len*block_size-1): they can move as whole blocks
+    lead_blocks: torch.Tensor | None = None
+
+    @property
+    def lead_tokens(self) -> int:
+        return 0 if self.lead_blocks is None else int(self.lead_blocks.numel()) * self._block_size
+
+    _block_size: int = 0
 
 
 @dataclass
@@ -121,7 +130,11 @@ def plan_batch(
         else:
             positions = valid.nonzero().squeeze(1)
             chosen = segment[positions]
-        parts.append(ObjectPart(tensor, first, count, positions))
+        part = ObjectPart(tensor, first, count, positions)
+        if positions is None:
+            part.lead_blocks = _leading_full_blocks(chosen, layout.block_size)
+            part._block_size = layout.block_size
+        parts.append(part)
         pieces.append(chosen)
         first += count
     all_slots = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
@@ -131,3 +144,15 @@ def plan_batch(
             f"of {layout.block_size} = {layout.num_slots} slots"
         )
     return BatchPlan(layout, parts, all_slots)
+
+
+def _leading_full_blocks(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
+    """Block ids of the complete, in-order blocks that `slots` starts with (None if none)."""
+    whole = slots.numel() // block_size
+    if whole == 0:
+        return None
+    grid = slots[: whole * block_size].view(whole, block_size)
+    blocks = torch.div(grid[:, 0], block_size, rounding_mode="floor")
+    complete = (grid == blocks.unsqueeze(1) * block_size + torch.arange(block_size)).all(dim=1)
+    lead = int(complete.to(torch.int64).cumprod(0).sum())
+    return blocks[:lead].contiguous() if lead else None

@@ -62,9 +62,23 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             [plane.table(self._as_moved(t)) for plane, t in zip(layout.planes, tensors)]
             for tensors in layout.plane_tensors
         ]
-        self._np_tables = (
-            [[table.numpy() for table in per_layer] for per_layer in self._tables] if self._on_cpu else None
-        )
+        self._np_tables = None
+        self._block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
+        self._np_block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
+        self._kernel_writer = None
+        if layout.cpu_attn_packing is not None:
+            # vLLM's own CPU kernel writes its tiled layout several times faster than any
+            # torch indexing can (it is the writer the layout is defined by).
+            self._kernel_writer = layout.cpu_attn_packing.writer(layout.dtype)
+        if self._on_cpu:
+            # CPU moves complete blocks as blocks (see addressing.py) and the rest as rows.
+            self._np_tables = [[table.numpy() for table in per_layer] for per_layer in self._tables]
+            for layer, tensors in enumerate(layout.plane_tensors):
+                for p, (plane, t) in enumerate(zip(layout.planes, tensors)):
+                    if plane.block_view is not None:
+                        view = plane.block_view.view(_raw(t))
+                        self._block_views[layer][p] = view
+                        self._np_block_views[layer][p] = view.numpy()
         self._stream = None
 
     # -- what the engine asks -------------------------------------------------
@@ -149,25 +163,52 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         device = self.layout.device
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
             rows = plan.rows(plane_index, device)
+            blocks = self._block_views[layer][plane_index]
             for part in plan.parts:
-                part_rows = rows[part.first: part.first + part.count].reshape(-1)
                 dst = _raw(part.tensor)[plane_index, layer]
+                done = 0
+                if blocks is not None and part.lead_blocks is not None:
+                    done = part.lead_tokens
+                    out = dst[:done].view(part.lead_blocks.numel(), *plane.block_view.shape)
+                    torch.index_select(blocks, 0, part.lead_blocks, out=out)
+                if done == part.count:
+                    continue
+                part_rows = rows[part.first + done: part.first + part.count].reshape(-1)
                 if part.positions is None:
-                    torch.index_select(table, 0, part_rows, out=dst[: part.count].view(-1, plane.width))
+                    torch.index_select(table, 0, part_rows, out=dst[done: part.count].view(-1, plane.width))
                 else:
                     gathered = torch.index_select(table, 0, part_rows)
                     dst.index_copy_(0, part.positions, gathered.view(part.count, -1))
 
     def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
+        if self._kernel_writer is not None:
+            self._kernel_load_layer(plan, layer)
+            return
         device = self.layout.device
         assert self._np_tables is not None
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._np_tables[layer])):
             rows = plan.rows(plane_index, device)
+            blocks = self._np_block_views[layer][plane_index]
             for part in plan.parts:
-                part_rows = rows[part.first: part.first + part.count].reshape(-1).numpy()
                 src = _raw(part.tensor)[plane_index, layer].numpy()
-                src = src[: part.count] if part.positions is None else src[part.positions.numpy()]
+                done = 0
+                if blocks is not None and part.lead_blocks is not None:
+                    done = part.lead_tokens
+                    blocks[part.lead_blocks.numpy()] = src[:done].reshape(-1, *plane.block_view.shape)
+                if done == part.count:
+                    continue
+                part_rows = rows[part.first + done: part.first + part.count].reshape(-1).numpy()
+                src = src[done: part.count] if part.positions is None else src[part.positions.numpy()]
                 table[part_rows] = src.reshape(-1, plane.width)
+
+    def _kernel_load_layer(self, plan: BatchPlan, layer: int) -> None:
+        cache = self.layout.plane_tensors[layer][0]
+        heads = cache.shape[1]
+        for part in plan.parts:
+            planes = part.tensor[:, layer]
+            planes = planes[:, : part.count] if part.positions is None else planes.index_select(1, part.positions)
+            key, value = (planes[p].view(part.count, heads, -1) for p in (0, 1))
+            self._kernel_writer(cache, key, value, plan.slots[part.first: part.first + part.count])
 
     # -- devices: one gather / scatter per layer and plane through staging ----------
     def _gather_layer(self, plan: BatchPlan, layer: int, out: torch.Tensor) -> None:
