@@ -12,6 +12,9 @@ While active:
   non_blocking=True) produce and consume `EmulatedHpuTensor`s backed by CPU
   memory; an op mixing hpu and cpu tensors raises "Expected all tensors to be on
   the same device" (see lmcache/testing/hpu_tensor.py).
+- inside `torch.inference_mode()` and `torch.no_grad()` they behave as device
+  tensors do: views of tensors made outside stay normal tensors (writable into,
+  as vLLM writes its KV caches), `.to(same device)` is the tensor itself.
 - `torch.hpu` is a stand-in module (is_available, device_count, current_device,
   set_device, synchronize [counted], Stream, Event, current_stream, stream).
 - `habana_frameworks`, `habana_frameworks.torch`, `.torch.core` (mark_step()

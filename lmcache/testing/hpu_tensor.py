@@ -9,6 +9,13 @@ An op that mixes hpu and cpu tensors fails as it would on a device: "Expected
 all tensors to be on the same device". Copies (`copy_`, `.to()`) may cross
 devices, and advanced indexing accepts cpu index tensors, as on CUDA.
 
+Inside `torch.inference_mode()` torch hands composite ops (`.to()`, `reshape`,
+...) to `__torch_dispatch__` whole instead of decomposing them first; they are
+decomposed here, so `.to()` behaves as outside it (same device: the tensor
+itself; another device: a copy). A wrapper is an inference tensor exactly when
+the CPU tensor it holds is one, so views of normal tensors taken in inference
+mode stay normal (torch shares their version counter), as on a real device.
+
 Sizes and strides are asked of the held CPU tensor on every query
 (dispatch_sizes_strides_policy="sizes"), so in-place metadata ops (`resize_`,
 `out=` results, `transpose_`, `unsqueeze_`) stay truthful.
@@ -108,17 +115,17 @@ class EmulatedHpuTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, cpu_data: torch.Tensor, device: torch.device):
-        t = torch.Tensor._make_wrapper_subclass(
-            cls,
-            cpu_data.size(),
-            strides=cpu_data.stride(),
-            storage_offset=cpu_data.storage_offset(),
-            dtype=cpu_data.dtype,
-            layout=cpu_data.layout,
-            device=device,
-            requires_grad=cpu_data.requires_grad,
-            dispatch_sizes_strides_policy="sizes",
-        )
+        if isinstance(cpu_data, EmulatedHpuTensor) or not cpu_data.is_cpu:
+            raise RuntimeError(
+                "HPU emulation bug: an emulated hpu tensor must hold a plain CPU "
+                f"tensor, got a {type(cpu_data).__name__} on {cpu_data.device}"
+            )
+        inference = cpu_data.is_inference()
+        if inference == torch.is_inference_mode_enabled():
+            t = _make_wrapper(cls, cpu_data, device)
+        else:
+            with torch.inference_mode(inference):
+                t = _make_wrapper(cls, cpu_data, device)
         t.cpu_data = cpu_data
         return t
 
@@ -137,7 +144,12 @@ class EmulatedHpuTensor(torch.Tensor):
         meta = _METADATA_OPS.get(func)
         if meta is not None:
             return meta(args[0].cpu_data, *args[1:])
-        return _run_on_cpu(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if _is_composite(func):
+            # Composite ops arrive whole only where autograd is skipped (inference
+            # mode); run on the held CPU tensors they would see cpu, not hpu.
+            return func.decompose(*args, **kwargs)
+        return _run_on_cpu(func, args, kwargs)
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
@@ -165,8 +177,33 @@ class EmulatedHpuTensor(torch.Tensor):
         )
 
 
+def _make_wrapper(cls, cpu_data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.Tensor._make_wrapper_subclass(
+        cls,
+        cpu_data.size(),
+        strides=cpu_data.stride(),
+        storage_offset=cpu_data.storage_offset(),
+        dtype=cpu_data.dtype,
+        layout=cpu_data.layout,
+        device=device,
+        requires_grad=cpu_data.requires_grad,
+        dispatch_sizes_strides_policy="sizes",
+    )
+
+
 def wrap(cpu_data: torch.Tensor, device: torch.device) -> EmulatedHpuTensor:
     return EmulatedHpuTensor(cpu_data, device)
+
+
+_composite: dict[Any, bool] = {}
+
+
+def _is_composite(func: Any) -> bool:
+    """Whether `func` has a CompositeImplicitAutograd kernel (cached per op)."""
+    known = _composite.get(func)
+    if known is None:
+        known = _composite[func] = bool(func._can_decompose())
+    return known
 
 
 class _Unwrapper:

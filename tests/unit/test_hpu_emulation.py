@@ -5,6 +5,7 @@ Gaudi speed. Results on emulated tensors are checked against the same ops on
 plain CPU tensors.
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -195,6 +196,150 @@ def test_fp8_index_ops_move_exact_bytes(hpu_emu):
     expected[[6, 1, 4]] = ref.view(torch.uint8)[[6, 1, 4]]
     assert torch.equal(target.view(torch.uint8).cpu(), expected)
     assert torch.equal(dev[slots].view(torch.uint8).cpu(), ref.view(torch.uint8)[[6, 1, 4]])
+
+
+# -- inference_mode, no_grad and .to() on the same device ---------------------
+# vLLM and LMCache move KV under torch.inference_mode(), into caches allocated
+# outside it. Each scenario runs on cpu and on the emulated hpu; the outcomes
+# (values, inference-ness, version counters, errors) must be the same.
+
+
+def _outcome(value, dev, versions):
+    """What a scenario produced, comparable across devices."""
+    if isinstance(value, torch.Tensor):
+        assert value.device.type == dev, f"result on {value.device}, expected {dev}"
+        if dev == "hpu":
+            assert type(value.cpu_data) is torch.Tensor, "wrapper around a wrapper"
+        inference = value.is_inference()  # inference tensors have no version counter
+        version = value._version if versions and not inference else None
+        return ("tensor", value.dtype, tuple(value.shape), value.stride(),
+                inference, version, value.cpu().tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(_outcome(v, dev, versions) for v in value)
+    return value
+
+
+def _run_on(scenario, dev, versions):
+    try:
+        return _outcome(scenario(dev), dev, versions)
+    except RuntimeError as exc:
+        return ("raised", str(exc).split(" (in emulated HPU op")[0])
+
+
+def _assert_same_on_cpu_and_hpu(scenario, versions=True):
+    on_cpu = _run_on(scenario, "cpu", versions)
+    on_hpu = _run_on(scenario, "hpu", versions)
+    assert on_hpu == on_cpu
+    return on_cpu
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_OPS))
+def test_views_in_inference_mode_of_tensors_made_outside(hpu_emu, name):
+    def scenario(dev):
+        base = torch.arange(96.0).reshape(2, 6, 8).to(dev)
+        with torch.inference_mode():
+            view = VIEW_OPS[name](base)
+            view.add_(1)  # writes through to base unless the op copied
+        return base, view
+
+    # Versions aside: on cpu, reshape under inference_mode takes _reshape_alias,
+    # which (a torch quirk) does not share the base's version counter; a tensor
+    # subclass takes view(), which does.
+    outcome = _assert_same_on_cpu_and_hpu(scenario, versions=False)
+    assert outcome[0][0] == "tensor" and outcome[0][4] is False  # base: normal
+
+
+def test_writes_in_inference_mode_into_tensors_made_outside(hpu_emu):
+    grad_modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+
+    def scenario(mode):
+        def run(dev):
+            kv = torch.zeros(8, 2, 4, device=dev)  # vLLM's KV cache: a normal tensor
+            chunk = torch.arange(24.0).reshape(3, 2, 4)
+            slots = torch.tensor([6, 1, 4], device=dev)
+            with grad_modes[mode]():
+                kv.index_copy_(0, slots, chunk.to(dev, non_blocking=True))
+                kv[2:3].copy_(chunk[:1])
+                kv.view(-1)[:4].copy_(torch.ones(4).to(dev))
+                kv.select(1, 1)[7].fill_(9.0)
+                gathered = kv.index_select(0, slots)
+                host = gathered.to("cpu")
+            assert type(host) is torch.Tensor and host.device.type == "cpu"
+            assert torch.equal(host, kv.cpu()[[6, 1, 4]])
+            return kv, gathered
+        return run
+
+    for mode in grad_modes:
+        outcome = _assert_same_on_cpu_and_hpu(scenario(mode))
+        assert outcome[0][4] is False and outcome[0][5] > 0  # kv: normal, written
+
+
+def test_inference_tensors_used_outside_inference_mode(hpu_emu):
+    def made_inside(dev):
+        with torch.inference_mode():
+            return torch.arange(6.0).to(dev), torch.ones(6, device=dev)
+
+    def read_outside(dev):
+        a, b = made_inside(dev)
+        return a[1:4], a.view(2, 3).t(), a + b, b.clone()
+
+    def written_outside(dev):
+        a, _ = made_inside(dev)
+        a[1:3].add_(1)
+
+    def used_by_autograd(dev):
+        a, _ = made_inside(dev)
+        weight = torch.ones(6, device=dev, requires_grad=True)
+        (weight * a).sum().backward()
+
+    def view_written_outside(dev):
+        base = torch.zeros(4, device=dev)
+        with torch.inference_mode():
+            view = base[1:3]
+        view.mul_(torch.ones(2, device=dev, requires_grad=True))
+
+    # Versions aside: a cpu clone of an inference tensor counts its inner copy_.
+    read = _assert_same_on_cpu_and_hpu(read_outside, versions=False)
+    assert [r[4] for r in read] == [True, True, False, False]
+    for scenario in (written_outside, used_by_autograd, view_written_outside):
+        outcome = _assert_same_on_cpu_and_hpu(scenario)
+        assert outcome[0] == "raised", scenario.__name__
+
+
+def test_to_the_same_device_returns_the_tensor_itself(hpu_emu):
+    for mode in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        with mode():
+            t = torch.arange(6.0, device="hpu")
+            for same in (
+                t.to("hpu"),
+                t.to(HPU0),
+                t.to("hpu", torch.float32),
+                t.to(torch.empty(1, device="hpu")),
+                t.to(device="hpu", non_blocking=True),
+                torch.as_tensor(t),
+                torch.as_tensor(t, device="hpu"),
+                torch.as_tensor(t, dtype=torch.float32, device=HPU0),
+            ):
+                assert same is t, mode
+            changed = {
+                "to dtype": t.to("hpu", torch.float16),
+                "to copy": t.to("hpu", copy=True),
+                "as_tensor dtype": torch.as_tensor(t, dtype=torch.float64),
+                "as_tensor dtype device": torch.as_tensor(t, dtype=torch.int32, device="hpu"),
+                "type_as": t.type_as(torch.empty(1, dtype=torch.int64, device="hpu")),
+            }
+            for name, other in changed.items():
+                assert _is_hpu(other) and type(other.cpu_data) is torch.Tensor, (mode, name)
+                assert other is not t and other.cpu().tolist() == t.cpu().tolist(), (mode, name)
+            host = t.to("cpu")
+            assert type(host) is torch.Tensor and host.device.type == "cpu", mode
+            assert type(torch.as_tensor(t, device="cpu")) is torch.Tensor, mode
+
+
+def test_a_wrapper_must_hold_a_plain_cpu_tensor(hpu_emu):
+    t = torch.zeros(2, device="hpu")
+    with pytest.raises(RuntimeError, match="must hold a plain CPU tensor"):
+        EmulatedHpuTensor(t, HPU0)
 
 
 # -- device placement -----------------------------------------------------------
