@@ -159,20 +159,17 @@ def make_metadata(use_mla: bool = False):
 
 def paged_kv(fill: str, use_mla: bool = False):
     """Per layer a (K, V) tuple of hpu tensors [blocks, block_size, heads, head_size]
-    (MLA: one [blocks, block_size, head_size] tensor), as vllm-gaudi registers them.
-
-    Created in inference mode, as the 0.4.2 engine works in it (the emulation's
-    views of tensors made outside inference mode fail where a Gaudi's would not).
+    (MLA: one [blocks, block_size, head_size] tensor), as vllm-gaudi registers them:
+    normal tensors made outside inference mode, which the 0.4.2 engine works in.
     """
     import torch
 
     shape = (NUM_BLOCKS, BLOCK_SIZE, HEAD_SIZE) if use_mla else (NUM_BLOCKS, BLOCK_SIZE, NUM_HEADS, HEAD_SIZE)
     make = torch.randn if fill == "random" else torch.zeros
-    with torch.inference_mode():
-        layers = []
-        for _ in range(NUM_LAYERS):
-            planes = [make(*shape, dtype=torch.bfloat16).to("hpu") for _ in range(1 if use_mla else 2)]
-            layers.append(planes[0] if use_mla else tuple(planes))
+    layers = []
+    for _ in range(NUM_LAYERS):
+        planes = [make(*shape, dtype=torch.bfloat16).to("hpu") for _ in range(1 if use_mla else 2)]
+        layers.append(planes[0] if use_mla else tuple(planes))
     return layers
 
 
@@ -181,8 +178,7 @@ def hpu_slots(num_tokens: int, seed: int):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        return torch.randperm(NUM_BLOCKS * BLOCK_SIZE, generator=gen)[:num_tokens].to("hpu")
+    return torch.randperm(NUM_BLOCKS * BLOCK_SIZE, generator=gen)[:num_tokens].to("hpu")
 
 
 def rows(emu, kv_layers, slots) -> list:
