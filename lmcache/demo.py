@@ -139,7 +139,7 @@ def run(args) -> int:
             },
             **llm_args,
         )
-    from lmcache.integration.vllm.worker_stats import loaded_tokens
+    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     prompt = make_prompt(model, args.prompt_tokens, vocab, seed=1)
@@ -154,22 +154,22 @@ def run(args) -> int:
     step += 1
     with Step(step, total, "warming up (first requests pay one-time costs)"):
         generate(warm, 2)
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         generate(warm, 2)
 
     step += 1
     with Step(step, total, f"sending a {args.prompt_tokens}-token prompt twice (vLLM's prefix cache reset in between)"):
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         before = loaded_tokens(llm)
         cold, ttft_cold = generate(prompt, 1)
         after_cold = loaded_tokens(llm)
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         hit, ttft_hit = generate(prompt, 1)
         loaded = loaded_tokens(llm) - after_cold
 
     step += 1
     with Step(step, total, f"comparing {args.max_tokens} generated tokens with a run that reads no cache"):
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         with_cache, _ = generate(prompt, args.max_tokens)
         reference, _ = generate(prompt, args.max_tokens, skip_reading_prefix_cache=True)
 

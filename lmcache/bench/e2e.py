@@ -69,7 +69,7 @@ def run(args) -> dict:
         },
         **llm_args,
     )
-    from lmcache.integration.vllm.worker_stats import loaded_tokens
+    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -82,7 +82,7 @@ def run(args) -> dict:
     _progress("warming up ...")
     warm = make_prompt(model, 1024, vocab, seed=999)
     for _ in range(2):
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         ttft(warm)
         ttft(warm)
 
@@ -90,9 +90,9 @@ def run(args) -> dict:
     loaded_per_hit = []
     for r in range(args.rounds):
         prompt = make_prompt(model, args.prompt_tokens, vocab, seed=1000 + r)
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         miss = ttft(prompt)
-        llm.reset_prefix_cache()
+        reset_vllm_prefix_cache(llm)
         before = loaded_tokens(llm)
         hit = ttft(prompt)
         loaded_per_hit.append(loaded_tokens(llm) - before)

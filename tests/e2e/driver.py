@@ -12,6 +12,7 @@ Steps:
    "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together
   {"op": "control", "command": {...}}            LMCache test hooks (LMCACHE_TEST_HOOKS=1)
   {"op": "flush"}                                wait for queued disk/remote writes
+  {"op": "stats"}                                LMCache counters of every rank
   {"op": "kill", "pid": P}                       SIGKILL a process (a Redis server)
 """
 
@@ -66,8 +67,10 @@ def lmcache_stats(llm) -> list:
 def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
     from vllm import SamplingParams
 
-    if step.get("reset_prefix_cache", True):
-        llm.reset_prefix_cache()
+    from lmcache.integration.vllm.worker_stats import reset_vllm_prefix_cache
+
+    reset_ok = (reset_vllm_prefix_cache(llm) if with_lmcache else llm.reset_prefix_cache()) \
+        if step.get("reset_prefix_cache", True) else None
     params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 4), logprobs=step.get("logprobs", 5),
                             extra_args=step.get("extra_args"))
     before = lmcache_stats(llm) if with_lmcache else None
@@ -77,6 +80,7 @@ def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
     after = lmcache_stats(llm) if with_lmcache else None
     result = {
         "seconds": seconds,
+        "reset_prefix_cache": reset_ok,
         "outputs": [
             {"token_ids": list(o.outputs[0].token_ids), "logprobs": [top_logprobs(p) for p in o.outputs[0].logprobs]}
             for o in outputs
@@ -116,6 +120,8 @@ def main(spec_path: str, out_path: str) -> int:
             from lmcache.integration.vllm.worker_stats import control
 
             results["steps"][name] = control(llm, {"flush": step.get("timeout", 30)})
+        elif op == "stats":
+            results["steps"][name] = lmcache_stats(llm)
         elif op == "kill":
             os.kill(int(step["pid"]), signal.SIGKILL)
             results["steps"][name] = {"killed": step["pid"]}

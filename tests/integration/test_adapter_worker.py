@@ -193,3 +193,9 @@ def test_layerwise_is_refused_on_gaudi():
     hpu_like = SimpleNamespace(device=torch.device("hpu", 0))
     with pytest.raises(ValueError, match="Gaudi"):
         impl.register_kv_caches({"layer.0": (hpu_like, hpu_like)})
+
+
+def test_layerwise_saves_are_never_async():
+    # layerwise saves happen in the forward: a finished request must not wait for a report
+    impl = LMCacheConnectorV1Impl(vllm_config(use_layerwise=True), KVConnectorRole.WORKER, None, async_save=True)
+    assert impl.async_save is False

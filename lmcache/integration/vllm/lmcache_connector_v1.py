@@ -17,6 +17,7 @@ are reused (`handle_preemptions`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -28,6 +29,21 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache.integration.vllm.utils import ASYNC_SAVE_KEY, truthy
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
+
+logger = logging.getLogger(__name__)
+
+
+def _async_save(vllm_config, extra: dict) -> bool:
+    """Async saving unless turned off; never on Gaudi, whose model runner does not
+    call handle_preemptions (a preempted request's blocks could be reused while its
+    save still reads them)."""
+    wanted = truthy(extra.get(ASYNC_SAVE_KEY, True))
+    device_config = getattr(vllm_config, "device_config", None)
+    if wanted and getattr(device_config, "device_type", None) == "hpu":
+        if ASYNC_SAVE_KEY in extra:
+            logger.warning("LMCache: async_save is not available on Gaudi (HPU); saving inside the step")
+        return False
+    return wanted
 
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
@@ -42,9 +58,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        self._impl = LMCacheConnectorV1Impl(
-            vllm_config, role, self, async_save=truthy(extra.get(ASYNC_SAVE_KEY, True))
-        )
+        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self, async_save=_async_save(vllm_config, extra))
         self._blocks_held: set[str] = set()  # scheduler: finished requests awaiting saves
 
     @property

@@ -99,6 +99,7 @@ class WorkerCounters:
         self.save_requests = 0
         self.saved_tokens = 0
         self.save_failures = 0
+        self.held_requests_released = 0  # async saving: finished requests whose blocks we held
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -114,7 +115,8 @@ class LMCacheConnectorV1Impl:
         extra = extra_config_of(vllm_config)
         self.block_size = int(vllm_config.cache_config.block_size)
         self.use_layerwise = bool(self.config.use_layerwise or truthy(extra.get("use_layerwise", False)))
-        self.async_save = bool(async_save)
+        # Layerwise saves happen inside the forward (save_kv_layer), never in the background.
+        self.async_save = bool(async_save) and not self.use_layerwise
         self._engine_id = engine_id_of(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(vllm_config, extra)
@@ -245,7 +247,8 @@ class LMCacheConnectorV1Impl:
             return int(self.engine.lookup(tokens))
 
     def stats(self) -> dict:
-        out = {"rank": self._rank, "world_size": self._world_size, "adapter": self.counters.to_dict()}
+        out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
+               "async_save": self._save_pool is not None, "adapter": self.counters.to_dict()}
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):
@@ -481,6 +484,7 @@ class LMCacheConnectorV1Impl:
                 self._requests_with_saves.discard(req_id)
                 self._awaiting_report.discard(req_id)
                 done.add(req_id)
+        self.counters.held_requests_released += len(done)
         for req_id in list(self._saves_in_flight):
             self._saves_in_flight[req_id] = [f for f in self._saves_in_flight[req_id] if not f.done()]
             if not self._saves_in_flight[req_id]:

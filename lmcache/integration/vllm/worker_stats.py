@@ -50,3 +50,18 @@ def control(llm, command: dict) -> list[dict | None]:
         return client.control(command)
     finally:
         client.close()
+
+
+def reset_vllm_prefix_cache(llm, timeout: float = 10.0) -> bool:
+    """`llm.reset_prefix_cache()`, retried while vLLM refuses because blocks are still
+    held (with asynchronous saving, a finished request keeps its blocks until its save
+    is done, a few steps later). True once vLLM's own prefix cache is empty."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if llm.reset_prefix_cache():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
