@@ -94,11 +94,14 @@ def _platform(device: str, emulate_hpu: bool, stack: contextlib.ExitStack):
         return current_platform(), emu
     if device is None:
         return current_platform(), None
+    hint = " (or add --emulate-hpu to run the HPU code path on the CPU emulation)" if device == "hpu" else ""
     try:
         platform = make_platform(device)
+        present = device == "cpu" or type(platform).is_present()
     except Exception as exc:
-        hint = " (or add --emulate-hpu to run the HPU code path on the CPU emulation)" if device == "hpu" else ""
         raise SystemExit(f"--device {device}: that device is not usable here: {exc}{hint}") from exc
+    if not present:
+        raise SystemExit(f"--device {device}: no {device} device is present on this machine{hint}")
     previous = set_platform(platform)
     stack.callback(set_platform, previous)
     return platform, None

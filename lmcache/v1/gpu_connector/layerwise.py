@@ -73,10 +73,11 @@ class VLLMPagedMemLayerwiseConnector(VLLMPagedMemConnector):
             self.platform.synchronize()
             yield
             return
-        buffers = [self._staging(1, plan.total), self._staging(1, plan.total)]
         ready: list = [None] * self.num_layers
-        with self._side_stream():  # the paged cache's blocks are ready on the compute stream
-            pass
+        # the side stream first waits for the compute stream (the blocks to fill are ready);
+        # its staging buffers belong to it
+        with self._side_stream():
+            buffers = [self._staging(1, plan.total), self._staging(1, plan.total)]
 
         def issue(layer: int) -> None:
             with self.platform.use_stream(self._stream):

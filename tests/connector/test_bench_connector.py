@@ -1,0 +1,37 @@
+"""`python -m lmcache bench connector` runs and reports its figures (tiny sizes; speed is not tested)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_bench_connector_prints_figures_and_json_last(cpu_platform):
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "connector", "--device", "cpu", "--layouts", "hpu_kv,flash_attn",
+         "--tokens", "512", "--layers", "2", "--repeat", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["bench"] == "connector" and result["device"] == "cpu" and not result["emulated"]
+    for key in ("store_gbps", "load_gbps", "store_vs_memcpy", "load_vs_memcpy", "store_vs_upstream_pattern",
+                "load_vs_upstream_pattern", "flash_attn_store_vs_memcpy", "hpu_kv_store_vs_upstream_pattern"):
+        assert result[key] > 0, key
+    assert isinstance(result["targets_met"], bool)
+    assert "layout" in out.stdout and "hpu_kv" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "hpu"], "--emulate-hpu"),
+    (["--layouts", "paged_attention"], "accepted: flash_attn, cpu_attn, hpu_kv"),
+])
+def test_bench_connector_refuses_what_it_cannot_measure(args, message):
+    from lmcache.platforms.hpu import HpuPlatform
+
+    if args[:2] == ["--device", "hpu"] and HpuPlatform.is_present():
+        pytest.skip("a real Gaudi is present here, so --device hpu runs instead of refusing")
+    out = subprocess.run([sys.executable, "-m", "lmcache", "bench", "connector", "--tokens", "256", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr + out.stdout
