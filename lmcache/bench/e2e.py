@@ -27,7 +27,7 @@ FLOOR_TARGET = 1.3  # lmcache_hit / vllm_hit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "TTFT of a cold miss, an LMCache hit and vLLM's own prefix-cache hit"
     parser.add_argument("--prompt-tokens", type=int, default=6000)
-    parser.add_argument("--rounds", type=int, default=3, help="fresh prompts, each timed three ways")
+    parser.add_argument("--rounds", type=int, default=5, help="fresh prompts, each timed three ways")
     parser.add_argument("--model", help="a local model directory (default: the reference random Llama)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"])
 

@@ -26,9 +26,11 @@ ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-# bf16 KV and bf16 matmuls: the same prompt in a different batch, or with part of
-# its KV loaded, can move a log-probability by a few 1e-3.
-LOGPROB_TOLERANCE = 0.05
+# bf16 KV and bf16 matmuls: the same prompt split into other steps or batched with
+# other prompts moves a log-probability by up to ~0.03 here (kernels differ by CPU
+# instruction set). Wrong KV moves them by far more: the corruption test changes the
+# generated tokens, and a wrong prefix shifts top log-probabilities by > 1.
+LOGPROB_TOLERANCE = 0.1
 
 
 class EngineRunError(RuntimeError):
