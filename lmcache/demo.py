@@ -5,12 +5,13 @@ on the platform it finds with LMCache on its local CPU tier, and sends a long pr
 once cold (vLLM computes it, LMCache saves its KV), then again after
 `llm.reset_prefix_cache()` so vLLM's own cache cannot help: LMCache must load it. It
 prints the tokens loaded from LMCache (the workers' own counters), the time to first
-token (TTFT) of both runs, and whether the outputs match a run that reads no cache at
-all (same tokens, log-probabilities within bf16 noise).
+token (TTFT) cold, with LMCache and with vLLM's own prefix cache, and whether the
+outputs with LMCache are identical to those with vLLM's own prefix cache (same
+split, same KV) and match a run that reads no cache (within bf16 rounding).
 
     python -m lmcache demo [--model PATH] [--prompt-tokens N] [--config FILE]
 
-Exit status 0 when LMCache loaded the prompt and the outputs match, 1 otherwise.
+Exit status 0 when LMCache loaded the prompt and the outputs agree, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ import time
 import uuid
 from pathlib import Path
 
-# Greedy outputs of the same prompt may move by bf16 rounding when part of its KV is
-# loaded instead of computed (different kernels run on different chunk shapes).
+# A prompt whose first part is loaded and the rest computed is computed in other
+# pieces than a cold prompt: bf16 rounding moves log-probabilities a little.
 LOGPROB_TOLERANCE = 0.1
+# vLLM's own prefix-cache hit on the same split with the same KV runs the very same
+# computation: its outputs and LMCache's must be identical.
+EXACT_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[1]
     parser.add_argument("--model", help="a local Hugging Face model directory (default: build a small random Llama)")
-    parser.add_argument("--prompt-tokens", type=int, default=4000, help="prompt length in tokens (default 4000)")
+    parser.add_argument("--prompt-tokens", type=int, default=4097,
+                        help="prompt length in tokens (default 4097: 16 chunks of 256 plus one)")
     parser.add_argument("--config", help="an LMCache YAML config file (default: the local CPU tier, 2 GB)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate when comparing outputs")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per run (default 8)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"],
                         help="vLLM's built-in LMCache connector (default) or ours ('lmcache')")
 
@@ -60,15 +65,31 @@ class Step:
 def _check(args) -> None:
     if args.prompt_tokens < 2:
         raise SystemExit(f"--prompt-tokens {args.prompt_tokens}: accepted: an integer >= 2")
+    if args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens {args.max_tokens}: accepted: an integer >= 1")
     if args.model and not Path(args.model).is_dir():
         raise SystemExit(f"--model {args.model!r} is not a directory; accepted: a local Hugging Face model directory")
     if args.config and not Path(args.config).is_file():
         raise SystemExit(f"--config {args.config!r} does not exist; accepted: the path of an LMCache YAML file")
 
 
-def _demo_model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmcache" / "demo-tiny-llama"
-    return cache
+def _aligned_prompt_tokens(requested: int, extra: dict) -> int:
+    """The largest `k * chunk_size + 1` <= requested (at least one chunk plus one)."""
+    from lmcache.v1.config import load_config
+
+    chunk = load_config(extra).chunk_size
+    return max(requested - 1, chunk) // chunk * chunk + 1
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where generated demo/bench models are kept between runs (~/.cache/lmcache/NAME)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmcache" / name
+
+
+# The demo's small model keeps outputs of cached and uncached runs bit-for-bit close
+# (`python -m lmcache bench e2e` times the larger reference model).
+DEMO_MODEL_DIR = "random-llama-4l-256"
+BENCH_MODEL_DIR = "random-llama-8l-1024"
 
 
 def prepare_platform(device_type: str) -> dict:
@@ -87,14 +108,14 @@ def _top_logprobs(completion) -> list[dict[int, float]]:
     return [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in (completion.logprobs or [])]
 
 
-def _compare(reference, candidate) -> tuple[bool, float]:
+def _compare(reference, candidate, tolerance: float) -> tuple[bool, float]:
     """Same generated tokens, and the largest log-probability gap over the top tokens."""
     same_tokens = list(reference.token_ids) == list(candidate.token_ids)
     gap = 0.0
     for ref, got in zip(_top_logprobs(reference), _top_logprobs(candidate)):
         for token in set(ref) & set(got):
             gap = max(gap, abs(ref[token] - got[token]))
-    return same_tokens and gap <= LOGPROB_TOLERANCE, gap
+    return same_tokens and gap <= tolerance, gap
 
 
 def run(args) -> int:
@@ -102,7 +123,7 @@ def run(args) -> int:
     from lmcache.utils import get_device_type
 
     device_type = get_device_type()
-    total = 4 if args.model else 5
+    total = 5 if args.model else 6
     step = 0
     if args.model:
         model = args.model
@@ -111,14 +132,19 @@ def run(args) -> int:
 
         step += 1
         spec = TinyLlamaSpec()
-        with Step(step, total, f"building a small random Llama ({spec.num_layers} layers, no downloads)"):
-            model = str(build_tiny_llama(_demo_model_dir(), spec))
+        with Step(step, total, f"building a small random Llama ({spec.num_layers} layers, hidden {spec.hidden_size}; "
+                               "no downloads, kept in ~/.cache/lmcache)"):
+            model = str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR), spec))
     llm_args = prepare_platform(device_type)
     if args.config:
         os.environ["LMCACHE_CONFIG_FILE"] = os.path.abspath(args.config)
         extra = {}
     else:
         extra = {"lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 2.0}
+    num_tokens = _aligned_prompt_tokens(args.prompt_tokens, extra)
+    if num_tokens != args.prompt_tokens:
+        say(f"(prompt length {args.prompt_tokens} -> {num_tokens} tokens: whole chunks plus one, so that vLLM's "
+            "own prefix cache and LMCache hold the same prefix and their outputs can be compared exactly)")
 
     step += 1
     with Step(step, total, f"starting vLLM on {device_type} with LMCache ({args.connector}; a minute on a small CPU)"):
@@ -126,8 +152,8 @@ def run(args) -> int:
 
         llm = LLM(
             model=model,
-            max_model_len=args.prompt_tokens + args.max_tokens + 16,
-            max_num_batched_tokens=max(2048, min(args.prompt_tokens + 16, 8192)),
+            max_model_len=num_tokens + args.max_tokens + 16,
+            max_num_batched_tokens=max(2048, min(num_tokens + 16, 8192)),
             seed=0,
             kv_transfer_config={
                 "kv_connector": args.connector,
@@ -142,8 +168,8 @@ def run(args) -> int:
     from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
-    prompt = make_prompt(model, args.prompt_tokens, vocab, seed=1)
-    warm = make_prompt(model, min(256, args.prompt_tokens), vocab, seed=2)
+    prompt = make_prompt(model, num_tokens, vocab, seed=1)
+    warm = make_prompt(model, min(300, num_tokens), vocab, seed=2)
 
     def generate(ids, max_tokens, **extra_params):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, **extra_params)
@@ -158,33 +184,40 @@ def run(args) -> int:
         generate(warm, 2)
 
     step += 1
-    with Step(step, total, f"sending a {args.prompt_tokens}-token prompt twice (vLLM's prefix cache reset in between)"):
+    with Step(step, total, f"time to first token of a {num_tokens}-token prompt: cold, from LMCache "
+                           "(after resetting vLLM's prefix cache), from vLLM's own prefix cache"):
         reset_vllm_prefix_cache(llm)
         before = loaded_tokens(llm)
-        cold, ttft_cold = generate(prompt, 1)
-        after_cold = loaded_tokens(llm)
+        _, ttft_cold = generate(prompt, 1)
         reset_vllm_prefix_cache(llm)
-        hit, ttft_hit = generate(prompt, 1)
+        after_cold = loaded_tokens(llm)
+        _, ttft_lmcache = generate(prompt, 1)
         loaded = loaded_tokens(llm) - after_cold
+        _, ttft_vllm = generate(prompt, 1)
 
     step += 1
-    with Step(step, total, f"comparing {args.max_tokens} generated tokens with a run that reads no cache"):
+    with Step(step, total, f"comparing {args.max_tokens} generated tokens: no cache, vLLM's own cache, LMCache"):
         reset_vllm_prefix_cache(llm)
-        with_cache, _ = generate(prompt, args.max_tokens)
+        # computes the whole prompt, as the cold run whose KV LMCache saved
         reference, _ = generate(prompt, args.max_tokens, skip_reading_prefix_cache=True)
+        vllm_hit, _ = generate(prompt, args.max_tokens)
+        reset_vllm_prefix_cache(llm)
+        lmcache_hit, _ = generate(prompt, args.max_tokens)
 
-    first_ok, first_gap = _compare(cold, hit)
-    full_ok, full_gap = _compare(reference, with_cache)
+    same_as_vllm, vllm_gap = _compare(vllm_hit, lmcache_hit, EXACT_TOLERANCE)
+    close_to_cold, cold_gap = _compare(reference, lmcache_hit, LOGPROB_TOLERANCE)
     say("")
-    say(f"LMCache demo on {device_type}: model {model}, prompt {args.prompt_tokens} tokens")
-    say(f"  tokens loaded from LMCache:   {loaded} (cold run: {after_cold - before})")
-    say(f"  TTFT without cache (cold):    {ttft_cold * 1000:.1f} ms")
-    say(f"  TTFT with LMCache:            {ttft_hit * 1000:.1f} ms  ({ttft_cold / ttft_hit:.1f}x faster)")
-    say(f"  first token, cold vs LMCache: {'match' if first_ok else 'DIFFER'} (max |d logprob| {first_gap:.4f})")
-    say(f"  {args.max_tokens} tokens, LMCache vs no cache: {'match' if full_ok else 'DIFFER'} "
-        f"(max |d logprob| {full_gap:.4f}, tolerance {LOGPROB_TOLERANCE})")
-    ok = loaded > 0 and first_ok and full_ok
-    say("  result: " + ("OK, the second run loaded its prefix from LMCache" if ok else "FAILED"))
+    say(f"LMCache demo on {device_type}: model {model}, prompt {num_tokens} tokens")
+    say(f"  tokens loaded from LMCache:       {loaded} (cold run: {after_cold - before})")
+    say(f"  TTFT cold (vLLM computes all):    {ttft_cold * 1000:8.1f} ms")
+    say(f"  TTFT with LMCache:                {ttft_lmcache * 1000:8.1f} ms  ({ttft_cold / ttft_lmcache:.1f}x faster)")
+    say(f"  TTFT with vLLM's own prefix hit:  {ttft_vllm * 1000:8.1f} ms  (no transfer at all: the floor)")
+    say(f"  {args.max_tokens} tokens, LMCache vs vLLM's own prefix cache: {'identical' if same_as_vllm else 'DIFFERENT'} "
+        f"(max |d logprob| {vllm_gap:.5f}: same split, same KV, so they must be identical)")
+    say(f"  {args.max_tokens} tokens, LMCache vs no cache:  {'match' if close_to_cold else 'DIFFER'} "
+        f"(max |d logprob| {cold_gap:.4f}: bf16 rounding of another split, tolerance {LOGPROB_TOLERANCE})")
+    ok = loaded > 0 and same_as_vllm and close_to_cold
+    say("  result: " + ("OK, the prompt's KV came back from LMCache, and the same outputs with it" if ok else "FAILED"))
     return 0 if ok else 1
 
 
