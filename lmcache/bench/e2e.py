@@ -46,11 +46,11 @@ def run(args) -> dict:
     if args.model:
         model = args.model
     else:
-        from lmcache.demo import _demo_model_dir
+        from lmcache.demo import BENCH_MODEL_DIR, model_cache_dir
         from lmcache.testing.tiny_llama import BENCH_SPEC, build_tiny_llama
 
         _progress("building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads) ...")
-        model = str(build_tiny_llama(_demo_model_dir().with_name("bench-llama-8l-1024"), BENCH_SPEC))
+        model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))
     llm_args = prepare_platform(device_type)
     _progress(f"starting vLLM on {device_type} with LMCache's CPU tier ...")
     from vllm import LLM, SamplingParams
