@@ -222,7 +222,9 @@ class LMCacheConnectorV1Impl:
                 model_config.get_head_size(),
             ),
             use_mla=use_mla,
-            layout_fingerprint=self.gpu_connector.layout_fingerprint,
+            # Memory objects hold K/V in plain per-token order whatever the paged
+            # layout, so the device layout stays out of the keys: CUDA, Gaudi and CPU
+            # instances of the same model share one disk directory or Redis server.
         )
         self.engine = LMCacheEngineBuilder.get_or_create(ENGINE_NAME, self.config, metadata, self.gpu_connector)
         self._layer_index = {name: i for i, name in enumerate(layer_names)}
