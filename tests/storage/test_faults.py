@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
-from lmcache.v1.storage_backend import local_disk, serde
+from lmcache.v1.storage_backend import chunk_file, serde
 from lmcache.v1.storage_backend.local_disk import file_name
 from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
@@ -74,12 +74,19 @@ def test_damaged_disk_file_is_a_logged_miss_and_removed(tmp_path, caplog, damage
     reader.close()
 
 
-def test_full_disk_is_a_skipped_store(tmp_path, caplog, monkeypatch):
-    def no_space(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def _no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
 
+
+# Where the disk runs out: when the file's space is reserved (fallocate), or, on a
+# file system without fallocate, in the middle of writing the payload.
+FULL_AT = {"preallocate": (chunk_file.Preallocator, "__call__"), "write": (chunk_file, "_write_all")}
+
+
+@pytest.mark.parametrize("where", sorted(FULL_AT))
+def test_full_disk_is_a_skipped_store(tmp_path, caplog, monkeypatch, where):
     engine, conn = make_engine(disk_config(tmp_path), N)
-    monkeypatch.setattr(local_disk, "_write_all", no_space)
+    monkeypatch.setattr(*FULL_AT[where], _no_space)
     with caplog.at_level(logging.WARNING, logger="lmcache"):
         assert store_prompt(engine, conn, 1, N) == N  # the CPU tier took it
         assert store_prompt(engine, conn, 2, N) == N

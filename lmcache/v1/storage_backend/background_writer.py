@@ -13,6 +13,7 @@ import time
 from typing import Callable, Sequence
 
 from lmcache.v1.memory import MemoryObj
+from lmcache.v1.storage_backend.serde import ChecksumMemo
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
@@ -53,10 +54,11 @@ class BackgroundWriter:
                 if item is _STOP:
                     return
                 key, obj, done = item
+                checksum = ChecksumMemo()  # the chunk is hashed once for all tiers
                 try:
                     for tier in self._tiers:
                         try:
-                            tier.put(key, obj)
+                            tier.put(key, obj, checksum)
                         except Exception:  # a tier bug must not kill the writer
                             logger.exception("%s tier: unexpected error while storing", tier.name)
                             self._stats.miss("dropped")

@@ -6,6 +6,7 @@ with checksum + raw bytes); a file that does not parse or verify is a miss, is
 removed, and is logged. At start-up the directory is rescanned, so what an
 earlier process stored is found again. Several processes may share the
 directory: a file another process wrote is adopted when first looked for.
+Moving the bytes (blocks hashed while cache-hot, preallocation) is chunk_file.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import time
 from collections import OrderedDict
 
 from lmcache.v1.memory import MemoryObj
-from lmcache.v1.storage_backend import serde
-from lmcache.v1.storage_backend.serde import Allocator, SerdeError
+from lmcache.v1.storage_backend import chunk_file, serde
+from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
@@ -39,45 +40,6 @@ def file_name(key: CacheEngineKey) -> str:
     return text + SUFFIX
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_all_at(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _write_hashing(fd: int, payload) -> int:
-    """Write the payload at the current offset, hashing each block just before
-    it is written (so the kernel copies it from the cache); returns the checksum."""
-    h = serde.new_checksum()
-    view = memoryview(payload).cast("B")
-    for offset in range(0, len(view), serde.BLOCK_BYTES):
-        block = view[offset : offset + serde.BLOCK_BYTES]
-        h.update(block)
-        _write_all(fd, block)
-    return h.intdigest()
-
-
-def _read_hashing(fd: int, payload) -> int:
-    """Fill the payload from the file (after the header), hashing each block
-    right after it was read; returns the checksum. SerdeError if the file ends early."""
-    h = serde.new_checksum()
-    view = memoryview(payload).cast("B")
-    for offset in range(0, len(view), serde.BLOCK_BYTES):
-        block = view[offset : offset + serde.BLOCK_BYTES]
-        if os.preadv(fd, [block], serde.HEADER_SIZE + offset) != len(block):
-            raise SerdeError("file shrank while being read (truncated)")
-        h.update(block)
-    return h.intdigest()
-
-
 class LocalDiskBackend:
     name = "disk"
 
@@ -90,6 +52,7 @@ class LocalDiskBackend:
         self._lock = threading.Lock()
         self._failing_errnos: set[int] = set()
         os.makedirs(self.path, exist_ok=True)
+        self._preallocate = chunk_file.Preallocator(self.path)
         self._rescan()
 
     # -- bookkeeping --------------------------------------------------------
@@ -165,7 +128,7 @@ class LocalDiskBackend:
         name = file_name(key)
         path = os.path.join(self.path, name)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget(name)
             self._stats.miss("absent")
@@ -187,7 +150,7 @@ class LocalDiskBackend:
                 self._stats.miss("dropped")
                 return None
             payload = serde.payload_view(obj.tensor)
-            serde.verify(header, payload, _read_hashing(fd, payload))
+            serde.verify(header, payload, chunk_file.read_payload(fd, payload))
         except SerdeError as exc:
             if obj is not None:
                 obj.free()
@@ -215,8 +178,9 @@ class LocalDiskBackend:
         if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not replaced meanwhile by a good one
             self._unlink(path)
 
-    def put(self, key: CacheEngineKey, obj: MemoryObj) -> bool:
-        """Write the chunk; False (counted as dropped) if it cannot be written."""
+    def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
+        """Write the chunk; False (counted as dropped) if it cannot be written.
+        `checksum`: shared with the other tiers written in the same store."""
         name = file_name(key)
         size = serde.HEADER_SIZE + obj.nbytes
         with self._lock:
@@ -232,14 +196,16 @@ class LocalDiskBackend:
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
             payload = serde.payload_view(obj.tensor)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                os.lseek(fd, serde.HEADER_SIZE, os.SEEK_SET)
-                payload_checksum = _write_hashing(fd, payload)
-                _write_all_at(fd, serde.encode_header(obj, payload, payload_checksum), 0)
+                self._preallocate(fd, size)
+                known = checksum.value if checksum is not None else None
+                computed = chunk_file.write_chunk(fd, lambda c: serde.encode_header(obj, payload, c), payload, known)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            if checksum is not None:
+                checksum.value = computed
         except OSError as exc:
             self._unlink(tmp)
             with self._lock:

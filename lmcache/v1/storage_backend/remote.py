@@ -15,7 +15,7 @@ import urllib.parse
 
 from lmcache.v1.memory import MemoryObj
 from lmcache.v1.storage_backend import serde
-from lmcache.v1.storage_backend.serde import Allocator, SerdeError
+from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
@@ -180,12 +180,14 @@ class RemoteBackend:
         except self._redis.RedisError:
             pass
 
-    def put(self, key: CacheEngineKey, obj: MemoryObj) -> bool:
+    def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
+        """SET the chunk's blob; False (counted as dropped) if the server is down or
+        refuses it. `checksum`: shared with the other tiers written in the same store."""
         if not self._usable():
             self._stats.miss("dropped")
             return False
         try:
-            self._set_blob(key.to_string(), obj)
+            self._set_blob(key.to_string(), obj, checksum)
         except self._errors as exc:
             self._failed(exc)
             self._stats.miss("dropped")
@@ -197,12 +199,16 @@ class RemoteBackend:
         self._worked()
         return True
 
-    def _set_blob(self, name: str, obj: MemoryObj) -> None:
+    def _set_blob(self, name: str, obj: MemoryObj, checksum: ChecksumMemo | None) -> None:
         """SET name <header + payload> without first joining them into one bytes
         object (a 32 MiB copy): the RESP command is sent as pieces, the payload
         straight from the memory object."""
         payload = serde.payload_view(obj.tensor)
-        header = serde.encode_header(obj, payload)
+        if checksum is None:
+            checksum = ChecksumMemo()
+        if checksum.value is None:
+            checksum.value = serde.checksum(payload)
+        header = serde.encode_header(obj, payload, checksum.value)
         key = name.encode()
         command = [
             b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),

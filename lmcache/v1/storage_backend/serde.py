@@ -67,15 +67,22 @@ def checksum(payload) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-# Tiers that move a payload through a file or socket hash it block by block, each
-# block right after it was read (or right before it is written), while it is
-# still in the CPU cache: the checksum then costs little memory bandwidth.
-BLOCK_BYTES = 1 << 20
-
-
 def new_checksum():
-    """A streaming checksum: .update(block) in order, then .intdigest() == checksum(payload)."""
+    """A streaming checksum: .update(block) in order, then .intdigest() == checksum(payload).
+    (The disk tier hashes block by block while the bytes are cache-hot: chunk_file.py.)"""
     return xxhash.xxh3_64()
+
+
+class ChecksumMemo:
+    """The payload checksum of one memory object during ONE store to several
+    tiers: the first tier that computes it records it, the others reuse it, so a
+    chunk written to disk and Redis is hashed once. Scoped to that store (the
+    background writer makes one per chunk), never kept on the object."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: int | None = None
 
 
 def encode_header(obj: MemoryObj, payload: np.ndarray | None = None, payload_checksum: int | None = None) -> bytes:
