@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmcache.v1.cache_engine import LMCacheEngineMetadata
-from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, mask_skip
+from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, chunk_hashes, mask_skip, token_bytes
 from tests.storage.conftest import REPO
 
 META = LMCacheEngineMetadata("meta-llama/Llama-3.1-8B", 2, 1, torch.bfloat16, (32, 2, 256, 8, 128))
@@ -128,3 +128,51 @@ def test_bad_token_ids_are_refused():
         db.chunks([1, 2, 3, 2**40])
     with pytest.raises(ValueError, match="integers"):
         db.chunks(torch.ones(8))
+
+
+# Recorded with the first release of the key scheme: chunk hashes must never change
+# silently (disk and Redis caches written by an older build would all turn into misses).
+GOLDEN_CHUNK_HASHES = [
+    "fd4393609e8d3a0bf0cfc814d3995409",
+    "3e11c7c4ddbbe76dfef0e61a068aa565",
+    "9cb6742e9f64ecfa68711331cc89054f",
+    "89485ffcae3bf0caa5fe06fd1a114e5b",
+]
+
+
+def test_chunk_hashes_are_those_of_the_published_scheme():
+    assert [k.chunk_hash for k in keys(TOKENS)] == GOLDEN_CHUNK_HASHES
+    # negative ids (the exact, slower list path) are hashed as int32 too
+    assert chunk_hashes([0, 1, 2**31 - 1, -(2**31), -1, 5], 4) == [
+        "d2788fd8c9d4dfe97c943dc4c4201d13", "2bfefdd59d6792a7798ce58167a50887",
+    ]
+
+
+@pytest.mark.parametrize("ids", [
+    [0, 1, 2, 3],
+    [2**31 - 1, 0, 7, 2**31 - 1],
+    [-1, 5, -(2**31), 9],  # negative: not unsigned, the list takes the struct path
+    [True, False, np.int64(3), np.int32(-4)],  # ints in disguise are ints
+])
+def test_every_list_path_hashes_like_the_array_path(ids):
+    as_array = np.array([int(i) for i in ids], dtype=np.int64)
+    assert chunk_hashes(ids, 2) == chunk_hashes(as_array, 2) == chunk_hashes(tuple(ids), 2)
+    assert bytes(token_bytes(ids)) == as_array.astype("<i4").tobytes()
+
+
+@pytest.mark.parametrize("bad", [[1, 2**31], [1, 2**32], [1, -(2**31) - 1], [1, 2**40]])
+def test_ids_outside_int32_are_refused_on_every_path(bad):
+    with pytest.raises(ValueError, match="int32"):
+        token_bytes(bad)
+    with pytest.raises(ValueError, match="int32"):
+        token_bytes(np.array(bad, dtype=np.int64))
+
+
+def test_hashing_a_prefix_of_a_list_equals_hashing_the_sliced_list():
+    long = TOKENS + [3] * 100  # a prompt that is not a whole number of chunks
+    assert chunk_hashes(long, 256, 768) == chunk_hashes(long[:768], 256) == GOLDEN_CHUNK_HASHES[:3]
+    db = ChunkedTokenDatabase(256, META)
+    chunks = db.chunks(long)  # 1100 tokens: 4 whole chunks, the last one new
+    assert [c.key.chunk_hash for c in chunks[:3]] == GOLDEN_CHUNK_HASHES[:3]
+    assert chunks[3].end == 1024 and chunks[3].key.chunk_hash not in GOLDEN_CHUNK_HASHES
+    assert [(c.start, c.end) for c in db.chunks(long, 600)] == [(0, 256), (256, 512)]

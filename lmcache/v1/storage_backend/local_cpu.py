@@ -40,6 +40,16 @@ class LocalCPUBackend:
     def contains(self, key: CacheEngineKey) -> bool:
         return key in self._objs
 
+    def prefix_count(self, keys) -> int:
+        """How many of `keys`, from the first, the tier holds (no side effects)."""
+        held = self._objs
+        n = 0
+        for key in keys:
+            if key not in held:
+                break
+            n += 1
+        return n
+
     def get(self, key: CacheEngineKey) -> MemoryObj | None:
         """The object with a reader reference taken (caller must ref_count_down)."""
         with self._lock:

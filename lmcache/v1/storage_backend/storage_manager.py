@@ -90,6 +90,8 @@ class StorageManager:
         """How many of `keys`, from the first, some tier holds. No side effects on
         what is cached (a scheduler may ask again and again)."""
         n, total = 0, len(keys)
+        if self.cpu is not None:  # the common case, a run of CPU hits, in one tight loop
+            n = self.cpu.prefix_count(keys)
         while n < total:
             if self.contains_local(keys[n]):
                 n += 1
