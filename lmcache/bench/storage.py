@@ -4,13 +4,20 @@ measured in the same run (alternating rounds):
 
   cpu    put = take a buffer from the pool, copy the chunk in, insert in the LRU;
          get = find, hold, copy out, release.          baseline: memcpy of the same bytes
-  disk   the disk tier's put/get (header, checksum, temp file + rename, verify)
+  disk   the disk tier's put/get: temp file (fallocate, header + payload written
+         in blocks, each hashed right after the write), rename; get reads in
+         blocks, hashing each, and verifies. Every put hashes its payload (no
+         checksum carried over from an earlier round or tier).
                                                        baseline: plain file write / read
+         (open, one write of the payload, close; open, one readinto, close)
   redis  the remote tier's put/get (blob build, checksum, verify, copy to host buffer)
                                                        baseline: redis-py SET / GET of the same blob
 
-Disk figures go through the page cache (no fsync on either side). Without
---redis-url a redis-server is started on a free port for the run.
+Disk figures go through the page cache (no fsync on either side; the same number
+of files, each side deletes its files before its write round). The machine is
+shared and noisy: a figure is the best of --repeat interleaved rounds, so both
+sides of a ratio get the same chances of a quiet round. Without --redis-url a
+redis-server is started on a free port for the run.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds; the best of each is reported")
+    parser.add_argument("--repeat", type=int, default=15, help="rounds; the best of each is reported (default 15)")
     parser.add_argument("--tiers", default="cpu,disk,redis", help="comma-separated subset of cpu,disk,redis")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
