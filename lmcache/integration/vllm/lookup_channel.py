@@ -16,9 +16,11 @@ Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a m
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from typing import Callable, Sequence
@@ -38,13 +40,18 @@ def socket_address(engine_id: str, rank: int) -> str:
 
 
 def encode_tokens(tokens: Sequence[int]) -> bytes:
-    return np.asarray(tokens, dtype=_TOKEN_DTYPE).tobytes()
+    # array.array packs a list several times faster than numpy (long prompts: 100k+ ids).
+    packed = array.array("q", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
-def decode_tokens(payload: bytes) -> list[int]:
+def decode_tokens(payload: bytes) -> np.ndarray:
+    """The token ids as an int64 array (no per-token Python objects: the engine hashes it as is)."""
     if len(payload) % _TOKEN_DTYPE.itemsize:
         raise ValueError(f"token payload of {len(payload)} bytes is not a whole number of int64")
-    return np.frombuffer(payload, dtype=_TOKEN_DTYPE).tolist()
+    return np.frombuffer(payload, dtype=_TOKEN_DTYPE)
 
 
 class LookupServer:
@@ -53,7 +60,7 @@ class LookupServer:
     def __init__(
         self,
         address: str,
-        lookup: Callable[[list[int]], int],
+        lookup: Callable[[np.ndarray], int],
         stats: Callable[[], dict],
         control: Callable[[dict], dict] | None = None,
     ):

@@ -161,7 +161,7 @@ class SchedulerPlanner:
                 logger.info("LMCache skips requests for which %s", reason)
             return 0
         num_tokens = int(request.num_tokens)
-        tokens = list(request.all_token_ids)[:num_tokens]
+        tokens = request.all_token_ids[:num_tokens]  # one copy (a list slice)
         hit = max(0, min(int(self._lookup(tokens)), num_tokens))
         # vLLM must compute at least the last token to sample from it.
         usable = min(hit, num_tokens - 1)

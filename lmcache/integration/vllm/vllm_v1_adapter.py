@@ -242,7 +242,7 @@ class LMCacheConnectorV1Impl:
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens: list[int]) -> int:
+    def _lookup(self, tokens) -> int:
         if self.engine is None:
             return 0
         with self._engine_lock:
