@@ -281,12 +281,7 @@ class LMCacheEngine:
                 steps = self._connector().batched_from_gpu_layerwise(
                     [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
                 )
-            for _ in range(num_layers):
-                if steps is not None:
-                    next(steps)
-                yield None
-            if steps is not None:
-                next(steps, None)  # the connector's final step: synchronize
+            yield from _drive_layers(steps, num_layers)
             stored = self._commit_store(plan, 1)[0]
             committed = True
         finally:
@@ -308,12 +303,7 @@ class LMCacheEngine:
                 steps = self._connector().batched_to_gpu_layerwise(
                     [p.obj for p in plan], [p.start for p in plan], [p.end for p in plan], slot_mapping=slot_mapping
                 )
-            for _ in range(num_layers):
-                if steps is not None:
-                    next(steps)
-                yield None
-            if steps is not None:
-                next(steps, None)
+            yield from _drive_layers(steps, num_layers)
         finally:
             for p in plan:
                 self.storage.release(p.obj)
@@ -367,3 +357,14 @@ class LMCacheEngineBuilder:
             engine = cls._engines.pop(instance_id, None)
         if engine is not None:
             engine.close()
+
+
+def _drive_layers(steps: Generator | None, num_layers: int) -> Generator:
+    """Yield once per layer, advancing the connector's layerwise generator (if any)
+    by one layer each time, then run its final step (the synchronize)."""
+    for _ in range(num_layers):
+        if steps is not None:
+            next(steps)
+        yield None
+    if steps is not None:
+        next(steps, None)

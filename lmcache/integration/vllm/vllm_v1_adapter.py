@@ -56,6 +56,15 @@ logger = logging.getLogger(__name__)
 TEST_HOOKS_ENV = "LMCACHE_TEST_HOOKS"
 
 
+def _transfer_specs(transfers) -> list:
+    """The engine's TransferSpecs for a step's planned loads or saves."""
+    from lmcache.v1.cache_engine import TransferSpec
+
+    return [
+        TransferSpec(tokens=t.token_ids, slot_mapping=t.slot_mapping, skip_tokens=t.skip_tokens, num_tokens=t.num_tokens)
+        for t in transfers
+    ]
+
 class LMCacheConnectorMetadata(KVConnectorMetadata):
     """One step's plan, scheduler -> workers (picklable; vllm-gaudi isinstance-checks
     this exact name)."""
@@ -309,17 +318,7 @@ class LMCacheConnectorV1Impl:
         if self.use_layerwise:
             self._start_layerwise_loads(loads)
             return
-        from lmcache.v1.cache_engine import TransferSpec
-
-        specs = [
-            TransferSpec(
-                tokens=r.load.token_ids,
-                slot_mapping=r.load.slot_mapping,
-                skip_tokens=r.load.skip_tokens,
-                num_tokens=r.load.num_tokens,
-            )
-            for r in loads
-        ]
+        specs = _transfer_specs(r.load for r in loads)
         start = time.perf_counter()
         try:
             with self._engine_lock:
@@ -444,17 +443,7 @@ class LMCacheConnectorV1Impl:
             self._saves_in_flight[r.req_id].append(future)
 
     def _store(self, saves: list[ReqMeta]) -> None:
-        from lmcache.v1.cache_engine import TransferSpec
-
-        specs = [
-            TransferSpec(
-                tokens=r.save.token_ids,
-                slot_mapping=r.save.slot_mapping,
-                skip_tokens=r.save.skip_tokens,
-                num_tokens=r.save.num_tokens,
-            )
-            for r in saves
-        ]
+        specs = _transfer_specs(r.save for r in saves)
         start = time.perf_counter()
         try:
             with self._engine_lock:
