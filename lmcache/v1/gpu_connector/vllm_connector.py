@@ -5,7 +5,9 @@ from the Platform.
 
 Store (paged -> host), for all objects of a batch at once:
   CPU     per layer and plane, an index_select straight into each object's
-          slice (no staging, no extra copy: the objects are the destination).
+          slice (no staging, no extra copy: the objects are the destination);
+          whole blocks of vLLM's CPU attention layout are de-tiled by compiled
+          loops where numba is present (cpu_attn_detile.py).
   device  flush() (HPU lazy mode: run the graph that wrote the KV), then per
           layer and plane ONE index_select over the concatenated slots of all
           objects into a device staging buffer [layers, planes, tokens, hidden]
@@ -66,6 +68,11 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._np_block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._kernel_writer = None
+        # cpu_attn: compiled de-tiling of whole blocks per plane (None: the torch block view path)
+        self._detilers: list = [None] * layout.num_planes
+        self._np_layers: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
+        if layout.cpu_attn_packing is not None and self._on_cpu:
+            self._setup_detilers()
         if layout.cpu_attn_packing is not None:
             # vLLM's own CPU kernel writes its tiled layout several times faster than any
             # torch indexing can (it is the writer the layout is defined by).
@@ -80,6 +87,23 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                         self._block_views[layer][p] = view
                         self._np_block_views[layer][p] = view.numpy()
         self._stream = None
+
+    def _setup_detilers(self) -> None:
+        from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler
+
+        layers = [tensors[0] for tensors in self.layout.plane_tensors]
+        if not all(t.is_contiguous() and t.data_ptr() % 8 == 0 for t in layers):
+            return
+        heads = int(layers[0].shape[1])
+        elem = self.layout.dtype.itemsize
+        detilers = [make_detiler(plane.block_view, elem, heads) if plane.block_view is not None else None
+                    for plane in self.layout.planes]
+        if any(d is None for d in detilers):
+            return
+        self._detilers = detilers
+        for layer, t in enumerate(layers):
+            self._np_layers[layer] = [flat_unsigned(t, d.src_unit) for d in detilers]
+        logger.debug("cpu_attn blocks de-tiled by compiled loops: %s", [d.kind for d in detilers])
 
     # -- what the engine asks -------------------------------------------------
     @property
@@ -161,24 +185,36 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
     # -- CPU: the memory objects are the destination, no staging ------------------
     def _cpu_store_layer(self, plan: BatchPlan, layer: int) -> None:
         device = self.layout.device
+        compiled: list = []   # whole-block de-tiling calls, run together (in threads) at the end
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
-            rows = plan.rows(plane_index, device)
             blocks = self._block_views[layer][plane_index]
+            detiler = self._detilers[plane_index]
             for part in plan.parts:
                 dst = _raw(part.tensor)[plane_index, layer]
                 done = 0
-                if blocks is not None and part.lead_blocks is not None:
+                if detiler is not None and part.lead_blocks is not None and part.tensor.data_ptr() % 8 == 0:
+                    done = part.lead_tokens
+                    tokens, hidden_bytes = part.tensor.shape[2], self.layout.hidden * self.layout.dtype.itemsize
+                    offset = (plane_index * self.num_layers + layer) * tokens * hidden_bytes
+                    compiled.append((detiler, self._np_layers[layer][plane_index], part.numpy_units(detiler.dst_unit),
+                                     part.lead_blocks_numpy(), hidden_bytes, offset))
+                elif blocks is not None and part.lead_blocks is not None:
                     done = part.lead_tokens
                     out = dst[:done].view(part.lead_blocks.numel(), *plane.block_view.shape)
                     torch.index_select(blocks, 0, part.lead_blocks, out=out)
                 if done == part.count:
                     continue
+                # row numbers only where a part has tokens outside whole blocks (they can be large:
+                # one int64 per row of `plane.width` elements)
+                rows = plan.rows(plane_index, device)
                 part_rows = rows[part.first + done: part.first + part.count].reshape(-1)
                 if part.positions is None:
                     torch.index_select(table, 0, part_rows, out=dst[done: part.count].view(-1, plane.width))
                 else:
                     gathered = torch.index_select(table, 0, part_rows)
                     dst.index_copy_(0, part.positions, gathered.view(part.count, -1))
+        if compiled:
+            run_compiled(compiled)
 
     def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
         if self._kernel_writer is not None:
@@ -187,7 +223,6 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         device = self.layout.device
         assert self._np_tables is not None
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._np_tables[layer])):
-            rows = plan.rows(plane_index, device)
             blocks = self._np_block_views[layer][plane_index]
             for part in plan.parts:
                 src = _raw(part.tensor)[plane_index, layer].numpy()
@@ -197,6 +232,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                     blocks[part.lead_blocks.numpy()] = src[:done].reshape(-1, *plane.block_view.shape)
                 if done == part.count:
                     continue
+                rows = plan.rows(plane_index, device)
                 part_rows = rows[part.first + done: part.first + part.count].reshape(-1).numpy()
                 src = src[done: part.count] if part.positions is None else src[part.positions.numpy()]
                 table[part_rows] = src.reshape(-1, plane.width)
@@ -262,6 +298,26 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         ready.record(self.platform.current_stream())
         self._stream.wait_event(ready)
         return self.platform.use_stream(self._stream)
+
+
+def run_compiled(calls: list) -> None:
+    """Run (detiler, *args) calls, split over torch's intra-op thread count (the loops release the GIL)."""
+    threads = min(torch.get_num_threads(), len(calls))
+    if threads <= 1:
+        for detiler, *args in calls:
+            detiler(*args)
+        return
+    from lmcache.v1.gpu_connector.cpu_attn_detile import thread_pool
+
+    def work(share):
+        for detiler, *args in share:
+            detiler(*args)
+
+    shares = [calls[i::threads] for i in range(threads)]
+    futures = [thread_pool(threads - 1).submit(work, share) for share in shares[1:]]
+    work(shares[0])
+    for future in futures:
+        future.result()
 
 
 def _apply_fixups(fixups: list) -> None:

@@ -1,0 +1,132 @@
+"""Whole blocks of vLLM's CPU attention layout -> canonical token rows, fast.
+
+The block view of a plane (addressing.BlockView: shape (o1, o0, H, d1, d0) with
+element strides, probed from vLLM's own kernel) is matched against the three
+shapes vLLM's CPU kernel produces; each has a compiled loop (cpu_attn_kernels):
+
+  tiles        [dims][tokens] tiles: K with vec/vec16 (dims one by one) and K with
+               amx (dims in VNNI pairs, 16 tokens a tile): a transpose of 2- or
+               4-byte units.
+  token pairs  V with amx: each dim holds two tokens side by side (VNNI pairs of
+               tokens): split into two rows.
+  rows         V with vec/vec16: one row per token and head.
+
+A plane that matches none of them, a cache that is not one contiguous tensor,
+or a missing numba, gets None: the caller keeps its torch path (a strided
+index_select over the block view), which is correct for any probed layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lmcache.v1.gpu_connector.addressing import BlockView
+
+logger = logging.getLogger(__name__)
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernels():
+    """The compiled kernels module, or None where numba is missing or fails to compile."""
+    try:
+        started = time.perf_counter()
+        from lmcache.v1.gpu_connector import cpu_attn_kernels
+    except Exception as exc:  # numba absent or broken: the torch path stays
+        logger.info("numba unavailable (%s: %s); CPU attention blocks move through torch", type(exc).__name__, exc)
+        return None
+    logger.debug("cpu_attn kernels imported in %.3f s", time.perf_counter() - started)
+    return cpu_attn_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def thread_pool(workers: int):
+    """Helper threads for the compiled loops (they release the GIL), one pool per size, kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmcache-detile")
+
+
+def flat_unsigned(t: torch.Tensor, itemsize: int) -> np.ndarray:
+    """A contiguous tensor's bytes as a 1-D numpy array of unsigned `itemsize`-byte units (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().view(_UNSIGNED[itemsize])
+
+
+@dataclass(frozen=True)
+class Detiler:
+    """Copies whole blocks of one plane into token rows [T, hidden] of an object plane."""
+
+    kind: str                      # "tiles", "token_pairs" or "rows"
+    src_unit: int                  # bytes per source unit
+    dst_unit: int                  # bytes per destination unit
+    run: Callable                  # (src_units, dst_units, blocks, dst_row_units, dst_offset_units) -> None
+
+    def __call__(self, src: np.ndarray, dst: np.ndarray, blocks: np.ndarray, hidden_bytes: int, dst_offset_bytes: int):
+        self.run(src, dst, blocks, hidden_bytes // self.dst_unit, dst_offset_bytes // self.dst_unit)
+
+
+def make_detiler(view: BlockView, elem: int, heads: int) -> Detiler | None:
+    """A compiled de-tiler for this plane (`elem` bytes per element), or None (use torch)."""
+    kernels = load_kernels()
+    if kernels is None:
+        return None
+    (n_o1, n_o0, n_h, n_d1, n_d0), (s_o1, s_o0, s_h, s_d1, s_d0) = view.shape, view.strides
+    if n_h != heads:
+        return None
+    starts = (view.offset, view.block_stride, s_h, s_o1)
+
+    def units(unit_bytes: int, *elems: int) -> list[int] | None:
+        out = []
+        for e in elems:
+            if (e * elem) % unit_bytes:
+                return None
+            out.append(e * elem // unit_bytes)
+        return out
+
+    # tiles: per (block, head, o1) [R dim units][C tokens], unit = d0 contiguous dims (d1 > 1) or one dim
+    if n_d1 > 1 and s_d0 == 1 and s_o0 == n_d0 and s_d1 == n_o0 * n_d0:
+        unit, rows_, cols = n_d0 * elem, n_d1, n_o0
+    elif n_d1 == 1 and n_o1 == 1 and s_o0 == 1 and s_d0 == n_o0:
+        unit, rows_, cols = elem, n_d0, n_o0
+    else:
+        unit = 0
+    if unit in (2, 4) and cols % (8 // unit) == 0 and rows_ % (8 // unit) == 0:
+        words = units(8, *starts)
+        if words is not None:
+            off, bstride, hstride, o1stride = words
+            kernel = kernels.tiles_16 if unit == 2 else kernels.tiles_32
+
+            def tiles(src, dst, blocks, dst_row, dst_offset):
+                kernel(src, dst, blocks, bstride, hstride, off, n_o1, o1stride, rows_, cols, heads, dst_row, dst_offset)
+
+            return Detiler("tiles", 8, 8, tiles)
+    # token pairs: o0 == 2 adjacent, dims d0 at stride 2
+    if n_o0 == 2 and s_o0 == 1 and s_d0 == 2 and elem in (1, 2, 4):
+        pair = 2 * elem
+        found = units(pair, *starts, s_d1)
+        if found is not None and s_o1 * elem % pair == 0:
+            off, bstride, hstride, o1stride, d1stride = found[0], found[1], found[2], found[3], found[4]
+            shift = _UNSIGNED[pair](8 * elem)
+
+            def pairs(src, dst, blocks, dst_row, dst_offset):
+                kernels.token_pairs(src, dst, blocks, bstride, hstride, off, n_o1, o1stride, n_d1, d1stride, n_d0,
+                                    heads, dst_row, dst_offset, shift)
+
+            return Detiler("token_pairs", pair, elem, pairs)
+    # rows: one row of D contiguous elements per (block, head, token)
+    if n_o1 == 1 and n_d1 == 1 and s_d0 == 1:
+        off, bstride, hstride, tstride = view.offset, view.block_stride, s_h, s_o0
+
+        def rows(src, dst, blocks, dst_row, dst_offset):
+            kernels.token_rows(src, dst, blocks, bstride, hstride, off, n_o0, tstride, heads, n_d0, dst_row, dst_offset)
+
+        return Detiler("rows", elem, elem, rows)
+    return None
