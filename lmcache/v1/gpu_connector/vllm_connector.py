@@ -168,8 +168,9 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if not plan.parts:
             return
         if self._on_cpu:
-            for layer in range(self.num_layers):
-                self._cpu_load_layer(plan, layer)
+            # Layers write disjoint parts of the cache and the copies release the GIL:
+            # spread them over torch's thread count, as a memcpy of the same bytes would be.
+            run_threaded([(self._cpu_load_layer, plan, layer) for layer in range(self.num_layers)])
             self.platform.synchronize()
             return
         with self._side_stream():
@@ -214,7 +215,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                     gathered = torch.index_select(table, 0, part_rows)
                     dst.index_copy_(0, part.positions, gathered.view(part.count, -1))
         if compiled:
-            run_compiled(compiled)
+            run_threaded(compiled)
 
     def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
         if self._kernel_writer is not None:
@@ -300,8 +301,9 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         return self.platform.use_stream(self._stream)
 
 
-def run_compiled(calls: list) -> None:
-    """Run (detiler, *args) calls, split over torch's intra-op thread count (the loops release the GIL)."""
+def run_threaded(calls: list) -> None:
+    """Run (fn, *args) calls, split over torch's intra-op thread count (they must release the GIL
+    and touch disjoint memory)."""
     threads = min(torch.get_num_threads(), len(calls))
     if threads <= 1:
         for detiler, *args in calls:
