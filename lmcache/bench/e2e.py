@@ -69,7 +69,7 @@ def run(args) -> dict:
         },
         **llm_args,
     )
-    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache
+    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -102,6 +102,7 @@ def run(args) -> dict:
         best = {"miss": min(best["miss"], miss), "lmcache_hit": min(best["lmcache_hit"], hit),
                 "vllm_hit": min(best["vllm_hit"], floor)}
 
+    shutdown_llm(llm)
     speedup = best["miss"] / best["lmcache_hit"]
     vs_floor = best["lmcache_hit"] / best["vllm_hit"]
     print_table(

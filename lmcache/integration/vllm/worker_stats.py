@@ -65,3 +65,14 @@ def reset_vllm_prefix_cache(llm, timeout: float = 10.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an LLM's engine core and workers now, not at interpreter exit (vLLM logs its
+    shutdown to stdout, and a benchmark's JSON result must be the last line there)."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    gc.collect()
