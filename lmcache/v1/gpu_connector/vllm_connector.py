@@ -17,8 +17,10 @@ Store (paged -> host), for all objects of a batch at once:
           for the compute stream. One synchronize at the end.
 Load (host -> paged): the mirror image; per layer and plane ONE index_copy_ on
 the device (CPU: one numpy fancy assignment per object, several times faster
-than torch's CPU index_copy_), then flush() once (HPU lazy mode) and one
-synchronize.
+than torch's CPU index_copy_; layers spread over torch's threads), then flush()
+once (HPU lazy mode) and one synchronize. vLLM's CPU attention layout: whole
+blocks are tiled by compiled loops (the de-tilers' inverses), the other tokens
+written by vLLM's own kernel (or numpy where its kernel would not be bit-exact).
 
 Bytes are moved through integer views of the same width (bit-exact, and fp8
 works where the index kernels lack fp8), except on HPU, whose bridge kernels
@@ -70,6 +72,8 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._kernel_writer = None
         # cpu_attn: compiled de-tiling of whole blocks per plane (None: the torch block view path)
         self._detilers: list = [None] * layout.num_planes
+        # and their inverses, for loads of whole blocks (None: vLLM's kernel or the numpy path)
+        self._tilers: list = [None] * layout.num_planes
         self._np_layers: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         if layout.cpu_attn_packing is not None and self._on_cpu:
             self._setup_detilers()
@@ -89,7 +93,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._stream = None
 
     def _setup_detilers(self) -> None:
-        from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler
+        from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler, make_tiler
 
         layers = [tensors[0] for tensors in self.layout.plane_tensors]
         if not all(t.is_contiguous() and t.data_ptr() % 8 == 0 for t in layers):
@@ -101,9 +105,10 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if any(d is None for d in detilers):
             return
         self._detilers = detilers
+        self._tilers = [make_tiler(plane.block_view, elem, heads) for plane in self.layout.planes]
         for layer, t in enumerate(layers):
-            self._np_layers[layer] = [flat_unsigned(t, d.src_unit) for d in detilers]
-        logger.debug("cpu_attn blocks de-tiled by compiled loops: %s", [d.kind for d in detilers])
+            self._np_layers[layer] = [flat_unsigned(t, d.cache_unit) for d in detilers]
+        logger.debug("cpu_attn blocks (de-)tiled by compiled loops: %s", [d.kind for d in detilers])
 
     # -- what the engine asks -------------------------------------------------
     @property
@@ -197,7 +202,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                     done = part.lead_tokens
                     tokens, hidden_bytes = part.tensor.shape[2], self.layout.hidden * self.layout.dtype.itemsize
                     offset = (plane_index * self.num_layers + layer) * tokens * hidden_bytes
-                    compiled.append((detiler, self._np_layers[layer][plane_index], part.numpy_units(detiler.dst_unit),
+                    compiled.append((detiler, self._np_layers[layer][plane_index], part.numpy_units(detiler.row_unit),
                                      part.lead_blocks_numpy(), hidden_bytes, offset))
                 elif blocks is not None and part.lead_blocks is not None:
                     done = part.lead_tokens
@@ -218,17 +223,17 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             run_threaded(compiled)
 
     def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
+        tiled = self._tile_lead_blocks(plan, layer)
         if self._kernel_writer is not None:
-            self._kernel_load_layer(plan, layer)
+            self._kernel_load_layer(plan, layer, tiled)
             return
         device = self.layout.device
         assert self._np_tables is not None
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._np_tables[layer])):
             blocks = self._np_block_views[layer][plane_index]
-            for part in plan.parts:
+            for part, done in zip(plan.parts, tiled):
                 src = _raw(part.tensor)[plane_index, layer].numpy()
-                done = 0
-                if blocks is not None and part.lead_blocks is not None:
+                if not done and blocks is not None and part.lead_blocks is not None:
                     done = part.lead_tokens
                     blocks[part.lead_blocks.numpy()] = src[:done].reshape(-1, *plane.block_view.shape)
                 if done == part.count:
@@ -238,14 +243,40 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                 src = src[done: part.count] if part.positions is None else src[part.positions.numpy()]
                 table[part_rows] = src.reshape(-1, plane.width)
 
-    def _kernel_load_layer(self, plan: BatchPlan, layer: int) -> None:
+    def _tile_lead_blocks(self, plan: BatchPlan, layer: int) -> list[int]:
+        """Write each part's leading whole blocks with the compiled tilers (all planes, or none);
+        returns the tokens so written per part (0 where the other path has them all)."""
+        tiled = [0] * len(plan.parts)
+        if any(t is None for t in self._tilers):
+            return tiled
+        hidden_bytes = self.layout.hidden * self.layout.dtype.itemsize
+        for i, part in enumerate(plan.parts):
+            if part.lead_blocks is None or part.tensor.data_ptr() % 8:
+                continue
+            tokens = part.tensor.shape[2]
+            blocks = part.lead_blocks_numpy()
+            for plane_index, tiler in enumerate(self._tilers):
+                offset = (plane_index * self.num_layers + layer) * tokens * hidden_bytes
+                tiler(part.numpy_units(tiler.row_unit), self._np_layers[layer][plane_index], blocks, hidden_bytes,
+                      offset)
+            tiled[i] = part.lead_tokens
+        return tiled
+
+    def _kernel_load_layer(self, plan: BatchPlan, layer: int, tiled: list[int]) -> None:
+        """vLLM's kernel for the tokens the tilers did not write (it touches only those tokens' slots)."""
         cache = self.layout.plane_tensors[layer][0]
         heads = cache.shape[1]
-        for part in plan.parts:
+        for part, done in zip(plan.parts, tiled):
+            if done == part.count:
+                continue
             planes = part.tensor[:, layer]
-            planes = planes[:, : part.count] if part.positions is None else planes.index_select(1, part.positions)
-            key, value = (planes[p].view(part.count, heads, -1) for p in (0, 1))
-            self._kernel_writer(cache, key, value, plan.slots[part.first: part.first + part.count])
+            if part.positions is None:
+                planes = planes[:, done: part.count]
+            else:
+                planes = planes.index_select(1, part.positions)
+            count = part.count - done
+            key, value = (planes[p].view(count, heads, -1) for p in (0, 1))
+            self._kernel_writer(cache, key, value, plan.slots[part.first + done: part.first + part.count])
 
     # -- devices: one gather / scatter per layer and plane through staging ----------
     def _gather_layer(self, plan: BatchPlan, layer: int, out: torch.Tensor) -> None:
