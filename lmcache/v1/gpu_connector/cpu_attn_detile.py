@@ -77,47 +77,54 @@ class _Match:
 
 
 @dataclass(frozen=True)
-class Detiler:
-    """Copies whole blocks of one plane into token rows [T, hidden] of an object plane (stores)."""
-
-    kind: str                      # "tiles", "token_pairs" or "rows"
-    cache_unit: int                # bytes per cache (source) unit
-    row_unit: int                  # bytes per token-row (destination) unit
+class _BlockMover:
     match: _Match
+
+    @property
+    def kind(self) -> str:         # "tiles", "token_pairs" or "rows"
+        return self.match.kind
+
+    @property
+    def cache_unit(self) -> int:   # bytes per cache unit
+        return self.match.cache_unit
+
+    @property
+    def row_unit(self) -> int:     # bytes per token-row unit
+        return self.match.row_unit
+
+    def _tail_args(self, hidden_bytes: int, rows_offset_bytes: int) -> tuple:
+        m = self.match
+        return (*m.geometry, hidden_bytes // m.row_unit, rows_offset_bytes // m.row_unit, *m.tail)
+
+
+class Detiler(_BlockMover):
+    """Copies whole blocks of one plane into token rows [T, hidden] of an object plane (stores)."""
 
     def __call__(self, cache: np.ndarray, rows: np.ndarray, blocks: np.ndarray, hidden_bytes: int,
                  rows_offset_bytes: int):
-        m = self.match
-        m.detile(cache, rows, blocks, *m.geometry, hidden_bytes // m.row_unit, rows_offset_bytes // m.row_unit, *m.tail)
+        self.match.detile(cache, rows, blocks, *self._tail_args(hidden_bytes, rows_offset_bytes))
 
 
-@dataclass(frozen=True)
-class Tiler:
+class Tiler(_BlockMover):
     """The inverse of a Detiler: token rows of an object plane -> whole blocks of one plane (loads).
 
     Writes every byte of the blocks it is given and nothing else."""
 
-    kind: str
-    cache_unit: int                # bytes per cache (destination) unit
-    row_unit: int                  # bytes per token-row (source) unit
-    match: _Match
-
     def __call__(self, rows: np.ndarray, cache: np.ndarray, blocks: np.ndarray, hidden_bytes: int,
                  rows_offset_bytes: int):
-        m = self.match
-        m.tile(rows, cache, blocks, *m.geometry, hidden_bytes // m.row_unit, rows_offset_bytes // m.row_unit, *m.tail)
+        self.match.tile(rows, cache, blocks, *self._tail_args(hidden_bytes, rows_offset_bytes))
 
 
 def make_detiler(view: BlockView, elem: int, heads: int) -> Detiler | None:
     """A compiled de-tiler for this plane (`elem` bytes per element), or None (use torch)."""
     m = _match(view, elem, heads)
-    return None if m is None else Detiler(m.kind, m.cache_unit, m.row_unit, m)
+    return None if m is None else Detiler(m)
 
 
 def make_tiler(view: BlockView, elem: int, heads: int) -> Tiler | None:
     """A compiled tiler (the de-tiler's inverse) for this plane, or None (keep the other load path)."""
     m = _match(view, elem, heads)
-    return None if m is None else Tiler(m.kind, m.cache_unit, m.row_unit, m)
+    return None if m is None else Tiler(m)
 
 
 def _match(view: BlockView, elem: int, heads: int) -> _Match | None:
