@@ -17,8 +17,10 @@ measured side by side (alternating rounds) with:
                      are Python loops over chunks.
 
 Layouts: flash_attn (CUDA layout, LBNHC, block 16), cpu_attn (vLLM's CPU backend,
-block 16, as packed by vLLM's own CPU kernel), hpu_kv (vllm-gaudi's (K, V), block 128).
-Default: all three on --device cpu, flash_attn on cuda, hpu_kv on hpu.
+block 16, as packed by vLLM's own CPU kernel, with native blocks as the vLLM integration
+uses them by default: config cpu_native_blocks), cpu_attn_portable (the same cache into
+portable per-token objects: cpu_native_blocks false), hpu_kv (vllm-gaudi's (K, V),
+block 128). Default: all four on --device cpu, flash_attn on cuda, hpu_kv on hpu.
 
 --device hpu uses the real Habana bridge (run it on a Gaudi host). On a machine
 without one, --emulate-hpu runs the HPU code path on lmcache's CPU-backed HPU
@@ -40,9 +42,9 @@ from lmcache.bench.common import gbps, interleaved_best, machine_name, print_tab
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LAYOUTS = ("flash_attn", "cpu_attn", "hpu_kv")
+LAYOUTS = ("flash_attn", "cpu_attn", "cpu_attn_portable", "hpu_kv")
 DEFAULT_LAYOUTS = {"cpu": LAYOUTS, "cuda": ("flash_attn",), "hpu": ("hpu_kv",)}
-BLOCK_SIZES = {"flash_attn": 16, "cpu_attn": 16, "hpu_kv": 128}
+BLOCK_SIZES = {"flash_attn": 16, "cpu_attn": 16, "cpu_attn_portable": 16, "hpu_kv": 128}
 TARGET_VS_MEMCPY = 0.8
 TARGET_VS_UPSTREAM = 5.0  # on CPU
 
@@ -120,7 +122,7 @@ def _make_setup(layout: str, platform, args, dtype: torch.dtype, gen: torch.Gene
 
     if layout == "flash_attn":
         caches = {f"layers.{i}": rand(num_blocks, block, heads, 2 * head).permute(0, 2, 1, 3) for i in range(layers)}
-    elif layout == "cpu_attn":
+    elif layout.startswith("cpu_attn"):
         caches = {f"layers.{i}": rand(num_blocks, heads, block, 2 * head) for i in range(layers)}
     else:
         caches = {f"layers.{i}": (rand(num_blocks, block, heads, head), rand(num_blocks, block, heads, head))
@@ -195,8 +197,12 @@ def _upstream_pattern_cases(s: Setup) -> dict[str, Callable[[], object]]:
 def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
     from lmcache.v1.gpu_connector import create_gpu_connector
 
-    backend = {"flash_attn": "FLASH_ATTN", "cpu_attn": "CPU_ATTN", "hpu_kv": None}[s.layout]
-    connector = create_gpu_connector(s.caches, attn_backend=backend, platform=s.platform)
+    backend = {"flash_attn": "FLASH_ATTN", "cpu_attn": "CPU_ATTN", "cpu_attn_portable": "CPU_ATTN",
+               "hpu_kv": None}[s.layout]
+    connector = create_gpu_connector(s.caches, attn_backend=backend, platform=s.platform,
+                                     native_blocks=s.layout == "cpu_attn")
+    if s.layout == "cpu_attn" and not connector.host_format_tag:
+        raise SystemExit("cpu_attn: native blocks are not available for this cache (see native_blocks.py)")
 
     def store():
         connector.batched_from_gpu(s.objs, s.starts, s.ends, slot_mapping=s.slots)

@@ -61,6 +61,9 @@ class LMCacheEngineConfig:
     remote_connect_timeout: float = 0.5
     remote_retry_interval: float = 10.0
     store_queue_size: int = 64
+    # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
+    # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
+    cpu_native_blocks: bool = True
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -260,6 +263,7 @@ KEYS: dict[str, _Key] = {
     "remote_connect_timeout": _Key(_positive_float, "a number of seconds > 0"),
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
+    "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
 }
 
 

@@ -57,9 +57,27 @@ def check_caches(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
             raise Mismatch(f"buffer {index}: {differing} elements differ from the reference")
 
 
+def plain_objects(connector, objs) -> list:
+    """The objects as plain per-token K/V: native blocks (native_blocks.py) decoded, others as they are."""
+    native = connector._native
+    if native is None:
+        return objs
+    plain = []
+    for obj in objs:
+        tensor = raw(obj.tensor).clone()
+        for j in range(tensor.shape[2] // native.block_size):
+            rows = slice(j * native.block_size, (j + 1) * native.block_size)
+            for layer in range(tensor.shape[1]):
+                tensor[:, layer, rows] = native.to_plain(raw(obj.tensor)[:, layer, rows])
+        plain.append(MemoryObj(tensor.view(obj.tensor.dtype), obj.fmt))
+    return plain
+
+
 def roundtrip(make: Callable[[int], PagedCache], pattern: str, num_tokens: int, chunk: int, device,
-              seed: int = 0, check_object_values: bool = True, corrupt: str | None = None) -> None:
-    """Run the check; `corrupt` ("object" or "cache") damages one value to prove the check fails."""
+              seed: int = 0, check_object_values: bool = True, corrupt: str | None = None,
+              native_blocks: bool = False) -> None:
+    """Run the check; `corrupt` ("object" or "cache") damages one value to prove the check fails.
+    native_blocks: the connectors keep whole cpu_attn blocks in vLLM's byte order (decoded for the check)."""
     gen = torch.Generator().manual_seed(seed)
     source = make(1)
     slots = slot_mapping(pattern, source.num_blocks, source.block_size, num_tokens, gen)
@@ -68,7 +86,8 @@ def roundtrip(make: Callable[[int], PagedCache], pattern: str, num_tokens: int, 
     for layer, per_layer in enumerate(values):
         source.write(layer, slots[valid], per_layer[:, valid.to(per_layer.device)])
 
-    connector = create_gpu_connector(source.kv_caches, attn_backend=source.backend)
+    connector = create_gpu_connector(source.kv_caches, attn_backend=source.backend, native_blocks=native_blocks)
+    assert (connector.host_format_tag != "") == native_blocks
     starts, ends = chunk_bounds(num_tokens, chunk)
     objs = [MemoryObj(torch.zeros(tuple(connector.get_shape(e - s)), dtype=connector.kv_dtype), connector.memory_format)
             for s, e in zip(starts, ends)]
@@ -79,14 +98,16 @@ def roundtrip(make: Callable[[int], PagedCache], pattern: str, num_tokens: int, 
         target = raw(objs[obj_index].tensor)[0, 0, first_valid - starts[obj_index]]
         target[0] ^= 1
     if check_object_values:
-        check_objects(source, objs, starts, ends, slots, values)
+        check_objects(source, plain_objects(connector, objs), starts, ends, slots, values)
 
     target_cache = make(2)
     reference = make(2)
     for layer, per_layer in enumerate(values):
         reference.write(layer, slots[valid], per_layer[:, valid.to(per_layer.device)])
-    loader = create_gpu_connector(target_cache.kv_caches, attn_backend=target_cache.backend)
+    loader = create_gpu_connector(target_cache.kv_caches, attn_backend=target_cache.backend,
+                                  native_blocks=native_blocks)
     assert loader.layout_fingerprint == connector.layout_fingerprint
+    assert loader.host_format_tag == connector.host_format_tag
     loader.batched_to_gpu(objs, starts, ends, slot_mapping=slots)
     got = target_cache.snapshot()
     if corrupt == "cache":

@@ -25,7 +25,7 @@ def test_bench_connector_prints_figures_and_json_last(cpu_platform):
 
 @pytest.mark.parametrize("args,message", [
     (["--device", "hpu"], "--emulate-hpu"),
-    (["--layouts", "paged_attention"], "accepted: flash_attn, cpu_attn, hpu_kv"),
+    (["--layouts", "paged_attention"], "accepted: flash_attn, cpu_attn, cpu_attn_portable, hpu_kv"),
 ])
 def test_bench_connector_refuses_what_it_cannot_measure(args, message):
     from lmcache.platforms.hpu import HpuPlatform

@@ -61,3 +61,30 @@ def test_roundtrip_check_catches_corruption(cpu_platform, layout, where):
     """The comparison is not vacuous: one flipped bit in an object or in the loaded cache fails it."""
     with pytest.raises(Mismatch):
         roundtrip(_maker(layout, "bf16", 16), "padded", 96, 24, "cpu", corrupt=where)
+
+
+def _native_cases():
+    for dtype in DTYPES:
+        for block in SIZES:
+            if dtype == "fp8" and block == 16:
+                continue
+            for pattern in kl.SLOT_PATTERNS:
+                for chunk in ("unaligned", "aligned"):
+                    yield pytest.param(dtype, block, pattern, chunk, id=f"{dtype}-b{block}-{pattern}-{chunk}")
+
+
+@pytest.mark.parametrize("dtype,block,pattern,chunk", list(_native_cases()))
+def test_roundtrip_native_blocks(cpu_platform, dtype, block, pattern, chunk):
+    """cpu_attn with native blocks: whole blocks as vLLM's bytes, the rest (objects not starting on a
+    block, padding, shuffled slots, partial last blocks) through plain rows; bit-exact either way."""
+    _, tokens, unaligned = SIZES[block]
+    per_object = unaligned if chunk == "unaligned" else 2 * block
+    exact_inputs = dtype != "fp8"
+    roundtrip(_maker("cpu_attn", dtype, block), pattern, tokens, per_object, "cpu", seed=block,
+              check_object_values=exact_inputs, native_blocks=True)
+
+
+@pytest.mark.parametrize("where", ["object", "cache"])
+def test_roundtrip_native_blocks_catches_corruption(cpu_platform, where):
+    with pytest.raises(Mismatch):
+        roundtrip(_maker("cpu_attn", "bf16", 16), "in_order", 96, 32, "cpu", corrupt=where, native_blocks=True)

@@ -213,7 +213,8 @@ class LMCacheConnectorV1Impl:
             )
         backend = attention_backend_name(self._vllm_config, layer_names)
         self.gpu_connector = create_gpu_connector(
-            kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform()
+            kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
+            native_blocks=self.config.cpu_native_blocks,
         )
         model_config = self._vllm_config.model_config
         parallel_config = self._vllm_config.parallel_config
@@ -231,9 +232,11 @@ class LMCacheConnectorV1Impl:
                 model_config.get_head_size(),
             ),
             use_mla=use_mla,
-            # Memory objects hold K/V in plain per-token order whatever the paged
+            # Portable memory objects hold K/V in plain per-token order whatever the paged
             # layout, so the device layout stays out of the keys: CUDA, Gaudi and CPU
-            # instances of the same model share one disk directory or Redis server.
+            # instances of the same model share one disk directory or Redis server. Native
+            # CPU blocks (cpu_native_blocks) are vLLM's tiled bytes: their tag keys them apart.
+            layout_fingerprint=self.gpu_connector.host_format_tag,
         )
         self.engine = LMCacheEngineBuilder.get_or_create(ENGINE_NAME, self.config, metadata, self.gpu_connector)
         self._layer_index = {name: i for i, name in enumerate(layer_names)}
@@ -245,9 +248,10 @@ class LMCacheConnectorV1Impl:
         # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
         atexit.register(self.shutdown)
         logger.info(
-            "LMCache worker %d/%d ready: %d layers, backend %s, layout %s, chunk %d, block %d%s",
+            "LMCache worker %d/%d ready: %d layers, backend %s, layout %s, chunk %d, block %d, objects %s%s",
             self._rank, self._world_size, len(layer_names), backend, self.gpu_connector.layout_fingerprint,
-            self.config.chunk_size, self.block_size, ", async save" if self.async_save else "",
+            self.config.chunk_size, self.block_size, self.gpu_connector.host_format_tag or "portable",
+            ", async save" if self.async_save else "",
         )
 
     # -- the lookup server's handlers (background thread) ----------------------

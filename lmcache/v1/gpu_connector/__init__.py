@@ -37,6 +37,7 @@ class GPUConnectorInterface(ABC):
     kv_dtype: torch.dtype
     num_layers: int
     layout_fingerprint: str
+    host_format_tag: str = ""  # non-empty when object bytes depend on the device layout
 
     @abstractmethod
     def get_shape(self, num_tokens: int) -> torch.Size:
@@ -93,6 +94,7 @@ def create_gpu_connector(
     cpu_attn_isa: str | None = None,
     model_dtype: torch.dtype | None = None,
     staging_bytes: int | None = None,
+    native_blocks: bool = False,
 ) -> GPUConnectorInterface:
     """The connector for the caches vLLM registered.
 
@@ -102,6 +104,10 @@ def create_gpu_connector(
     use_mla: from vLLM's model config, where the backend name is not at hand.
     cpu_attn_isa / model_dtype: what vLLM's CPU backend decided (default: vLLM's
     own rule for these caches). staging_bytes: device staging buffer budget.
+    native_blocks: on vLLM's CPU backend, keep whole blocks in vLLM's own tiled byte
+    order (native_blocks.py; block copies instead of transposes); the objects then
+    carry `host_format_tag` and only suit the same tiling. Batched connectors only:
+    the layerwise one always uses the portable per-token format.
     """
     from lmcache.platforms import current_platform
     from lmcache.v1.gpu_connector.layouts import resolve_layout
@@ -123,7 +129,7 @@ def create_gpu_connector(
         from lmcache.v1.gpu_connector.layerwise import VLLMPagedMemLayerwiseConnector
 
         return VLLMPagedMemLayerwiseConnector(layout, platform, budget)
-    return VLLMPagedMemConnector(layout, platform, budget)
+    return VLLMPagedMemConnector(layout, platform, budget, native_blocks=native_blocks)
 
 
 def __getattr__(name: str) -> Any:

@@ -50,14 +50,6 @@ def load_kernels():
     return cpu_attn_kernels
 
 
-@functools.lru_cache(maxsize=None)
-def thread_pool(workers: int):
-    """Helper threads for the compiled loops (they release the GIL), one pool per size, kept."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmcache-detile")
-
-
 def flat_unsigned(t: torch.Tensor, itemsize: int) -> np.ndarray:
     """A contiguous tensor's bytes as a 1-D numpy array of unsigned `itemsize`-byte units (no copy)."""
     return t.reshape(-1).view(torch.uint8).numpy().view(_UNSIGNED[itemsize])

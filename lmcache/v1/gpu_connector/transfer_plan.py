@@ -101,6 +101,33 @@ def host_slot_mapping(slot_mapping: Any) -> torch.Tensor:
     return slot_mapping.to(torch.int64)
 
 
+def check_batch(memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int]) -> None:
+    if not (len(memory_objs) == len(starts) == len(ends)):
+        raise ValueError(
+            f"memory_objs, starts and ends must have one entry per object; got {len(memory_objs)}, "
+            f"{len(starts)}, {len(ends)}"
+        )
+
+
+def check_object(layout: KVLayout, i: int, tensor: torch.Tensor, start: int, end: int, num_slots: int) -> None:
+    """Object i fits the layout and its range [start, end) of the slot mapping."""
+    if not 0 <= start <= end <= num_slots:
+        raise ValueError(
+            f"object {i}: start={start}, end={end} must satisfy 0 <= start <= end <= len(slot_mapping)={num_slots}"
+        )
+    expected = (layout.num_planes, layout.num_layers, layout.hidden)
+    shape = tuple(tensor.shape)
+    if tensor.dim() != 4 or (shape[0], shape[1], shape[3]) != expected or tensor.dtype != layout.dtype:
+        raise ValueError(
+            f"object {i}: tensor {list(shape)} {tensor.dtype} does not fit this connector: expected "
+            f"[{expected[0]}, {expected[1]}, num_tokens, {expected[2]}] {layout.dtype}"
+        )
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"object {i}: memory objects must be contiguous host tensors, got one on {tensor.device}")
+    if end - start > shape[2]:
+        raise ValueError(f"object {i}: {end - start} tokens do not fit its {shape[2]} token positions")
+
+
 def plan_batch(
     layout: KVLayout,
     memory_objs: Sequence[Any],
@@ -108,33 +135,15 @@ def plan_batch(
     ends: Sequence[int],
     slot_mapping: Any,
 ) -> BatchPlan:
-    if not (len(memory_objs) == len(starts) == len(ends)):
-        raise ValueError(
-            f"memory_objs, starts and ends must have one entry per object; got {len(memory_objs)}, "
-            f"{len(starts)}, {len(ends)}"
-        )
+    check_batch(memory_objs, starts, ends)
     slots = host_slot_mapping(slot_mapping)
-    expected = (layout.num_planes, layout.num_layers, layout.hidden)
     parts: list[ObjectPart] = []
     pieces: list[torch.Tensor] = []
     first = 0
     for i, (obj, start, end) in enumerate(zip(memory_objs, starts, ends)):
         tensor = object_tensor(obj)
         start, end = int(start), int(end)
-        if not 0 <= start <= end <= slots.numel():
-            raise ValueError(
-                f"object {i}: start={start}, end={end} must satisfy 0 <= start <= end <= len(slot_mapping)={slots.numel()}"
-            )
-        shape = tuple(tensor.shape)
-        if tensor.dim() != 4 or (shape[0], shape[1], shape[3]) != expected or tensor.dtype != layout.dtype:
-            raise ValueError(
-                f"object {i}: tensor {list(shape)} {tensor.dtype} does not fit this connector: expected "
-                f"[{expected[0]}, {expected[1]}, num_tokens, {expected[2]}] {layout.dtype}"
-            )
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError(f"object {i}: memory objects must be contiguous host tensors, got one on {tensor.device}")
-        if end - start > shape[2]:
-            raise ValueError(f"object {i}: {end - start} tokens do not fit its {shape[2]} token positions")
+        check_object(layout, i, tensor, start, end, slots.numel())
         segment = slots[start:end]
         valid = segment >= 0
         count = int(valid.sum())
@@ -148,7 +157,7 @@ def plan_batch(
             chosen = segment[positions]
         part = ObjectPart(tensor, first, count, positions)
         if positions is None:
-            part.lead_blocks = _leading_full_blocks(chosen, layout.block_size)
+            part.lead_blocks = leading_full_blocks(chosen, layout.block_size)
             part._block_size = layout.block_size
         parts.append(part)
         pieces.append(chosen)
@@ -162,7 +171,7 @@ def plan_batch(
     return BatchPlan(layout, parts, all_slots)
 
 
-def _leading_full_blocks(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
+def leading_full_blocks(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
     """Block ids of the complete, in-order blocks that `slots` starts with (None if none)."""
     whole = slots.numel() // block_size
     if whole == 0:

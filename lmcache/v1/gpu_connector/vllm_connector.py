@@ -37,6 +37,7 @@ import torch
 
 from lmcache.platforms import Platform
 from lmcache.v1.gpu_connector import GPUConnectorInterface
+from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout
 from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch
 from lmcache.v1.memory import MemoryFormat
@@ -55,7 +56,8 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 class VLLMPagedMemConnector(GPUConnectorInterface):
     """Batched connector for every supported layout (see layouts.py) and device."""
 
-    def __init__(self, layout: KVLayout, platform: Platform, staging_bytes: int = DEFAULT_STAGING_BYTES):
+    def __init__(self, layout: KVLayout, platform: Platform, staging_bytes: int = DEFAULT_STAGING_BYTES,
+                 native_blocks: bool = False):
         self.layout = layout
         self.platform = platform
         self.staging_bytes = int(staging_bytes)
@@ -91,6 +93,12 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                         self._block_views[layer][p] = view
                         self._np_block_views[layer][p] = view.numpy()
         self._stream = None
+        # cpu_attn: whole blocks kept in vLLM's own byte order (native_blocks.py), when asked for
+        self._native = None
+        if native_blocks:
+            from lmcache.v1.gpu_connector.native_blocks import NativeBlocks
+
+            self._native = NativeBlocks.for_layout(layout)
 
     def _setup_detilers(self) -> None:
         from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler, make_tiler
@@ -128,6 +136,12 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         return self.layout.fingerprint
 
     @property
+    def host_format_tag(self) -> str:
+        """What the memory objects' bytes depend on beyond model, dtype and shape: "" for the
+        portable per-token format, else the native block tiling (it goes into the cache keys)."""
+        return self._native.tag if self._native is not None else ""
+
+    @property
     def hidden_size(self) -> int:
         return self.layout.hidden
 
@@ -147,6 +161,24 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
     # -- batches ------------------------------------------------------------------
     def batched_from_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
                          slot_mapping: torch.Tensor, **kw: Any) -> None:
+        if self._native is not None:
+            jobs = self._native.plan(self.layout, memory_objs, starts, ends, slot_mapping)
+            self._native.store(jobs, self._portable_from_gpu, self.layout.dtype)
+            self.platform.synchronize()
+            return
+        self._portable_from_gpu(memory_objs, starts, ends, slot_mapping=slot_mapping)
+
+    def batched_to_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
+                       slot_mapping: torch.Tensor, **kw: Any) -> None:
+        if self._native is not None:
+            jobs = self._native.plan(self.layout, memory_objs, starts, ends, slot_mapping)
+            self._native.load(jobs, self._portable_to_gpu, self.layout.dtype)
+            self.platform.synchronize()
+            return
+        self._portable_to_gpu(memory_objs, starts, ends, slot_mapping=slot_mapping)
+
+    def _portable_from_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
+                           slot_mapping: torch.Tensor) -> None:
         plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
         if not plan.parts:
             return
@@ -167,8 +199,8 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self.platform.synchronize()
         _apply_fixups(fixups)
 
-    def batched_to_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
-                       slot_mapping: torch.Tensor, **kw: Any) -> None:
+    def _portable_to_gpu(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int], *,
+                         slot_mapping: torch.Tensor) -> None:
         plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
         if not plan.parts:
             return
@@ -330,27 +362,6 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         ready.record(self.platform.current_stream())
         self._stream.wait_event(ready)
         return self.platform.use_stream(self._stream)
-
-
-def run_threaded(calls: list) -> None:
-    """Run (fn, *args) calls, split over torch's intra-op thread count (they must release the GIL
-    and touch disjoint memory)."""
-    threads = min(torch.get_num_threads(), len(calls))
-    if threads <= 1:
-        for detiler, *args in calls:
-            detiler(*args)
-        return
-    from lmcache.v1.gpu_connector.cpu_attn_detile import thread_pool
-
-    def work(share):
-        for detiler, *args in share:
-            detiler(*args)
-
-    shares = [calls[i::threads] for i in range(threads)]
-    futures = [thread_pool(threads - 1).submit(work, share) for share in shares[1:]]
-    work(shares[0])
-    for future in futures:
-        future.result()
 
 
 def _apply_fixups(fixups: list) -> None:
