@@ -222,6 +222,33 @@ def test_second_process_hits_the_disk_tier(writer, disk_reader):
 
 
 @pytest.fixture(scope="module")
+def portable_reader(tiny_llama, prompts, workdir, writer, disk_dir):
+    """cpu_native_blocks off: portable per-token objects, on the disk directory the writer
+    filled with native CPU blocks (keyed by their tiling: this process must not find them)."""
+    p = prompts
+    tiers = {"local_disk": disk_dir, "max_local_disk_size": 1.0, "cpu_native_blocks": False}
+    return run_engine(engine_spec(tiny_llama, "LMCacheConnectorV1", tiers, [
+        gen("p3_other_format", p["p3"]),
+        gen("p3_vllm_hit", p["p3"], reset_prefix_cache=False),
+        gen("p3_hit", p["p3"]),
+        {"op": "stats", "name": "stats"},
+    ]), workdir, "portable_reader")["steps"]
+
+
+def test_native_and_portable_objects_are_keyed_apart_and_both_load_correctly(baseline, writer, portable_reader):
+    (native_stats,) = writer["stats"]
+    (portable_stats,) = portable_reader["stats"]
+    assert native_stats["host_format"].startswith("cpu_native_")  # the default on vLLM's CPU backend
+    assert portable_stats["host_format"] == "portable"
+    # the writer's native chunks of p3 sit in the shared directory, but under other keys
+    assert loaded(portable_reader["p3_other_format"]) == 0
+    assert_same_outputs(baseline["p3"], portable_reader["p3_other_format"])
+    # its own portable chunks load (the batched portable path in real vLLM)
+    assert loaded(portable_reader["p3_hit"]) == 768
+    assert_identical_outputs(portable_reader["p3_vllm_hit"], portable_reader["p3_hit"])
+
+
+@pytest.fixture(scope="module")
 def layerwise(tiny_llama, prompts, workdir):
     p = prompts
     return run_engine(engine_spec(tiny_llama, "lmcache", {"use_layerwise": True}, [

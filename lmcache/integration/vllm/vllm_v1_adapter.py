@@ -263,7 +263,8 @@ class LMCacheConnectorV1Impl:
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
-               "async_save": self._save_pool is not None, "adapter": self.counters.to_dict()}
+               "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
+               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable"}
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):

@@ -31,12 +31,9 @@ import hashlib
 import torch
 
 from lmcache.v1.gpu_connector.layouts import KVLayout, LayoutKind
-
-_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_RAW_DTYPES[t.element_size()])
+from lmcache.v1.gpu_connector.transfer_plan import (
+    check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor, raw_view as _raw,
+)
 
 
 class NativeBlocks:
@@ -94,10 +91,6 @@ class NativeBlocks:
     # -- batches ------------------------------------------------------------------
     def plan(self, layout: KVLayout, memory_objs, starts, ends, slot_mapping) -> list["NativeJob"]:
         """Split each object of a batch into whole blocks moved as blocks, and tokens moved as rows."""
-        from lmcache.v1.gpu_connector.transfer_plan import (
-            check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor,
-        )
-
         check_batch(memory_objs, starts, ends)
         slots = host_slot_mapping(slot_mapping)
         n_size = self.block_size
@@ -142,14 +135,13 @@ class NativeBlocks:
         temps, writebacks = self._plain_temps(jobs)
         if temps:
             self._move_plain(temps, plain_store, dtype)
-        for job, where, temp in writebacks:
-            if isinstance(where, int):  # a native position: plain rows -> block bytes
+        n_size = self.block_size
+        for job, (kind, position), temp in writebacks:
+            if kind == "block":  # plain rows -> the block's bytes at native position `position`
                 for layer in range(temp.shape[1]):
-                    self.from_plain(temp[:, layer], job.tensor[:, layer, where * self.block_size:
-                                                                (where + 1) * self.block_size])
-            else:
-                first = where[0]
-                job.tensor[:, :, first: first + temp.shape[2]].copy_(temp)
+                    self.from_plain(temp[:, layer], job.tensor[:, layer, position * n_size: (position + 1) * n_size])
+            else:  # plain rows from position `position` on
+                job.tensor[:, :, position: position + temp.shape[2]].copy_(temp)
 
     def load(self, jobs: list["NativeJob"], plain_load, dtype: torch.dtype) -> None:
         """Objects -> paged cache (plain_load as in store)."""
@@ -172,7 +164,8 @@ class NativeBlocks:
 
     def _plain_temps(self, jobs: list["NativeJob"]) -> tuple[list, list]:
         """Plain-row copies of what does not move as whole blocks: (temp [2, L, n, hidden] raw,
-        its slots) pairs, and (job, where, temp) for writing them back into the objects."""
+        its slots) pairs, and (job, ("block", j) or ("rows", first position), temp) for writing
+        them back into the objects."""
         temps, writebacks = [], []
         for job in jobs:
             n_size = self.block_size
@@ -180,12 +173,12 @@ class NativeBlocks:
                 slab = job.tensor[:, :, j * n_size: (j + 1) * n_size]
                 temp = torch.stack([self.to_plain(slab[:, layer]) for layer in range(slab.shape[1])], dim=1)
                 temps.append((temp, slots))
-                writebacks.append((job, j, temp))
+                writebacks.append((job, ("block", j), temp))
             if job.tail is not None:
                 first, slots = job.tail
                 temp = job.tensor[:, :, first: first + slots.numel()].clone()
                 temps.append((temp, slots))
-                writebacks.append((job, (first,), temp))
+                writebacks.append((job, ("rows", first), temp))
         return temps, writebacks
 
     @staticmethod

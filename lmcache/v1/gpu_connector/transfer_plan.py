@@ -16,6 +16,12 @@ import torch
 from lmcache.v1.gpu_connector.layouts import KVLayout
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def raw_view(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as integers of the same width (bit-exact moves; fp8 where index kernels lack it)."""
+    return t.view(_RAW_DTYPES[t.element_size()])
 
 
 @dataclass

@@ -39,18 +39,14 @@ from lmcache.platforms import Platform
 from lmcache.v1.gpu_connector import GPUConnectorInterface
 from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout
-from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch
+from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch, raw_view
 from lmcache.v1.memory import MemoryFormat
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STAGING_BYTES = 256 << 20
 
-_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_RAW_DTYPES[t.element_size()])
+_raw = raw_view
 
 
 class VLLMPagedMemConnector(GPUConnectorInterface):
