@@ -30,6 +30,7 @@ import hashlib
 
 import torch
 
+from lmcache.v1.gpu_connector.block_copies import MIN_PIECE_BYTES, gather_blocks
 from lmcache.v1.gpu_connector.layouts import KVLayout, LayoutKind
 from lmcache.v1.gpu_connector.transfer_plan import (
     check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor, raw_view as _raw,
@@ -124,14 +125,20 @@ class NativeBlocks:
     def store(self, jobs: list["NativeJob"], plain_store, dtype: torch.dtype) -> None:
         """Paged cache -> objects. plain_store(objs, starts, ends, slot_mapping=...) is the
         portable path, used for the tokens that are not whole blocks."""
-        for job in jobs:
-            if job.lead is None:
-                continue
-            rows = job.lead.numel() * self.block_size
+        direct = [job for job in jobs if job.lead is not None]
+        if direct and self.half * self.halves[0].element_size() >= MIN_PIECE_BYTES:
+            per_layer = []
             for layer, halves in enumerate(self.halves):
-                for plane in (0, 1):
-                    out = job.tensor[plane, layer, :rows].view(job.lead.numel(), self.half)
-                    torch.index_select(halves[:, plane], 0, job.lead, out=out)
+                rows = halves.numpy()
+                per_layer.append([(rows[:, plane], self._lead_rows(job, plane, layer), job.lead.tolist())
+                                  for job in direct for plane in (0, 1)])
+            gather_blocks(per_layer)
+        else:
+            for job in direct:
+                for layer, halves in enumerate(self.halves):
+                    for plane in (0, 1):
+                        out = torch.from_numpy(self._lead_rows(job, plane, layer))
+                        torch.index_select(halves[:, plane], 0, job.lead, out=out)
         temps, writebacks = self._plain_temps(jobs)
         if temps:
             self._move_plain(temps, plain_store, dtype)
@@ -153,14 +160,18 @@ class NativeBlocks:
                 halves = self.halves[layer].numpy()
                 for job in direct:
                     blocks = job.lead.numpy()
-                    rows = blocks.size * self.block_size
                     for plane in (0, 1):
-                        halves[blocks, plane] = job.tensor[plane, layer, :rows].numpy().reshape(blocks.size, -1)
+                        halves[blocks, plane] = self._lead_rows(job, plane, layer)
 
             run_threaded([(load_layer, layer) for layer in range(len(self.halves))])
         temps, _ = self._plain_temps(jobs)
         if temps:
             self._move_plain(temps, plain_load, dtype)
+
+    def _lead_rows(self, job: "NativeJob", plane: int, layer: int):
+        """The object's whole-block rows of one plane and layer as numpy [k, half] (no copy)."""
+        k = job.lead.numel()
+        return job.tensor[plane, layer, : k * self.block_size].numpy().reshape(k, self.half)
 
     def _plain_temps(self, jobs: list["NativeJob"]) -> tuple[list, list]:
         """Plain-row copies of what does not move as whole blocks: (temp [2, L, n, hidden] raw,

@@ -37,6 +37,7 @@ import torch
 
 from lmcache.platforms import Platform
 from lmcache.v1.gpu_connector import GPUConnectorInterface
+from lmcache.v1.gpu_connector.block_copies import MIN_PIECE_BYTES, gather_blocks, rows_view
 from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout
 from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch, raw_view
@@ -68,6 +69,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._np_block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._kernel_writer = None
+        self._block_rows = None  # CPU: per layer, per plane [num_blocks, piece] rows (see block_copies.py)
         # cpu_attn: compiled de-tiling of whole blocks per plane (None: the torch block view path)
         self._detilers: list = [None] * layout.num_planes
         # and their inverses, for loads of whole blocks (None: vLLM's kernel or the numpy path)
@@ -88,6 +90,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                         view = plane.block_view.view(_raw(t))
                         self._block_views[layer][p] = view
                         self._np_block_views[layer][p] = view.numpy()
+            self._setup_block_rows()
         self._stream = None
         # cpu_attn: whole blocks kept in vLLM's own byte order (native_blocks.py), when asked for
         self._native = None
@@ -95,6 +98,39 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             from lmcache.v1.gpu_connector.native_blocks import NativeBlocks
 
             self._native = NativeBlocks.for_layout(layout)
+
+    def _setup_block_rows(self) -> None:
+        """Planes whose blocks are each one contiguous piece of at least MIN_PIECE_BYTES (e.g.
+        vllm-gaudi's K and V at block 128): their whole blocks are stored by block_copies."""
+        self._block_rows = None
+        views = self._block_views
+        if any(v is None or not v[0].is_contiguous() for per_layer in views for v in per_layer):
+            return
+        piece = views[0][0][0].numel()
+        if piece * views[0][0].element_size() < MIN_PIECE_BYTES:
+            return
+        self._block_rows = [[rows_view(np_view, piece) for np_view in per_layer] for per_layer in self._np_block_views]
+
+    def _gather_large_blocks(self, plan: BatchPlan) -> set[int]:
+        """Store the leading whole blocks of every part through block_copies, where the planes
+        allow it; returns the indices of the parts so done."""
+        if self._block_rows is None:
+            return set()
+        done = {i for i, part in enumerate(plan.parts) if part.lead_blocks is not None}
+        if not done:
+            return done
+        per_layer = []
+        for layer, planes in enumerate(self._block_rows):
+            copies = []
+            for i in done:
+                part = plan.parts[i]
+                ids = part.lead_blocks.tolist()
+                for p, rows in enumerate(planes):
+                    out = _raw(part.tensor)[p, layer, : part.lead_tokens].numpy().reshape(len(ids), -1)
+                    copies.append((rows, out, ids))
+            per_layer.append(copies)
+        gather_blocks(per_layer)
+        return done
 
     def _setup_detilers(self) -> None:
         from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler, make_tiler
@@ -179,8 +215,9 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if not plan.parts:
             return
         if self._on_cpu:
+            whole_blocks_done = self._gather_large_blocks(plan)
             for layer in range(self.num_layers):
-                self._cpu_store_layer(plan, layer)
+                self._cpu_store_layer(plan, layer, whole_blocks_done)
             self.platform.synchronize()
             return
         self.platform.flush()
@@ -217,16 +254,18 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self.platform.synchronize()
 
     # -- CPU: the memory objects are the destination, no staging ------------------
-    def _cpu_store_layer(self, plan: BatchPlan, layer: int) -> None:
+    def _cpu_store_layer(self, plan: BatchPlan, layer: int, whole_blocks_done: set[int] = frozenset()) -> None:
         device = self.layout.device
         compiled: list = []   # whole-block de-tiling calls, run together (in threads) at the end
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._tables[layer])):
             blocks = self._block_views[layer][plane_index]
             detiler = self._detilers[plane_index]
-            for part in plan.parts:
+            for index, part in enumerate(plan.parts):
                 dst = _raw(part.tensor)[plane_index, layer]
                 done = 0
-                if detiler is not None and part.lead_blocks is not None and part.tensor.data_ptr() % 8 == 0:
+                if index in whole_blocks_done:
+                    done = part.lead_tokens
+                elif detiler is not None and part.lead_blocks is not None and part.tensor.data_ptr() % 8 == 0:
                     done = part.lead_tokens
                     tokens, hidden_bytes = part.tensor.shape[2], self.layout.hidden * self.layout.dtype.itemsize
                     offset = (plane_index * self.num_layers + layer) * tokens * hidden_bytes
