@@ -8,13 +8,19 @@ prompt (default 6,000 tokens), with max_tokens=1, in one engine, round after rou
   lmcache_hit   after llm.reset_prefix_cache(): LMCache loads it from its CPU tier
   vllm_hit      right after: vLLM's own prefix cache holds it (no transfer: the floor)
 
-The best of the rounds is reported. Targets: the LMCache hit at least 20x faster than
+The two hits are quick next to the miss, so each round times them --hit-repeats times,
+alternating (reset, LMCache hit, vLLM hit, reset, ...): both get the same number of
+samples under the same load. The best of all samples of each case is reported; the
+floor target is judged on the median, over all pairs, of an LMCache hit's TTFT divided by
+that of the vLLM hit timed right after it (the machine's speed drifts with other jobs, and
+two bests can come from different moments). The ratio of the two bests is printed too. Targets: the LMCache hit at least 20x faster than
 the miss, and within 1.3x of vLLM's own prefix-cache hit.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import uuid
 
@@ -28,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "TTFT of a cold miss, an LMCache hit and vLLM's own prefix-cache hit"
     parser.add_argument("--prompt-tokens", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=5, help="fresh prompts, each timed three ways")
+    parser.add_argument("--hit-repeats", type=int, default=3,
+                        help="per round, LMCache hit then vLLM hit this many times, alternating (default 3)")
     parser.add_argument("--model", help="a local model directory (default: the reference random Llama)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"])
 
@@ -37,8 +45,8 @@ def _progress(msg: str) -> None:
 
 
 def run(args) -> dict:
-    if args.prompt_tokens < 512 or args.rounds < 1:
-        raise SystemExit("--prompt-tokens must be >= 512 and --rounds >= 1")
+    if args.prompt_tokens < 512 or args.rounds < 1 or args.hit_repeats < 1:
+        raise SystemExit("--prompt-tokens must be >= 512, --rounds >= 1 and --hit-repeats >= 1")
     from lmcache.demo import make_prompt, prepare_platform
     from lmcache.utils import get_device_type
 
@@ -88,23 +96,32 @@ def run(args) -> dict:
 
     best = {"miss": float("inf"), "lmcache_hit": float("inf"), "vllm_hit": float("inf")}
     loaded_per_hit = []
+    pairs = []  # (LMCache hit, the vLLM hit right after it)
     for r in range(args.rounds):
         prompt = make_prompt(model, args.prompt_tokens, vocab, seed=1000 + r)
         reset_vllm_prefix_cache(llm)
         miss = ttft(prompt)
-        reset_vllm_prefix_cache(llm)
-        before = loaded_tokens(llm)
-        hit = ttft(prompt)
-        loaded_per_hit.append(loaded_tokens(llm) - before)
-        floor = ttft(prompt)  # vLLM's prefix cache now holds the blocks it just loaded
-        _progress(f"round {r + 1}/{args.rounds}: miss {miss * 1000:.1f} ms, LMCache hit {hit * 1000:.1f} ms "
-                  f"({loaded_per_hit[-1]} tokens loaded), vLLM prefix hit {floor * 1000:.1f} ms")
+        hits, floors = [], []
+        for _ in range(args.hit_repeats):
+            reset_vllm_prefix_cache(llm)
+            before = loaded_tokens(llm)
+            hits.append(ttft(prompt))
+            loaded_per_hit.append(loaded_tokens(llm) - before)
+            floors.append(ttft(prompt))  # vLLM's prefix cache now holds the blocks it just loaded
+        pairs.extend(zip(hits, floors))
+        hit, floor = min(hits), min(floors)
+        _progress(f"round {r + 1}/{args.rounds}: miss {miss * 1000:.1f} ms, LMCache hit "
+                  f"{' / '.join(f'{t * 1000:.1f}' for t in hits)} ms ({min(loaded_per_hit[-len(hits):])} tokens "
+                  f"loaded), vLLM prefix hit {' / '.join(f'{t * 1000:.1f}' for t in floors)} ms")
         best = {"miss": min(best["miss"], miss), "lmcache_hit": min(best["lmcache_hit"], hit),
                 "vllm_hit": min(best["vllm_hit"], floor)}
 
     shutdown_llm(llm)
     speedup = best["miss"] / best["lmcache_hit"]
-    vs_floor = best["lmcache_hit"] / best["vllm_hit"]
+    # Judged per pair: the machine's speed drifts (other jobs), and the two bests can come from
+    # different moments; a hit and the vLLM hit timed right after it share one.
+    vs_floor = statistics.median(h / f for h, f in pairs)
+    best_vs_best = best["lmcache_hit"] / best["vllm_hit"]
     print_table(
         ["case", "ttft_ms", "note"],
         [
@@ -114,7 +131,8 @@ def run(args) -> dict:
         ],
     )
     print(f"LMCache hit vs miss: {speedup:.1f}x faster (target >= {SPEEDUP_TARGET:g}x); "
-          f"vs vLLM's own hit: {vs_floor:.2f}x (target <= {FLOOR_TARGET:g}x); machine: {machine_name()}")
+          f"vs vLLM's own hit: {vs_floor:.2f}x, median of {len(pairs)} back-to-back pairs (target <= "
+          f"{FLOOR_TARGET:g}x; best vs best: {best_vs_best:.2f}x); machine: {machine_name()}")
     met = speedup >= SPEEDUP_TARGET and vs_floor <= FLOOR_TARGET and min(loaded_per_hit) > 0
     return {
         "bench": "e2e",
@@ -123,11 +141,13 @@ def run(args) -> dict:
         "model": "reference random Llama 8x1024 (8 heads, 4 KV heads)" if not args.model else args.model,
         "prompt_tokens": args.prompt_tokens,
         "rounds": args.rounds,
+        "hit_repeats": args.hit_repeats,
         "loaded_tokens": min(loaded_per_hit),
         "ttft_miss_s": round(best["miss"], 4),
         "ttft_lmcache_hit_s": round(best["lmcache_hit"], 4),
         "ttft_vllm_hit_s": round(best["vllm_hit"], 4),
         "miss_vs_lmcache_hit": round(speedup, 2),
         "lmcache_hit_vs_vllm_hit": round(vs_floor, 3),
+        "best_lmcache_hit_vs_best_vllm_hit": round(best_vs_best, 3),
         "targets_met": bool(met),
     }
