@@ -6,8 +6,10 @@ from the Platform.
 Store (paged -> host), for all objects of a batch at once:
   CPU     per layer and plane, an index_select straight into each object's
           slice (no staging, no extra copy: the objects are the destination);
+          large contiguous whole blocks are one memcpy each (block_copies.py);
           whole blocks of vLLM's CPU attention layout are de-tiled by compiled
-          loops where numba is present (cpu_attn_detile.py).
+          loops where numba is present (cpu_attn_detile.py), or, with
+          native_blocks, kept in vLLM's own byte order (native_blocks.py).
   device  flush() (HPU lazy mode: run the graph that wrote the KV), then per
           layer and plane ONE index_select over the concatenated slots of all
           objects into a device staging buffer [layers, planes, tokens, hidden]
