@@ -65,6 +65,7 @@ def _transfer_specs(transfers) -> list:
         for t in transfers
     ]
 
+
 class LMCacheConnectorMetadata(KVConnectorMetadata):
     """One step's plan, scheduler -> workers (picklable; vllm-gaudi isinstance-checks
     this exact name)."""

@@ -27,13 +27,15 @@ probed positions (`to_plain` / `from_plain`): slower, exact, rare in vLLM.
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import torch
 
 from lmcache.v1.gpu_connector.block_copies import MIN_PIECE_BYTES, gather_blocks
+from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout, LayoutKind
 from lmcache.v1.gpu_connector.transfer_plan import (
-    check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor, raw_view as _raw,
+    check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor, raw_view,
 )
 
 
@@ -45,7 +47,7 @@ class NativeBlocks:
         self.hidden = layout.hidden
         self.half = layout.block_size * layout.hidden  # elements of one plane's share of a block
         # per layer: [num_blocks, 2, half] (raw integer view of the contiguous layer)
-        self.halves = [_raw(tensors[0]).view(layout.num_blocks, 2, self.half) for tensors in layout.plane_tensors]
+        self.halves = [raw_view(tensors[0]).view(layout.num_blocks, 2, self.half) for tensors in layout.plane_tensors]
         self.addresses = addresses  # per plane: [N * hidden] element offsets of token rows inside a block
         digest = hashlib.blake2b(digest_size=6)
         for a in addresses:
@@ -109,7 +111,7 @@ class NativeBlocks:
                 raise ValueError(
                     f"block {int(lead.max())} is out of range: the paged cache has {layout.num_blocks} blocks"
                 )
-            job = NativeJob(_raw(tensor), lead)
+            job = NativeJob(raw_view(tensor), lead)
             first_odd = 0 if lead is None else lead.numel()
             for j in range(first_odd, -(-native_end // n_size)):
                 piece = segment[j * n_size: min((j + 1) * n_size, native_end)]
@@ -152,8 +154,6 @@ class NativeBlocks:
 
     def load(self, jobs: list["NativeJob"], plain_load, dtype: torch.dtype) -> None:
         """Objects -> paged cache (plain_load as in store)."""
-        from lmcache.v1.gpu_connector.cpu_threads import run_threaded
-
         direct = [job for job in jobs if job.lead is not None]
         if direct:
             def load_layer(layer: int) -> None:
@@ -195,7 +195,7 @@ class NativeBlocks:
     @staticmethod
     def _move_plain(temps: list, move, dtype: torch.dtype) -> None:
         objs = [temp.view(dtype) for temp, _ in temps]
-        ends = list(torch.tensor([slots.numel() for _, slots in temps]).cumsum(0).tolist())
+        ends = list(itertools.accumulate(slots.numel() for _, slots in temps))
         starts = [0] + ends[:-1]
         move(objs, starts, ends, slot_mapping=torch.cat([slots for _, slots in temps]))
 

@@ -49,9 +49,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STAGING_BYTES = 256 << 20
 
-_raw = raw_view
-
-
 class VLLMPagedMemConnector(GPUConnectorInterface):
     """Batched connector for every supported layout (see layouts.py) and device."""
 
@@ -62,7 +59,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self.staging_bytes = int(staging_bytes)
         self._on_cpu = layout.device.type == "cpu"
         # HPU kernels get native dtypes; elsewhere integer views keep every bit and allow fp8.
-        self._as_moved = (lambda t: t) if layout.device.type == "hpu" else _raw
+        self._as_moved = (lambda t: t) if layout.device.type == "hpu" else raw_view
         self._tables = [
             [plane.table(self._as_moved(t)) for plane, t in zip(layout.planes, tensors)]
             for tensors in layout.plane_tensors
@@ -89,7 +86,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             for layer, tensors in enumerate(layout.plane_tensors):
                 for p, (plane, t) in enumerate(zip(layout.planes, tensors)):
                     if plane.block_view is not None:
-                        view = plane.block_view.view(_raw(t))
+                        view = plane.block_view.view(raw_view(t))
                         self._block_views[layer][p] = view
                         self._np_block_views[layer][p] = view.numpy()
             self._setup_block_rows()
@@ -128,7 +125,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                 part = plan.parts[i]
                 ids = part.lead_blocks.tolist()
                 for p, rows in enumerate(planes):
-                    out = _raw(part.tensor)[p, layer, : part.lead_tokens].numpy().reshape(len(ids), -1)
+                    out = raw_view(part.tensor)[p, layer, : part.lead_tokens].numpy().reshape(len(ids), -1)
                     copies.append((rows, out, ids))
             per_layer.append(copies)
         gather_blocks(per_layer)
@@ -263,7 +260,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             blocks = self._block_views[layer][plane_index]
             detiler = self._detilers[plane_index]
             for index, part in enumerate(plan.parts):
-                dst = _raw(part.tensor)[plane_index, layer]
+                dst = raw_view(part.tensor)[plane_index, layer]
                 done = 0
                 if index in whole_blocks_done:
                     done = part.lead_tokens
@@ -301,7 +298,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         for plane_index, (plane, table) in enumerate(zip(self.layout.planes, self._np_tables[layer])):
             blocks = self._np_block_views[layer][plane_index]
             for part, done in zip(plan.parts, tiled):
-                src = _raw(part.tensor)[plane_index, layer].numpy()
+                src = raw_view(part.tensor)[plane_index, layer].numpy()
                 if not done and blocks is not None and part.lead_blocks is not None:
                     done = part.lead_tokens
                     blocks[part.lead_blocks.numpy()] = src[:done].reshape(-1, *plane.block_view.shape)
@@ -404,4 +401,4 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
 def _apply_fixups(fixups: list) -> None:
     """Objects with padding: scatter their valid tokens into place once the copies are done."""
     for host_layers, positions, temp in fixups:
-        _raw(host_layers).index_copy_(1, positions, _raw(temp))
+        raw_view(host_layers).index_copy_(1, positions, raw_view(temp))
