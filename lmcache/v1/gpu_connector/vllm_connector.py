@@ -6,7 +6,9 @@ from the Platform.
 Store (paged -> host), for all objects of a batch at once:
   CPU     per layer and plane, an index_select straight into each object's
           slice (no staging, no extra copy: the objects are the destination);
-          large contiguous whole blocks are one memcpy each (block_copies.py);
+          whole blocks that are contiguous pieces of the cache (vllm-gaudi's
+          K and V, MLA) are one memcpy each, from a compiled loop over threads
+          (block_copies.py, where numba is present);
           whole blocks of vLLM's CPU attention layout are de-tiled by compiled
           loops where numba is present (cpu_attn_detile.py), or, with
           native_blocks, kept in vLLM's own byte order (native_blocks.py).
@@ -18,8 +20,9 @@ Store (paged -> host), for all objects of a batch at once:
           (pinned) host tensor; on CUDA all of it on a side stream that waits
           for the compute stream. One synchronize at the end.
 Load (host -> paged): the mirror image; per layer and plane ONE index_copy_ on
-the device (CPU: one numpy fancy assignment per object, several times faster
-than torch's CPU index_copy_; layers spread over torch's threads), then flush()
+the device (CPU: whole contiguous blocks as in stores, the rest one numpy fancy
+assignment per object, several times faster than torch's CPU index_copy_; layers
+spread over torch's threads), then flush()
 once (HPU lazy mode) and one synchronize. vLLM's CPU attention layout: whole
 blocks are tiled by compiled loops (the de-tilers' inverses), the other tokens
 written by vLLM's own kernel (or numpy where its kernel would not be bit-exact).
@@ -39,7 +42,7 @@ import torch
 
 from lmcache.platforms import Platform
 from lmcache.v1.gpu_connector import GPUConnectorInterface
-from lmcache.v1.gpu_connector.block_copies import MIN_PIECE_BYTES, gather_blocks, rows_view
+from lmcache.v1.gpu_connector.block_copies import WholeBlockCopier
 from lmcache.v1.gpu_connector.cpu_threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout
 from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch, raw_view
@@ -68,7 +71,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._np_block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._kernel_writer = None
-        self._block_rows = None  # CPU: per layer, per plane [num_blocks, piece] rows (see block_copies.py)
+        self._whole_blocks = None  # CPU: whole blocks as one memcpy each, where they are contiguous pieces
         # cpu_attn: compiled de-tiling of whole blocks per plane (None: the torch block view path)
         self._detilers: list = [None] * layout.num_planes
         # and their inverses, for loads of whole blocks (None: vLLM's kernel or the numpy path)
@@ -89,7 +92,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                         view = plane.block_view.view(raw_view(t))
                         self._block_views[layer][p] = view
                         self._np_block_views[layer][p] = view.numpy()
-            self._setup_block_rows()
+            self._whole_blocks = WholeBlockCopier.for_planes(self._block_views)
         self._stream = None
         # cpu_attn: whole blocks kept in vLLM's own byte order (native_blocks.py), when asked for
         self._native = None
@@ -98,38 +101,18 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
 
             self._native = NativeBlocks.for_layout(layout)
 
-    def _setup_block_rows(self) -> None:
-        """Planes whose blocks are each one contiguous piece of at least MIN_PIECE_BYTES (e.g.
-        vllm-gaudi's K and V at block 128): their whole blocks are stored by block_copies."""
-        self._block_rows = None
-        views = self._block_views
-        if any(v is None or not v[0].is_contiguous() for per_layer in views for v in per_layer):
-            return
-        piece = views[0][0][0].numel()
-        if piece * views[0][0].element_size() < MIN_PIECE_BYTES:
-            return
-        self._block_rows = [[rows_view(np_view, piece) for np_view in per_layer] for per_layer in self._np_block_views]
-
-    def _gather_large_blocks(self, plan: BatchPlan) -> set[int]:
-        """Store the leading whole blocks of every part through block_copies, where the planes
-        allow it; returns the indices of the parts so done."""
-        if self._block_rows is None:
+    def _move_whole_blocks(self, plan: BatchPlan, store: bool) -> set[int]:
+        """Store (or load) the leading whole blocks of every part with one memcpy each, where the
+        planes' blocks are contiguous pieces (block_copies.py); returns the indices of the parts so done."""
+        if self._whole_blocks is None:
             return set()
-        done = {i for i, part in enumerate(plan.parts) if part.lead_blocks is not None}
-        if not done:
-            return done
-        per_layer = []
-        for layer, planes in enumerate(self._block_rows):
-            copies = []
-            for i in done:
-                part = plan.parts[i]
-                ids = part.lead_blocks.tolist()
-                for p, rows in enumerate(planes):
-                    out = raw_view(part.tensor)[p, layer, : part.lead_tokens].numpy().reshape(len(ids), -1)
-                    copies.append((rows, out, ids))
-            per_layer.append(copies)
-        gather_blocks(per_layer)
-        return done
+        done = [i for i, part in enumerate(plan.parts) if part.lead_blocks is not None]
+        pairs = [(plan.parts[i].tensor, plan.parts[i].lead_blocks_numpy()) for i in done]
+        if store:
+            self._whole_blocks.store(pairs)
+        else:
+            self._whole_blocks.load(pairs)
+        return set(done)
 
     def _setup_detilers(self) -> None:
         from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned, make_detiler, make_tiler
@@ -214,7 +197,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if not plan.parts:
             return
         if self._on_cpu:
-            whole_blocks_done = self._gather_large_blocks(plan)
+            whole_blocks_done = self._move_whole_blocks(plan, store=True)
             for layer in range(self.num_layers):
                 self._cpu_store_layer(plan, layer, whole_blocks_done)
             self.platform.synchronize()
@@ -239,7 +222,8 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if self._on_cpu:
             # Layers write disjoint parts of the cache and the copies release the GIL:
             # spread them over torch's thread count, as a memcpy of the same bytes would be.
-            run_threaded([(self._cpu_load_layer, plan, layer) for layer in range(self.num_layers)])
+            whole_blocks_done = self._move_whole_blocks(plan, store=False)
+            run_threaded([(self._cpu_load_layer, plan, layer, whole_blocks_done) for layer in range(self.num_layers)])
             self.platform.synchronize()
             return
         with self._side_stream():
@@ -288,8 +272,11 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         if compiled:
             run_threaded(compiled)
 
-    def _cpu_load_layer(self, plan: BatchPlan, layer: int) -> None:
+    def _cpu_load_layer(self, plan: BatchPlan, layer: int, whole_blocks_done: set[int] = frozenset()) -> None:
         tiled = self._tile_lead_blocks(plan, layer)
+        if whole_blocks_done:
+            tiled = [part.lead_tokens if i in whole_blocks_done else done
+                     for i, (part, done) in enumerate(zip(plan.parts, tiled))]
         if self._kernel_writer is not None:
             self._kernel_load_layer(plan, layer, tiled)
             return
