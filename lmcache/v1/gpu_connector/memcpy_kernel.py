@@ -28,6 +28,22 @@ def _memcpy(typingctx, dst, src, nbytes):
     return signature, codegen
 
 
+INLINE_RUN_MAX = 2048  # runs up to this long, in 64-byte multiples, are copied inline
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _copy_run(dst, src, run_bytes):
+    """One run: short runs of 64-byte multiples as inline 64-byte moves (a libc call per
+    256-byte run cost ~10% of the copy), others through libc's memcpy."""
+    if run_bytes <= INLINE_RUN_MAX and run_bytes % numba.uint64(64) == 0:
+        done = numba.uint64(0)
+        while done < run_bytes:
+            _memcpy(dst + done, src + done, numba.uint64(64))
+            done += numba.uint64(64)
+    else:
+        _memcpy(dst, src, run_bytes)
+
+
 @numba.njit(cache=True, nogil=True)
 def copy_blocks(cache, objects, shape, strides, run, store):
     """For every block i and plane p: the block at address cache[i, p] (runs of `run` bytes at
@@ -45,7 +61,7 @@ def copy_blocks(cache, objects, shape, strides, run, store):
                               + numba.uint64(c) * numba.uint64(strides[2]))
                     for p in range(cache.shape[1]):
                         if store:
-                            _memcpy(objects[i, p] + done, cache[i, p] + offset, run_bytes)
+                            _copy_run(objects[i, p] + done, cache[i, p] + offset, run_bytes)
                         else:
-                            _memcpy(cache[i, p] + offset, objects[i, p] + done, run_bytes)
+                            _copy_run(cache[i, p] + offset, objects[i, p] + done, run_bytes)
                     done += run_bytes
