@@ -6,9 +6,10 @@ from the Platform.
 Store (paged -> host), for all objects of a batch at once:
   CPU     per layer and plane, an index_select straight into each object's
           slice (no staging, no extra copy: the objects are the destination);
-          whole blocks that are contiguous pieces of the cache (vllm-gaudi's
-          K and V, MLA) are one memcpy each, from a compiled loop over threads
-          (block_copies.py, where numba is present);
+          whole blocks made of runs of at least 64 bytes (the whole block for
+          vllm-gaudi's K and V and MLA, one head of one token for CUDA's
+          flash-attention layout) are memcpys of those runs, from a compiled
+          loop over threads (block_copies.py, where numba is present);
           whole blocks of vLLM's CPU attention layout are de-tiled by compiled
           loops where numba is present (cpu_attn_detile.py), or, with
           native_blocks, kept in vLLM's own byte order (native_blocks.py).
@@ -20,7 +21,7 @@ Store (paged -> host), for all objects of a batch at once:
           (pinned) host tensor; on CUDA all of it on a side stream that waits
           for the compute stream. One synchronize at the end.
 Load (host -> paged): the mirror image; per layer and plane ONE index_copy_ on
-the device (CPU: whole contiguous blocks as in stores, the rest one numpy fancy
+the device (CPU: whole blocks of runs as in stores, the rest one numpy fancy
 assignment per object, several times faster than torch's CPU index_copy_; layers
 spread over torch's threads), then flush()
 once (HPU lazy mode) and one synchronize. vLLM's CPU attention layout: whole
@@ -71,7 +72,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         self._block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._np_block_views: list[list] = [[None] * layout.num_planes for _ in range(layout.num_layers)]
         self._kernel_writer = None
-        self._whole_blocks = None  # CPU: whole blocks as one memcpy each, where they are contiguous pieces
+        self._whole_blocks = None  # CPU: whole blocks as memcpys of runs, where their runs are long (block_copies.py)
         # cpu_attn: compiled de-tiling of whole blocks per plane (None: the torch block view path)
         self._detilers: list = [None] * layout.num_planes
         # and their inverses, for loads of whole blocks (None: vLLM's kernel or the numpy path)
@@ -102,8 +103,8 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             self._native = NativeBlocks.for_layout(layout)
 
     def _move_whole_blocks(self, plan: BatchPlan, store: bool) -> set[int]:
-        """Store (or load) the leading whole blocks of every part with one memcpy each, where the
-        planes' blocks are contiguous pieces (block_copies.py); returns the indices of the parts so done."""
+        """Store (or load) the leading whole blocks of every part as memcpys of runs, where the
+        planes allow it (block_copies.py); returns the indices of the parts so done."""
         if self._whole_blocks is None:
             return set()
         done = [i for i, part in enumerate(plan.parts) if part.lead_blocks is not None]
