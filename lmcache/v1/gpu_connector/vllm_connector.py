@@ -274,10 +274,7 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             run_threaded(compiled)
 
     def _cpu_load_layer(self, plan: BatchPlan, layer: int, whole_blocks_done: set[int] = frozenset()) -> None:
-        tiled = self._tile_lead_blocks(plan, layer)
-        if whole_blocks_done:
-            tiled = [part.lead_tokens if i in whole_blocks_done else done
-                     for i, (part, done) in enumerate(zip(plan.parts, tiled))]
+        tiled = self._tile_lead_blocks(plan, layer, whole_blocks_done)
         if self._kernel_writer is not None:
             self._kernel_load_layer(plan, layer, tiled)
             return
@@ -297,15 +294,16 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
                 src = src[done: part.count] if part.positions is None else src[part.positions.numpy()]
                 table[part_rows] = src.reshape(-1, plane.width)
 
-    def _tile_lead_blocks(self, plan: BatchPlan, layer: int) -> list[int]:
-        """Write each part's leading whole blocks with the compiled tilers (all planes, or none);
-        returns the tokens so written per part (0 where the other path has them all)."""
-        tiled = [0] * len(plan.parts)
+    def _tile_lead_blocks(self, plan: BatchPlan, layer: int, whole_blocks_done: set[int]) -> list[int]:
+        """Write each part's leading whole blocks with the compiled tilers (all planes, or none),
+        except the parts whose whole blocks are already in (whole_blocks_done); returns the
+        tokens written by either per part (0 where the other path has them all)."""
+        tiled = [plan.parts[i].lead_tokens if i in whole_blocks_done else 0 for i in range(len(plan.parts))]
         if any(t is None for t in self._tilers):
             return tiled
         hidden_bytes = self.layout.hidden * self.layout.dtype.itemsize
         for i, part in enumerate(plan.parts):
-            if part.lead_blocks is None or part.tensor.data_ptr() % 8:
+            if tiled[i] or part.lead_blocks is None or part.tensor.data_ptr() % 8:
                 continue
             tokens = part.tensor.shape[2]
             blocks = part.lead_blocks_numpy()
