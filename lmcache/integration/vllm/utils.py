@@ -57,6 +57,19 @@ def engine_id_of(vllm_config) -> str:
     return str(kv_transfer_config.engine_id)
 
 
+def parallel_rank_and_size(vllm_config) -> tuple[int, int]:
+    """This worker's rank among the tp*pp workers of one engine, and their number."""
+    parallel = vllm_config.parallel_config
+    tp, pp = int(parallel.tensor_parallel_size), int(parallel.pipeline_parallel_size)
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        rank = get_pp_group().rank_in_group * tp + get_tensor_model_parallel_rank()
+    except (AssertionError, ImportError, AttributeError):  # not initialised (unit tests)
+        rank = 0
+    return rank, tp * pp
+
+
 def mla_enabled(model_config) -> bool:
     return bool(getattr(model_config, "use_mla", False))
 

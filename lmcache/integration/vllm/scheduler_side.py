@@ -1,0 +1,68 @@
+"""The scheduler half of `LMCacheConnectorV1Impl` (vLLM's EngineCore process).
+
+It plans (request_tracker.SchedulerPlanner) and asks the workers for hits over their
+lookup sockets (lookup_channel): with tensor parallelism a prefix is a hit only as far
+as every rank holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
+from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
+from lmcache.integration.vllm.utils import (
+    DEFAULT_LOOKUP_TIMEOUT_MS,
+    LOOKUP_TIMEOUT_KEY,
+    force_skip_save,
+    parallel_rank_and_size,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerSide:
+    """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in the scheduler process."""
+
+    def _init_scheduler(self, vllm_config, extra: dict) -> None:
+        _, world_size = parallel_rank_and_size(vllm_config)
+        timeout_ms = int(extra.get(LOOKUP_TIMEOUT_KEY, DEFAULT_LOOKUP_TIMEOUT_MS))
+        self._lookup_client = LookupClient(
+            [socket_address(self._engine_id, r) for r in range(world_size)], timeout_ms
+        )
+        skip_saves = force_skip_save()
+        if skip_saves:
+            logger.info("LMCache: saving is off (LMCACHE_FORCE_SKIP_SAVE)")
+        self._planner = SchedulerPlanner(
+            SchedulerPolicy(
+                chunk_size=self.config.chunk_size,
+                block_size=self.block_size,
+                save_unfull_chunk=self.config.save_unfull_chunk,
+                save_decode_cache=self.config.save_decode_cache,
+                min_retrieve_tokens=self.config.min_retrieve_tokens,
+                skip_all_saves=skip_saves,
+            ),
+            self._lookup_client.lookup,
+        )
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
+        return self._planner.num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
+        self._planner.after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
+        return LMCacheConnectorMetadata(
+            self._planner.build(scheduler_output),
+            getattr(scheduler_output, "preempted_req_ids", None),
+        )
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        had_save = self._planner.finished(request)
+        # With async saving, the blocks stay allocated until every worker reports
+        # the request's saves done (get_finished).
+        return (self.async_save and had_save), None
+
+    def _shutdown_scheduler(self) -> None:
+        self._lookup_client.close()

@@ -1,0 +1,264 @@
+"""The worker half of `LMCacheConnectorV1Impl` (one vLLM worker process per rank).
+
+Each worker owns an LMCacheEngine over its own KV shard and answers the scheduler's
+lookups on a local socket (lookup_channel). A step moves everything with one batched
+retrieve (`start_load_kv`) and one batched store (`wait_for_save`, worker_saves.py);
+positions vLLM was promised but did not get become load errors, so vLLM recomputes them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import torch
+
+from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata, transfer_specs
+from lmcache.integration.vllm.lookup_channel import LookupServer, socket_address
+from lmcache.integration.vllm.request_tracker import ReqMeta
+from lmcache.integration.vllm.utils import (
+    ENGINE_NAME,
+    attention_backend_name,
+    mla_enabled,
+    parallel_rank_and_size,
+    truthy,
+)
+from lmcache.integration.vllm.worker_layerwise import WorkerLayerwise
+from lmcache.integration.vllm.worker_saves import WorkerSaves
+
+logger = logging.getLogger(__name__)
+
+# Test hooks (corrupting loaded KV on purpose) answer only in processes started
+# with this variable set; see tests/e2e/.
+TEST_HOOKS_ENV = "LMCACHE_TEST_HOOKS"
+
+
+class WorkerCounters:
+    """What this worker moved (the demo and the tests read these)."""
+
+    def __init__(self):
+        self.load_requests = 0
+        self.loaded_tokens = 0
+        self.load_failed_tokens = 0
+        self.save_requests = 0
+        self.saved_tokens = 0
+        self.save_failures = 0
+        self.held_requests_released = 0  # async saving: finished requests whose blocks we held
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class WorkerSide(WorkerSaves, WorkerLayerwise):
+    """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in a worker process."""
+
+    def _init_worker(self, vllm_config) -> None:
+        self.engine = None
+        self.gpu_connector = None
+        self._rank, self._world_size = parallel_rank_and_size(vllm_config)
+        self._metadata: LMCacheConnectorMetadata | None = None
+        self._load_errors: set[int] = set()
+        self._engine_lock = threading.RLock()
+        self._lookup_server: LookupServer | None = None
+        self.counters = WorkerCounters()
+        self._test_hooks_allowed = truthy(os.environ.get(TEST_HOOKS_ENV, ""))
+        self._corrupt_loads = False
+        self._init_layerwise()
+        self._init_saves()
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        from lmcache.platforms import current_platform
+        from lmcache.v1.cache_engine import LMCacheEngineBuilder
+        from lmcache.v1.gpu_connector import create_gpu_connector
+
+        layer_names = list(kv_caches)
+        first = kv_caches[layer_names[0]]
+        device_type = (first[0] if isinstance(first, (tuple, list)) else first).device.type
+        if self.use_layerwise and device_type == "hpu":
+            raise ValueError(
+                "LMCache use_layerwise=True cannot work on Gaudi: vllm-gaudi never calls the "
+                "per-layer hooks. Accepted there: use_layerwise=False (the default)."
+            )
+        backend = attention_backend_name(self._vllm_config, layer_names)
+        self.gpu_connector = create_gpu_connector(
+            kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
+            native_blocks=self.config.cpu_native_blocks,
+        )
+        self.engine = LMCacheEngineBuilder.get_or_create(
+            ENGINE_NAME, self.config, self._engine_metadata(), self.gpu_connector
+        )
+        self._layer_index = {name: i for i, name in enumerate(layer_names)}
+        self._start_save_pool()
+        self._lookup_server = LookupServer(
+            socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control
+        ).start()
+        # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
+        atexit.register(self.shutdown)
+        logger.info(
+            "LMCache worker %d/%d ready: %d layers, backend %s, layout %s, chunk %d, block %d, objects %s%s",
+            self._rank, self._world_size, len(layer_names), backend, self.gpu_connector.layout_fingerprint,
+            self.config.chunk_size, self.block_size, self.gpu_connector.host_format_tag or "portable",
+            ", async save" if self.async_save else "",
+        )
+
+    def _engine_metadata(self):
+        from lmcache.v1.cache_engine import LMCacheEngineMetadata
+
+        model_config = self._vllm_config.model_config
+        parallel_config = self._vllm_config.parallel_config
+        use_mla = mla_enabled(model_config)
+        return LMCacheEngineMetadata(
+            model_name=str(model_config.model),
+            world_size=self._world_size,
+            worker_id=self._rank,
+            kv_dtype=self.gpu_connector.kv_dtype,
+            kv_shape=(
+                self.gpu_connector.num_layers,
+                1 if use_mla else 2,
+                self.config.chunk_size,
+                model_config.get_num_kv_heads(parallel_config),
+                model_config.get_head_size(),
+            ),
+            use_mla=use_mla,
+            # Portable memory objects hold K/V in plain per-token order whatever the paged
+            # layout, so the device layout stays out of the keys: CUDA, Gaudi and CPU
+            # instances of the same model share one disk directory or Redis server. Native
+            # CPU blocks (cpu_native_blocks) are vLLM's tiled bytes: their tag keys them apart.
+            layout_fingerprint=self.gpu_connector.host_format_tag,
+        )
+
+    # -- the lookup server's handlers (background thread) ----------------------
+    def _lookup(self, tokens) -> int:
+        if self.engine is None:
+            return 0
+        with self._engine_lock:
+            return int(self.engine.lookup(tokens))
+
+    def stats(self) -> dict:
+        out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
+               "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
+               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable"}
+        engine_stats = getattr(self.engine, "stats", None)
+        if engine_stats is not None:
+            if is_dataclass(engine_stats):
+                out["engine"] = asdict(engine_stats)
+            elif hasattr(engine_stats, "to_dict"):
+                out["engine"] = engine_stats.to_dict()
+            else:
+                out["engine"] = dict(vars(engine_stats))
+        return out
+
+    def _control(self, command: dict) -> dict:
+        answer: dict = {}
+        if "flush" in command:
+            # Wait for this worker's queued disk/remote writes (a second process may
+            # be about to read them).
+            self._wait_saves()
+            with self._engine_lock:
+                answer["flushed"] = bool(self.engine.flush(float(command["flush"]))) if self.engine else True
+        if "corrupt_loads" in command:
+            if not self._test_hooks_allowed:
+                raise PermissionError(f"test hooks are off in this process (set {TEST_HOOKS_ENV}=1 to allow them)")
+            self._corrupt_loads = bool(command["corrupt_loads"])
+            answer["corrupt_loads"] = self._corrupt_loads
+        return answer
+
+    # -- each step ----------------------------------------------------------------
+    def bind_connector_metadata(self, metadata: LMCacheConnectorMetadata) -> None:
+        self._metadata = metadata
+        self._reset_layerwise_step()
+
+    def clear_connector_metadata(self) -> None:
+        self._metadata = None
+
+    def _bound(self) -> LMCacheConnectorMetadata | None:
+        md = self._metadata
+        if md is None and self._parent is not None and hasattr(self._parent, "_get_connector_metadata"):
+            try:
+                md = self._parent._get_connector_metadata()
+            except AssertionError:
+                md = None
+        return md if isinstance(md, LMCacheConnectorMetadata) else None
+
+    def start_load_kv(self, forward_context=None, **kwargs) -> None:
+        md = self._bound()
+        if md is None or self.engine is None:
+            return
+        loads = md.loads
+        if not loads:
+            return
+        if self.use_layerwise:
+            self._start_layerwise_loads(loads)
+            return
+        specs = transfer_specs(r.load for r in loads)
+        start = time.perf_counter()
+        try:
+            with self._engine_lock:
+                loaded = list(self.engine.batched_retrieve(specs))
+        except Exception:  # noqa: BLE001 - a cache fault is a miss, never a failed step
+            logger.exception("LMCache: batched retrieve failed; %d request(s) will recompute", len(loads))
+            loaded = [0] * len(loads)
+        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms",
+                     loaded, len(loads), (time.perf_counter() - start) * 1000)
+        # the engine counts tokens loaded from skip_tokens on
+        self._account_loads(loads, [r.load.skip_tokens + n for r, n in zip(loads, loaded)])
+
+    def _account_loads(self, loads: list[ReqMeta], loaded_ends: list[int]) -> None:
+        """`loaded_ends[i]`: the end of the prefix of request i now valid in the paged
+        cache. Positions vLLM was promised but did not get are reported as load
+        errors (their blocks), so that vLLM recomputes them."""
+        for r, end in zip(loads, loaded_ends):
+            self.counters.load_requests += 1
+            good_to = max(r.load_from, min(int(end), r.load_to))
+            self.counters.loaded_tokens += good_to - r.load_from
+            if good_to < r.load_to:
+                bad = r.load.slot_mapping[good_to:r.load_to]
+                bad = bad[bad >= 0]
+                self._load_errors.update((bad // self.block_size).unique().tolist())
+                self.counters.load_failed_tokens += r.load_to - good_to
+                logger.warning(
+                    "LMCache: request %s loaded %d of %d tokens; vLLM recomputes the rest",
+                    r.req_id, good_to - r.load_from, r.load_to - r.load_from,
+                )
+            elif self._corrupt_loads:
+                self._corrupt(r)
+
+    def _corrupt(self, r: ReqMeta) -> None:
+        """Test hook: swap the K and V of what was just loaded, as a layout mix-up
+        would (the tests must see the difference)."""
+        from lmcache.v1.memory import MemoryObj
+
+        start, end = r.load_from, r.load_to
+        n = end - start
+        connector = self.gpu_connector
+        if n < 1 or connector.memory_format.num_planes != 2:
+            return
+        obj = MemoryObj(torch.empty(connector.get_shape(n), dtype=connector.kv_dtype), connector.memory_format)
+        slots = r.load.slot_mapping[start:end].to(torch.long)
+        connector.batched_from_gpu([obj], [0], [n], slot_mapping=slots)
+        obj.tensor.copy_(obj.tensor.flip(0))
+        connector.batched_to_gpu([obj], [0], [n], slot_mapping=slots)
+        logger.warning("LMCache TEST HOOK: corrupted %d loaded tokens of %s", n, r.req_id)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_kv_events(self) -> list:
+        return []
+
+    def _shutdown_worker(self) -> None:
+        if self._lookup_server is not None:
+            self._lookup_server.close()
+            self._lookup_server = None
+        self._stop_save_pool()
+        if self.engine is not None:
+            try:
+                self.engine.flush(10.0)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                logger.warning("LMCache: queued writes not finished at shutdown", exc_info=True)
