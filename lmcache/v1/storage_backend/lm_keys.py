@@ -7,6 +7,9 @@ with upstream's dtype names (half, bfloat16, float, ...). Ours:
     {model}@{world_size}@{worker_id}@{chunk_hash}@{dtype}@lm%{layout}
 model and layout %-escaped (so neither holds '@', and the escaping is one-to-one);
 `lm` is a tag, so the layout part is part of the key on upstream's server too.
+The chunk hash is written as upstream writes it (lowercase hex without leading
+zeros, as it prints the parsed integer), so a key object upstream parses from
+ours prints back to the same bytes: our server compares keys as bytes.
 
 The key field is 150 bytes. A key that would not fit (long model names) is sent
 instead as
@@ -52,10 +55,14 @@ def _frame(model: str, world: int, worker: int, dtype: str, layout: str) -> tupl
     return head, tail
 
 
+def _hash_text(chunk_hash: str) -> str:
+    return chunk_hash.lower().lstrip("0") or "0"
+
+
 def wire_key(key: CacheEngineKey) -> bytes:
     """The key field text for `key` (at most 150 bytes)."""
     head, tail = _frame(key.model_name, key.world_size, key.worker_id, key.dtype, key.fingerprint)
-    text = f"{head}{key.chunk_hash}{tail}".encode()
+    text = f"{head}{_hash_text(key.chunk_hash)}{tail}".encode()
     if len(text) <= KEY_FIELD:
         return text
     return _digested(key).encode()
@@ -66,7 +73,7 @@ def _digested(key: CacheEngineKey) -> str:
     up_dtype = UPSTREAM_DTYPE_NAMES[key.dtype]
     named = f"{head}\0{tail}".encode()  # model, world, worker, dtype and layout, one-to-one
     digest = hashlib.blake2b(named, digest_size=16).hexdigest()
-    text = f"{DIGEST_MARK}{digest}@{key.world_size}@{key.worker_id}@{key.chunk_hash}@{up_dtype}"
+    text = f"{DIGEST_MARK}{digest}@{key.world_size}@{key.worker_id}@{_hash_text(key.chunk_hash)}@{up_dtype}"
     if len(text.encode()) > KEY_FIELD:
         raise KeyEncodingError(f"key {key} does not fit the {KEY_FIELD}-byte key field even digested")
     return text
