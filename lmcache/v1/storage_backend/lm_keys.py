@@ -7,6 +7,7 @@ with upstream's dtype names (half, bfloat16, float, ...). Ours:
     {model}@{world_size}@{worker_id}@{chunk_hash}@{dtype}@lm%{layout}
 model and layout %-escaped (so neither holds '@', and the escaping is one-to-one);
 `lm` is a tag, so the layout part is part of the key on upstream's server too.
+A dtype upstream has no name for is sent as `uint8` plus a tag `dt%{dtype}`.
 The chunk hash is written as upstream writes it (lowercase hex without leading
 zeros, as it prints the parsed integer), so a key object upstream parses from
 ours prints back to the same bytes: our server compares keys as bytes.
@@ -44,15 +45,16 @@ class KeyEncodingError(ValueError):
 @functools.lru_cache(maxsize=256)
 def _frame(model: str, world: int, worker: int, dtype: str, layout: str) -> tuple[str, str]:
     """(text before the chunk hash, text after it) for one engine's keys."""
-    up_dtype = UPSTREAM_DTYPE_NAMES.get(dtype)
-    if up_dtype is None:
-        raise KeyEncodingError(
-            f"dtype {dtype!r} has no name in upstream's lm:// key format; supported: {', '.join(UPSTREAM_DTYPE_NAMES)}"
-        )
     quoted_model = urllib.parse.quote(model, safe="-_.+/")
     quoted_layout = urllib.parse.quote(layout, safe="-_.+")
-    head, tail = f"{quoted_model}@{world}@{worker}@", f"@{up_dtype}@lm%{quoted_layout}"
+    head, tail = f"{quoted_model}@{world}@{worker}@", f"@{_upstream_dtype(dtype)}@lm%{quoted_layout}"
+    if dtype not in UPSTREAM_DTYPE_NAMES:  # no upstream name: a tag names it
+        tail += f"@dt%{urllib.parse.quote(dtype, safe='-_.+')}"
     return head, tail
+
+
+def _upstream_dtype(dtype: str) -> str:
+    return UPSTREAM_DTYPE_NAMES.get(dtype, "uint8")
 
 
 def _hash_text(chunk_hash: str) -> str:
@@ -70,7 +72,7 @@ def wire_key(key: CacheEngineKey) -> bytes:
 
 def _digested(key: CacheEngineKey) -> str:
     head, tail = _frame(key.model_name, key.world_size, key.worker_id, key.dtype, key.fingerprint)
-    up_dtype = UPSTREAM_DTYPE_NAMES[key.dtype]
+    up_dtype = _upstream_dtype(key.dtype)
     named = f"{head}\0{tail}".encode()  # model, world, worker, dtype and layout, one-to-one
     digest = hashlib.blake2b(named, digest_size=16).hexdigest()
     text = f"{DIGEST_MARK}{digest}@{key.world_size}@{key.worker_id}@{_hash_text(key.chunk_hash)}@{up_dtype}"
