@@ -58,25 +58,46 @@ def test_put_cut_short_is_never_stored(lm_server):
     assert lm_server.log().count("cut short (400 of 1000 bytes)") == 1
 
 
-def test_put_cut_short_is_refused_by_the_store_itself():
+def test_store_gives_back_a_short_bodys_reservation():
     store = LRUByteStore(1000)
-    assert store.reserve(600)
-    store.release(600)  # what the handler does with a short body
-    assert len(store) == 0 and store.reserve(1000)  # the reservation is given back
+    buf = store.reserve(600)
+    assert buf is not None and len(buf) == 600
+    store.release(buf)  # what the handler does with a short body
+    assert len(store) == 0 and store.reserve(1000) is not None  # the reservation is given back
+
+
+def put(store, key, n, fill=0):
+    buf = store.reserve(n)
+    assert buf is not None
+    buf[:] = fill
+    store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+    return buf
 
 
 def test_lru_eviction_keeps_the_budget():
     store = LRUByteStore(1000)
     for i in range(5):
-        assert store.reserve(300)
-        store.commit(b"k%d" % i, Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+        put(store, b"k%d" % i, 300)
         assert store.used_bytes <= 1000
     assert [store.contains(b"k%d" % i) for i in range(5)] == [False, False, True, True, True]
-    store.get(b"k2")  # now the most recently used
-    assert store.reserve(300)
-    store.commit(b"k5", Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+    store.done(store.hold(b"k2"))  # now the most recently used
+    put(store, b"k5", 300)
     assert store.contains(b"k2") and not store.contains(b"k3")
-    assert not store.reserve(1001)  # never more than the budget, whatever is evicted
+    assert store.reserve(1001) is None  # never more than the budget, whatever is evicted
+
+
+def test_buffers_are_reused_but_never_under_a_reader():
+    store = LRUByteStore(1000)
+    first = put(store, b"a", 400, fill=1)
+    put(store, b"a", 400, fill=2)  # replaces: the first buffer is kept for reuse
+    assert store.reserve(400) is first
+    store.release(first)
+    reading = store.hold(b"a")
+    put(store, b"b", 400, fill=3)
+    put(store, b"c", 400, fill=4)  # evicts "a" while it is being sent
+    assert not store.contains(b"a") and bytes(reading.data) == b"\x02" * 400  # untouched
+    store.done(reading)
+    assert store.reserve(400) is not reading.data  # it was dropped, not kept
 
 
 def test_eviction_under_a_small_budget_with_concurrent_writers(lm_factory):
