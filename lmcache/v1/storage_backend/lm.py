@@ -290,6 +290,8 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, Me
         obj.free()
         raise
     if got < reply.length:
+        # Not counted as an outage: upstream's server closes the connection here when the
+        # entry is a PUT it stored cut short. If the server is really gone, the next call says so.
         obj.free()
-        raise ConnectionResetError(f"connection closed {got} of {reply.length} payload bytes into a GET")
+        raise BadReply(f"connection closed {got} of {reply.length} payload bytes into the reply")
     return "hit", obj
