@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcache.v1.server import protocol as P
 from lmcache.v1.server.store import Entry, LRUByteStore
@@ -100,6 +102,52 @@ def test_buffers_are_reused_but_never_under_a_reader():
     assert store.reserve(400) is not reading.data  # it was dropped, not kept
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "short", "read", "done"]), st.integers(0, 5),
+                          st.sampled_from([100, 250, 400, 1001])), max_size=60))
+def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
+    store = LRUByteStore(1000)
+    held = []
+    for op, k, n in ops:
+        key = b"k%d" % k
+        if op in ("put", "short"):
+            buf = store.reserve(n)
+            if buf is None:
+                assert n > 1000 or store._reserved > 0
+                continue
+            assert all(buf is not e.data for e in held)  # never a buffer being sent
+            buf[:] = k
+            if op == "put":
+                store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+            else:
+                store.release(buf)
+        elif op == "read":
+            entry = store.hold(key)
+            if entry is not None:
+                assert bytes(entry.data) == bytes([k]) * entry.length  # its own bytes
+                held.append(entry)
+        elif held:
+            store.done(held.pop(0))
+        assert store._used + store._reserved + store._idle_bytes <= store.budget_bytes
+        for entry in held:
+            assert len(set(bytes(entry.data))) == 1  # nothing overwrote what a reader holds
+
+
+def test_max_clients_closes_the_extra_connection(lm_factory):
+    server = lm_factory("--max-clients", "2")
+    first, second = RawClient(server.port), RawClient(server.port)
+    assert first.request(P.HEALTH, b"").code == P.SUCCESS and second.request(P.HEALTH, b"").code == P.SUCCESS
+    third = RawClient(server.port)
+    assert third.sock.recv(1) == b""  # closed at once
+    third.close()
+    first.close()
+    time.sleep(0.2)
+    with RawClient(server.port) as fourth:  # room again
+        assert fourth.request(P.HEALTH, b"").code == P.SUCCESS
+    second.close()
+    assert "refused: 2 connections open" in server.log()
+
+
 def test_eviction_under_a_small_budget_with_concurrent_writers(lm_factory):
     server = lm_factory("--max-size-gb", str(4 * MB / 1024**3))
     base_rss = server.rss_bytes()
@@ -173,7 +221,7 @@ def test_many_concurrent_clients(lm_server):
         for c in clients:
             c.close()
     deadline = time.monotonic() + 5
-    while lm_server.log().count("disconnected") < 48 and time.monotonic() < deadline:
+    while lm_server.log().count(" disconnected after ") < 49 and time.monotonic() < deadline:
         time.sleep(0.05)
     log = lm_server.log()
     # one line per connect and per disconnect (48 clients, plus the start-up probe)
