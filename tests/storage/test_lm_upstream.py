@@ -119,6 +119,7 @@ def test_our_client_against_upstream_server(upstream_056, lm_factory, tmp_path):
     assert "Server started at" in server.log()  # upstream's own log line: it is upstream's server
     pool = HostMemoryPool(8 * MB)
     tier = LMServerBackend(server.url)
+    assert tier.health()
     cases = [(key(1), chunk(pool, 1)), (key(2, dtype="float16"), chunk(pool, 2, torch.float16, mla=True)),
              (key(3, model="team@corp/" + "m" * 200), chunk(pool, 3))]  # '@' and a key too long: both fit
     for k, obj in cases:
