@@ -38,45 +38,20 @@ WORKER_PATH = (
 )
 
 
-def _is_lmcache(name: str) -> bool:
-    return name == "lmcache" or name.startswith("lmcache.")
+def _load_bench_patch():
+    """lmcache/bench/patch.py by path (it imports no `lmcache` at module level)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lmcache", "bench", "patch.py")
+    spec = importlib.util.spec_from_file_location("lmcache_bench_patch_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class OurPackage:
-    """Our lmcache modules, loaded once, swapped into sys.modules on demand."""
-
-    def __init__(self, repo: str):
-        sys.path.insert(0, repo)
-        try:
-            importlib.import_module("lmcache.platforms")
-            self.emulation = importlib.import_module("lmcache.testing.hpu_emulation")
-        finally:
-            sys.path.remove(repo)
-        self.modules = {k: v for k, v in sys.modules.items() if _is_lmcache(k)}
-        for name in self.modules:
-            del sys.modules[name]
-
-    @contextlib.contextmanager
-    def in_charge(self):
-        theirs = {k: sys.modules.pop(k) for k in list(sys.modules) if _is_lmcache(k)}
-        sys.modules.update(self.modules)
-        try:
-            yield
-        finally:
-            for name in list(sys.modules):
-                if _is_lmcache(name):
-                    del sys.modules[name]
-            sys.modules.update(theirs)
-
-    def emulate(self, **kwargs: Any):
-        emu = self.emulation.HpuEmulation(**kwargs)
-        with self.in_charge():
-            emu.activate()
-        return emu
-
-    def stop(self, emu) -> None:
-        with self.in_charge():
-            emu.deactivate()
+_bench_patch = _load_bench_patch()
+OurPackage = _bench_patch.OurPackage  # our lmcache (its HPU emulation), set aside
+ShapeRecorder = _bench_patch.ShapeRecorder
 
 
 def section(results: dict, name: str, fn: Callable[[], dict]) -> None:
