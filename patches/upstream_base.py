@@ -204,6 +204,35 @@ def build_native(tree: Path, cache_dir: Path | None = None, timeout: float = 600
     return target
 
 
+def prepare_trees(version: str, cache: Path) -> dict[str, Path]:
+    """The published and the patched tree of `version` under cache (made once;
+    the patched one again whenever the patch changes)."""
+    base = get_base(version)
+    cache = cache / version
+    sdist = cache / base.sdist_name
+    if not sdist.is_file():
+        download_sdist(cache, version)
+    verify_sdist(sdist, version)
+    patch_sha = sha256_of(base.patch_path)
+    trees = {}
+    for kind in ("unpatched", "patched"):
+        root = cache / kind
+        marker = root / ".ready"
+        want = patch_sha if kind == "patched" else base.sdist_sha256
+        if not (marker.is_file() and marker.read_text() == want):
+            if root.exists():
+                shutil.rmtree(root)
+            tree = unpack_sdist(sdist, root, version)
+            if kind == "patched":
+                env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root)}
+                subprocess.run(["git", "apply", str(base.patch_path)], cwd=tree, env=env, check=True)
+            if base.needs_native:
+                build_native(tree, cache / "native")
+            marker.write_text(want)
+        trees[kind] = root / base.tree_name
+    return trees
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dest_dir", type=Path, help="where to unpack (created if missing)")

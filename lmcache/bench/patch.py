@@ -2,15 +2,14 @@
 
     python -m lmcache bench patch [--base 0.5.6] [--emulate-hpu | --device hpu] [--tokens N]
 
-Fetches upstream's release (patches/upstream_base.py: pip download, sha256 check)
-into a cache directory, once as published and once with patches/lmcache-X-hpu.patch
-applied, and runs each in its own process (both are named `lmcache`, as is this
-package). Each moves one batch at the Llama-3.1-8B KV shape (32 layers, 8 KV heads,
-head size 128, bf16; vllm-gaudi's (K, V) tuples, block size 128) through the
-release's own HPU connector: store (paged KV -> host memory objects) and load.
-Reported per batch: time and GB/s, mark_step()s, torch.hpu.synchronize()s and the
-distinct (op, shapes, dtype) signatures run on hpu tensors (each new one is a graph
-compile in lazy mode, a new recipe in eager mode), and those over varied lengths.
+Fetches upstream's release (patches/upstream_base.py, sha256-checked) into a cache
+directory, as published and with patches/lmcache-X-hpu.patch applied, and runs each
+in its own process (both are named `lmcache`, as is this package). Each moves one
+batch at the Llama-3.1-8B KV shape (32 layers, 8 KV heads, head size 128, bf16;
+vllm-gaudi's (K, V) tuples, block size 128) through the release's own HPU connector,
+store and load. Per batch: time, GB/s, mark_step()s, synchronize()s and distinct
+(op, shapes, dtype) signatures on hpu tensors (each new one is a graph compile in
+lazy mode, a new recipe in eager mode); and those signatures over varied lengths.
 
 With --emulate-hpu (no Gaudi here) `hpu` tensors are CPU memory (lmcache.testing):
 the counts are what a Gaudi would see, the times are CPU times and labelled so.
@@ -53,7 +52,6 @@ class ShapeRecorder:
 
     def __init__(self) -> None:
         self.signatures: set[tuple] = set()
-        self._mode: TorchDispatchMode | None = None
 
     def __enter__(self) -> "ShapeRecorder":
         recorder = self
@@ -68,7 +66,6 @@ class ShapeRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        assert self._mode is not None
         self._mode.__exit__(*exc)
 
     def see(self, func, args, kwargs) -> None:
@@ -160,9 +157,7 @@ class OurPackage:
 
 
 class _HostObj:
-    """What the HPU connector reads of a memory object: its tensor and format."""
-
-    def __init__(self, tensor, fmt):
+    def __init__(self, tensor, fmt):  # what the HPU connector reads of a memory object
         self.tensor = tensor
         self.metadata = type("Meta", (), {"fmt": fmt})()
 
@@ -221,14 +216,16 @@ def _batch_counts(connector, kwargs_store, kwargs_load, objs, starts, ends) -> d
 def worker(args) -> dict:
     ours = OurPackage(str(REPO_ROOT)) if args.emulate_hpu else None
     emu = ours.emulate(lazy=args.lazy, gpu_migration=True) if ours else None
-    if not args.emulate_hpu:
-        import habana_frameworks.torch  # noqa: F401 - the real bridge registers torch.hpu
+    if not args.emulate_hpu:  # the real bridge registers torch.hpu
+        import habana_frameworks.torch  # noqa: F401
     sys.path.insert(0, args.tree)
     import lmcache
 
-    result: dict[str, Any] = {"lmcache_file": lmcache.__file__, "torch_device_type": lmcache.torch_device_type}
+    from habana_frameworks.torch.utils.internal import is_lazy
+
     connector, caches, num_slots = _connector_and_caches(args.tokens)
-    result["connector"] = type(connector).__name__
+    result: dict[str, Any] = {"lmcache_file": lmcache.__file__, "torch_device_type": lmcache.torch_device_type,
+                              "connector": type(connector).__name__, "lazy": bool(is_lazy())}  # fmt: skip
     source, target = caches(True), caches(False)
     gen = torch.Generator().manual_seed(0)
     slots = torch.randperm(num_slots, generator=gen)[: args.tokens].to("hpu")
@@ -279,43 +276,13 @@ def _upstream_base():
     return module
 
 
-def prepare_trees(version: str, cache: Path) -> dict[str, Path]:
-    """The published and the patched tree of `version` under cache (made once;
-    the patched one again whenever the patch changes)."""
-    ub = _upstream_base()
-    base = ub.get_base(version)
-    cache = cache / version
-    sdist = cache / base.sdist_name
-    if not sdist.is_file():
-        ub.download_sdist(cache, version)
-    ub.verify_sdist(sdist, version)
-    patch_sha = ub.sha256_of(base.patch_path)
-    trees = {}
-    for kind in ("unpatched", "patched"):
-        root = cache / kind
-        marker = root / ".ready"
-        want = patch_sha if kind == "patched" else base.sdist_sha256
-        if not (marker.is_file() and marker.read_text() == want):
-            if root.exists():
-                subprocess.run(["rm", "-rf", str(root)], check=True)
-            tree = ub.unpack_sdist(sdist, root, version)
-            if kind == "patched":
-                env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root)}
-                subprocess.run(["git", "apply", str(base.patch_path)], cwd=tree, env=env, check=True)
-            if base.needs_native:
-                ub.build_native(tree, cache / "native")
-            marker.write_text(want)
-        trees[kind] = root / base.tree_name
-    return trees
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="0.5.6", help="upstream release (default 0.5.6)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--emulate-hpu", action="store_true",
                        help="CPU memory behind hpu tensors (lmcache.testing); the default without a Gaudi")  # fmt: skip
     where.add_argument("--device", choices=["hpu"], help="a real Gaudi (Habana bridge installed)")
-    parser.add_argument("--eager", action="store_true", help="emulated bridge in eager mode (default: lazy)")
+    parser.add_argument("--eager", action="store_true", help="emulated bridge in eager mode (a Gaudi: PT_HPU_LAZY_MODE)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per batch (default 1024: 4 chunks)")
     parser.add_argument("--repeat", type=int, default=2, help="timed batches per direction; the best is reported")
     parser.add_argument("--varied", type=int, default=6, help="batches of random length for the shape count")
@@ -343,17 +310,17 @@ def run(args: argparse.Namespace) -> dict:
     from lmcache.bench.common import gbps, machine_name, print_table
 
     if args.tokens <= 0 or args.repeat <= 0 or args.varied < 0:
-        raise SystemExit("--tokens and --repeat must be positive, --varied not negative")
+        raise SystemExit(f"need --tokens, --repeat > 0, --varied >= 0; got {args.tokens}, {args.repeat}, {args.varied}")
     if args.device is None and not args.emulate_hpu:
         if importlib.util.find_spec("habana_frameworks") is None:
             args.emulate_hpu = True
             print("no Habana bridge here: emulating HPU (--emulate-hpu); times are CPU times")
         else:
             args.device = "hpu"
-    trees = prepare_trees(args.base, args.cache)
+    trees = _upstream_base().prepare_trees(args.base, args.cache)
     got = {kind: _run_worker(tree, args) for kind, tree in trees.items()}
     label = "emulated hpu (CPU memory)" if args.emulate_hpu else "hpu"
-    mode = "eager" if args.eager else "lazy"
+    mode = "lazy" if got["patched"]["lazy"] else "eager"  # as the bridge reports it
     rows = []
     for kind, r in got.items():
         for what in ("store", "load"):
@@ -368,7 +335,9 @@ def run(args: argparse.Namespace) -> dict:
               f"random length; round trip bit-exact: {r['bit_exact']}")  # fmt: skip
     p, u = got["patched"], got["unpatched"]
     result: dict[str, Any] = {"bench": "patch", "base": args.base, "device": label, "bridge_mode": mode,
-                              "machine": machine_name(), "tokens": args.tokens}  # fmt: skip
+                              "machine": machine_name(), "tokens": args.tokens,
+                              "varied_shapes_patched": p["varied"]["shapes"],
+                              "varied_shapes_unpatched": u["varied"]["shapes"]}  # fmt: skip
     for what in ("store", "load"):
         result[f"{what}_gbps_patched"] = gbps(p["bytes"], p["seconds"][what])
         result[f"{what}_gbps_unpatched"] = gbps(u["bytes"], u["seconds"][what])
@@ -376,8 +345,6 @@ def run(args: argparse.Namespace) -> dict:
         for key in ("mark_steps", "synchronizes", "shapes"):
             result[f"{what}_{key}_patched"] = p["per_batch"][what][key]
             result[f"{what}_{key}_unpatched"] = u["per_batch"][what][key]
-    result["varied_shapes_patched"] = p["varied"]["shapes"]
-    result["varied_shapes_unpatched"] = u["varied"]["shapes"]
     result["bit_exact"] = p["bit_exact"] and u["bit_exact"]
     result["targets_met"] = bool(
         result["bit_exact"]
@@ -393,11 +360,10 @@ def _worker_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--tree", required=True)
-    parser.add_argument("--emulate-hpu", action="store_true")
-    parser.add_argument("--lazy", action="store_true")
-    parser.add_argument("--tokens", type=int, required=True)
-    parser.add_argument("--repeat", type=int, required=True)
-    parser.add_argument("--varied", type=int, required=True)
+    for name in ("--emulate-hpu", "--lazy"):
+        parser.add_argument(name, action="store_true")
+    for name in ("--tokens", "--repeat", "--varied"):
+        parser.add_argument(name, type=int, required=True)
     result = worker(parser.parse_args())
     print(json.dumps(result), flush=True)
     os._exit(0)  # upstream's engine modules leave non-daemon threads behind

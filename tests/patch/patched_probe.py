@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -38,18 +39,10 @@ WORKER_PATH = (
 )
 
 
-def _load_bench_patch():
-    """lmcache/bench/patch.py by path (it imports no `lmcache` at module level)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lmcache", "bench", "patch.py")
-    spec = importlib.util.spec_from_file_location("lmcache_bench_patch_worker", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_bench_patch = _load_bench_patch()
+_spec = importlib.util.spec_from_file_location(
+    "lmcache_bench_patch_worker", os.path.join(os.path.dirname(__file__), "..", "..", "lmcache", "bench", "patch.py"))
+_bench_patch = importlib.util.module_from_spec(_spec)  # it imports no `lmcache` at module level
+_spec.loader.exec_module(_bench_patch)
 OurPackage = _bench_patch.OurPackage  # our lmcache (its HPU emulation), set aside
 ShapeRecorder = _bench_patch.ShapeRecorder
 
