@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 # 0.4.2 reports usage to a server unless told not to.
 os.environ["LMCACHE_TRACK_USAGE"] = "false"
@@ -39,12 +39,12 @@ WORKER_PATH = (
 )
 
 
-_spec = importlib.util.spec_from_file_location(
-    "lmcache_bench_patch_worker", os.path.join(os.path.dirname(__file__), "..", "..", "lmcache", "bench", "patch.py"))
-_bench_patch = importlib.util.module_from_spec(_spec)  # it imports no `lmcache` at module level
-_spec.loader.exec_module(_bench_patch)
-OurPackage = _bench_patch.OurPackage  # our lmcache (its HPU emulation), set aside
-ShapeRecorder = _bench_patch.ShapeRecorder
+_WORKER = os.path.join(os.path.dirname(__file__), "..", "..", "patches", "hpu_transfer_worker.py")
+_spec = importlib.util.spec_from_file_location("lmcache_hpu_transfer_worker", _WORKER)
+_transfer_worker = importlib.util.module_from_spec(_spec)  # it imports no `lmcache` at module level
+_spec.loader.exec_module(_transfer_worker)
+OurPackage = _transfer_worker.OurPackage  # our lmcache (its HPU emulation), set aside
+ShapeRecorder = _transfer_worker.ShapeRecorder
 
 
 def section(results: dict, name: str, fn: Callable[[], dict]) -> None:

@@ -21,11 +21,11 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from patched_probe import OurPackage, ShapeRecorder, detection  # noqa: E402
-from patched_probe import _bench_patch  # noqa: E402
+from patched_probe import _transfer_worker  # noqa: E402
 from patched_probe import section as _section  # noqa: E402
 
 os.environ["LMCACHE_TRACK_USAGE"] = "false"
-HostObj = _bench_patch._HostObj  # what the connector reads of a memory object
+HostObj = _transfer_worker._HostObj  # what the connector reads of a memory object
 
 
 class NoVllm:
@@ -240,6 +240,7 @@ def factory_section() -> dict:
     import lmcache
 
     return {"class": type(connector).__name__, "module": type(connector).__module__,
+            "batched_in_one_pass": hasattr(type(connector), "_staging_shape"),  # the patch's own method
             "torch_device_type": lmcache.torch_device_type, "layerwise": layerwise, "cuda_calls": calls}  # fmt: skip
 
 

@@ -49,10 +49,11 @@ def test_detection_says_hpu_under_gpu_migration_and_cpu_without_the_emulation(pa
     assert (after["device_type"], after["is_hpu_available"]) == ("cpu", False)
 
 
-def test_0_5_6_factory_returns_the_patched_hpu_connector_and_still_refuses_layerwise(patched):
+def test_0_5_6_factory_returns_the_patched_hpu_connector_and_still_refuses_layerwise(patched, unpatched):
     factory = section(patched, "factory")
     assert (factory["class"], factory["module"]) == (
         "VLLMPagedMemHPUConnectorV2", "lmcache.v1.gpu_connector.hpu_connector")  # fmt: skip
+    assert factory["batched_in_one_pass"] and not section(unpatched, "factory")["batched_in_one_pass"]
     assert factory["torch_device_type"] == "hpu"
     assert factory["layerwise"]["raised"] == "ValueError"
     assert "use_layerwise" in factory["layerwise"]["message"]
