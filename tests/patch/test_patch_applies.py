@@ -103,3 +103,19 @@ def test_make_patch_reproduces_the_committed_patch(upstream_sdist, patched_tree,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == (PATCHES_DIR / f"lmcache-{base_version}-hpu.patch").read_bytes()
+
+
+def test_0_5_6_patch_only_adds_lines_outside_the_hpu_connector(upstream_base):
+    # What CUDA runs stays byte for byte: utils.py only gains the helpers, and
+    # mem_alloc.py only gains a probe taken when the device type is "hpu".
+    removed: dict[str, int] = {}
+    current = None
+    for line in upstream_base.get_base("0.5.6").patch_path.read_text().splitlines():
+        if line.startswith("+++ b/"):
+            current = line[len("+++ b/"):]
+            removed[current] = 0
+        elif line.startswith("-") and not line.startswith("---"):
+            removed[current] += 1
+    assert set(removed) == {"lmcache/utils.py", "lmcache/v1/gpu_connector/hpu_connector.py",
+                            "lmcache/v1/platform/torch_ops/mem_alloc.py"}  # fmt: skip
+    assert removed["lmcache/utils.py"] == removed["lmcache/v1/platform/torch_ops/mem_alloc.py"] == 0
