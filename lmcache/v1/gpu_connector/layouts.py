@@ -7,7 +7,7 @@ Supported (vLLM 0.32, vllm-gaudi):
               physically [B, N, H, 2D]); per token K = C[:D], V = C[D:].
   cpu_attn    vLLM's CPU backend: the same logical shape, contiguous, but each
               (block, head) is a region whose first half is K and second half V,
-              laid out by vLLM's CPU kernel per ISA (see cpu_attn_packing.py).
+              laid out by vLLM's CPU kernel per ISA (see cpu/attn_packing.py).
   hpu_kv      vllm-gaudi: per layer a tuple-like (K, V), each [num_blocks, block_size, H, D].
   mla         MLA on CUDA/CPU: [num_blocks, 1, block_size, C] or [num_blocks, block_size, C].
   hpu_mla     MLA on Gaudi: one tensor [num_blocks, block_size, C] or [num_blocks, block_size, 1, C].
@@ -357,7 +357,7 @@ def _strided_addresses(block_size: int, heads: int, head_size: int, token_stride
 
 def _cpu_attn_addresses(t: torch.Tensor, seen: str, isa: str | None,
                         model_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], Any]:
-    from lmcache.v1.gpu_connector.cpu_attn_packing import CpuAttnProbeError, probe_cpu_attn_packing
+    from lmcache.v1.gpu_connector.cpu.attn_packing import CpuAttnProbeError, probe_cpu_attn_packing
 
     num_blocks, heads, block_size, width = t.shape
     head_size = width // 2
