@@ -91,7 +91,8 @@ _INDEXING_OPS = frozenset(
 class _OpHooks:
     """What the emulation wants to hear about ops (set while it is active)."""
 
-    on_op: Callable[[], None] | None = None
+    # called once per op on hpu tensors, with its signature (None for host reads)
+    on_op: Callable[[tuple | None], None] | None = None
     # hpu device (index may be None) -> hpu device with a valid index
     resolve: Callable[[Any], torch.device] = staticmethod(
         lambda d: torch.device("hpu", 0 if d is None or d.index is None else d.index)
@@ -167,7 +168,7 @@ class EmulatedHpuTensor(torch.Tensor):
 
     def tolist(self):
         if hooks.on_op is not None:
-            hooks.on_op()
+            hooks.on_op(None)
         return self.cpu_data.tolist()
 
     def numpy(self, *, force: bool = False):
@@ -278,13 +279,35 @@ def _run_on_cpu(func, args, kwargs):
     if strict and u.cpu_seen and u.hpu_device is not None:
         raise _mismatch(u.hpu_device, _CPU, func)
     if hooks.on_op is not None:
-        hooks.on_op()
+        hooks.on_op(signature(func, args, kwargs))
 
     if func in _BYTE_MOVING_OPS and _has_fp8(cargs):
         out = _run_on_bytes(func, cargs, ckwargs)
     else:
         out = func(*cargs, **ckwargs)
     return _rewrap(out, u, out_device)
+
+
+def signature(func: Any, args: tuple, kwargs: dict | None) -> tuple:
+    """(op name, per argument: a tensor's (device type, shape, dtype), else the value itself).
+
+    On a Gaudi each new such signature is a graph compile (lazy mode) or a new recipe
+    (eager mode); the emulation records them as a stand-in. Storage offsets and the
+    values held are not part of it, as they are not part of a graph."""
+    items = [_arg_signature(a) for a in args]
+    if kwargs:
+        items.extend((k, _arg_signature(v)) for k, v in sorted(kwargs.items()))
+    return (str(func.overloadpacket.__name__), *items)
+
+
+def _arg_signature(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.device.type, tuple(a.shape), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_arg_signature(x) for x in a)
+    if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format)):
+        return a
+    return type(a).__name__
 
 
 def _is_fp8(t: Any) -> bool:

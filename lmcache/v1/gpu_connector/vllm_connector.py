@@ -6,6 +6,9 @@ from the Platform and from each device's own fast paths:
   CPU     cpu/ (CpuTransfers): the memory objects are the destination, no
           staging; whole blocks as memcpys of runs, vLLM's CPU attention tiles
           by compiled loops, native blocks (see cpu/__init__.py).
+  HPU     hpu/ (HpuTransfers): as below, but every device op in one shape per
+          bucket size (slot lists padded; config hpu_slot_buckets), staging
+          made once per bucket.
   device  Store: flush() (HPU lazy mode: run the graph that wrote the KV), then
           per layer and plane ONE index_select over the concatenated slots of
           all objects into a device staging buffer [layers, planes, tokens,
@@ -18,7 +21,7 @@ from the Platform and from each device's own fast paths:
 
 Bytes are moved through integer views of the same width (bit-exact, and fp8
 works where the index kernels lack fp8), except on HPU, whose bridge kernels
-get the native dtype.
+get the native dtype (fp8 there moves as uint8 too).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 
 from lmcache.platforms import Platform
 from lmcache.v1.gpu_connector import GPUConnectorInterface
+from lmcache.v1.gpu_connector.hpu import HpuTransfers, slot_buckets as slot_buckets_for
+from lmcache.v1.gpu_connector.hpu.static_transfers import as_moved as hpu_as_moved
 from lmcache.v1.gpu_connector.layouts import KVLayout
 from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, ObjectPart, plan_batch, raw_view
 from lmcache.v1.memory import MemoryFormat
@@ -43,13 +48,14 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
     """Batched connector for every supported layout (see layouts.py) and device."""
 
     def __init__(self, layout: KVLayout, platform: Platform, staging_bytes: int = DEFAULT_STAGING_BYTES,
-                 native_blocks: bool = False):
+                 native_blocks: bool = False, slot_buckets: Any = "auto"):
         self.layout = layout
         self.platform = platform
         self.staging_bytes = int(staging_bytes)
         self._on_cpu = layout.device.type == "cpu"
-        # HPU kernels get native dtypes; elsewhere integer views keep every bit and allow fp8.
-        self._as_moved = (lambda t: t) if layout.device.type == "hpu" else raw_view
+        on_hpu = layout.device.type == "hpu"
+        # HPU kernels get native dtypes (fp8: bytes); elsewhere integer views keep every bit and allow fp8.
+        self._as_moved = hpu_as_moved if on_hpu else raw_view
         self._tables = [
             [plane.table(self._as_moved(t)) for plane, t in zip(layout.planes, tensors)]
             for tensors in layout.plane_tensors
@@ -61,6 +67,11 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             from lmcache.v1.gpu_connector.cpu import CpuTransfers
 
             self._cpu = CpuTransfers(layout, native_blocks=native_blocks)
+        # the HPU device's own paths (hpu/): every device op in one shape per bucket size
+        self._hpu = None
+        buckets = slot_buckets_for(slot_buckets) if on_hpu else None
+        if buckets is not None:
+            self._hpu = HpuTransfers(layout, platform, self.staging_bytes, buckets)
 
     # -- what the engine asks -------------------------------------------------
     @property
@@ -112,6 +123,9 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
         plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
         if not plan.parts:
             return
+        if self._hpu is not None:
+            self._hpu.store(plan)
+            return
         self.platform.flush()
         fixups: list = []
         with self._side_stream():
@@ -132,6 +146,9 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             return
         plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
         if not plan.parts:
+            return
+        if self._hpu is not None:
+            self._hpu.load(plan)
             return
         with self._side_stream():
             for first, last in self._layer_groups(plan.total):
