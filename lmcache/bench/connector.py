@@ -245,7 +245,7 @@ def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
     connector = create_gpu_connector(s.caches, attn_backend=backend, platform=s.platform,
                                      native_blocks=s.layout == "cpu_attn")
     if s.layout == "cpu_attn" and not connector.host_format_tag:
-        raise SystemExit("cpu_attn: native blocks are not available for this cache (see native_blocks.py)")
+        raise SystemExit("cpu_attn: native blocks are not available for this cache (see gpu_connector/cpu/native_blocks.py)")
 
     def store():
         connector.batched_from_gpu(s.objs, s.starts, s.ends, slot_mapping=s.slots)

@@ -148,3 +148,15 @@ def test_slot_buckets_setting():
         assert create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets="off")._hpu is None
         with pytest.raises(ValueError, match="hpu_slot_buckets"):
             create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets="1024,256")
+
+
+def test_config_key_hpu_slot_buckets():
+    from lmcache.v1.config import ConfigError, LMCacheEngineConfig, load_config
+
+    assert LMCacheEngineConfig().hpu_slot_buckets == "auto"
+    assert load_config(environ={"LMCACHE_HPU_SLOT_BUCKETS": "256, 1024"}).hpu_slot_buckets == (256, 1024)
+    assert load_config(extra_config={"lmcache.hpu_slot_buckets": [512, 4096]}).hpu_slot_buckets == (512, 4096)
+    assert load_config(environ={"LMCACHE_HPU_SLOT_BUCKETS": "off"}).hpu_slot_buckets == "off"
+    for bad in ("4096,256", "many", "-256", "256,256", "1.5"):
+        with pytest.raises(ConfigError, match="hpu_slot_buckets"):
+            load_config(environ={"LMCACHE_HPU_SLOT_BUCKETS": bad})

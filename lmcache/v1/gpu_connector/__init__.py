@@ -106,7 +106,7 @@ def create_gpu_connector(
     cpu_attn_isa / model_dtype: what vLLM's CPU backend decided (default: vLLM's
     own rule for these caches). staging_bytes: device staging buffer budget.
     native_blocks: on vLLM's CPU backend, keep whole blocks in vLLM's own tiled byte
-    order (native_blocks.py; block copies instead of transposes); the objects then
+    order (cpu/native_blocks.py; block copies instead of transposes); the objects then
     carry `host_format_tag` and only suit the same tiling. Batched connectors only:
     the layerwise one always uses the portable per-token format.
     slot_buckets: on HPU, the sizes slot lists are padded to (config hpu_slot_buckets:
