@@ -230,6 +230,8 @@ def _distinct_shapes(s: Setup, args, dtype: torch.dtype) -> dict[str, dict[str, 
                     conn.batched_to_gpu(objs, starts, ends, slot_mapping=slots)
                     continue
                 keep = [i for i, (a, e) in enumerate(zip(starts, ends)) if bool((slots[a:e] >= 0).all())]
+                if not keep:
+                    continue
                 chunk_slots = [s.platform.to_device(slots[starts[i]:ends[i]]) for i in keep]
                 _upstream_store(s.platform, layers, [objs[i] for i in keep], chunk_slots)
                 _upstream_load(s.platform, layers, [objs[i] for i in keep], chunk_slots)

@@ -69,8 +69,8 @@ class VLLMPagedMemConnector(GPUConnectorInterface):
             self._cpu = CpuTransfers(layout, native_blocks=native_blocks)
         # the HPU device's own paths (hpu/): every device op in one shape per bucket size
         self._hpu = None
-        buckets = slot_buckets_for(slot_buckets) if on_hpu else None
-        if buckets is not None:
+        buckets = slot_buckets_for(slot_buckets)  # checked everywhere, used on HPU
+        if on_hpu and buckets is not None:
             self._hpu = HpuTransfers(layout, platform, self.staging_bytes, buckets)
 
     # -- what the engine asks -------------------------------------------------
