@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmcache.testing.hpu_tensor import _METADATA_OPS, signature
+from lmcache.testing.hpu_tensor import _METADATA_OPS
+from lmcache.testing.op_signature import signature
 
 aten = torch.ops.aten
 # metadata queries and allocations: no graph, no recipe
