@@ -29,7 +29,7 @@ VLLM_PREFIX = "lmcache."
 # LMCACHE_* variables that are not config keys (read elsewhere, or upstream
 # switches with no meaning here): never warned about.
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
-                            "FORCE_SKIP_SAVE", "TEST_HOOKS"})  # read by the vLLM integration
+                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "HPU_PIN_MEMORY"})  # read by the vLLM integration
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)
@@ -66,6 +66,7 @@ class LMCacheEngineConfig:
     # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
     cpu_native_blocks: bool = True
+    hpu_slot_buckets: Any = "auto"  # Gaudi: pad slot lists to these sizes (gpu_connector/hpu/buckets.py)
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -245,6 +246,11 @@ def _extra(value: Any) -> dict | None:
     raise _Bad
 
 
+def _slot_buckets(value: Any) -> Any:
+    from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
+    return parse_slot_buckets(value)
+
+
 @dataclass(frozen=True)
 class _Key:
     parse: Callable[[Any], Any]
@@ -280,6 +286,7 @@ KEYS: dict[str, _Key] = {
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
 }
 
 
@@ -287,7 +294,7 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
     spec = KEYS[key]
     try:
         parsed = spec.parse(value)
-    except _Bad:
+    except (_Bad, ValueError):
         raise ConfigError(
             f"lmcache config: {key}={value!r} (from {source}) is not valid; accepted: {spec.accepted}"
         ) from None

