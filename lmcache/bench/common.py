@@ -165,7 +165,7 @@ def eta_text(elapsed: float, done: float, total: float) -> str:
 class Phase:
     """`[i/n] what ...`, then while it runs the elapsed time and an ETA (from the last run of
     the same phase, `eta_key`), on one rewritten line on a terminal or a line every
-    `every` seconds elsewhere; at the end `[i/n] what: done (x s)`."""
+    `every` seconds elsewhere; at the end `done (x s)`."""
 
     def __init__(self, index: int, total: int, what: str, eta_key: str | None = None, every: float = 30.0):
         self.label = f"[{index}/{total}] {what}"
@@ -183,7 +183,7 @@ class Phase:
     def __enter__(self):
         self.start = time.perf_counter()
         expected = _past_seconds(self.eta_key) if self.eta_key else None
-        Console.say(f"{self.label} ..." + (f" (about {expected:.0f} s last time)" if expected else ""))
+        Console.say(f"{self.label} ..." + (f" (about {expected:.0f} s last time)" if expected is not None else ""))
         self._ticker = threading.Thread(target=self._tick, daemon=True)
         self._ticker.start()
         return self
@@ -195,6 +195,6 @@ class Phase:
         if Console.is_tty():
             Console.say("\r" + " " * 40 + "\r", end="")
         if exc_type is None:
-            Console.say(f"{self.label}: done ({seconds:.1f} s)")
+            Console.say(f"      done ({seconds:.1f} s)")
             if self.eta_key:
                 _remember_seconds(self.eta_key, seconds)
