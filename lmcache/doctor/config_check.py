@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from typing import Mapping
 
@@ -57,12 +58,17 @@ def checks(extra_config: Mapping | None, environ: Mapping[str, str] | None = Non
     """Findings, and the merged config (None when it does not load)."""
     environ = os.environ if environ is None else environ
     out = []
+    quiet = logging.getLogger(cfg.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its unknown-key warnings are findings here
     try:
         config = cfg.load_config(extra_config, environ)
     except cfg.ConfigError as exc:
         out.append(Finding("config.values", FAIL, str(exc), "fix that value where the message says it came from; "
                                                             "keys and accepted values: docs/configuration.md"))
         config = None
+    finally:
+        quiet.setLevel(level)
     if config is not None:
         sources = cfg.value_sources(config)
         defaults = cfg.LMCacheEngineConfig()

@@ -133,7 +133,8 @@ def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
                                                                   "loaded is recomputed"))
         else:
             out.append(Finding("vllm.kv_load_failure_policy", WARN,
-                               f"{policy!r} ({where}; vLLM's default is \"fail\"): a cached chunk that cannot be loaded "
+                               f"{'not set' if policy is None else repr(policy)} ({where}; vLLM's default is "
+                               "\"fail\"): a cached chunk that cannot be loaded "
                                "(tier down, evicted, damaged file) fails the whole request",
                                "add \"kv_load_failure_policy\": \"recompute\" to the kv-transfer config"))
         connector = kv_transfer_config.get("kv_connector")
