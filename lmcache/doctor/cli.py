@@ -71,7 +71,8 @@ def collect(args) -> list[Finding]:
 
 def run(args) -> int:
     if args.timeout <= 0:
-        raise SystemExit(f"--timeout {args.timeout}: accepted: a number of seconds > 0")
+        print(f"--timeout {args.timeout}: accepted: a number of seconds > 0", file=sys.stderr)
+        return 2  # as argparse does for bad arguments (1 means warnings here)
     start = time.perf_counter()
     findings = collect(args)
     seconds = time.perf_counter() - start
