@@ -187,3 +187,12 @@ def test_exit_code_is_the_worst_finding():
     assert report.exit_code([f("a", OK, ""), f("b", SKIP, "")]) == 0
     assert report.exit_code([f("a", OK, ""), f("b", WARN, "")]) == 1
     assert report.exit_code([f("a", WARN, ""), f("b", FAIL, "")]) == 2
+
+
+def test_quick_skips_the_child_process_checks():
+    proc = _doctor({"LMCACHE_CHUNK_SIZE": "128"}, "--quick", "--json")
+    out = json.loads(proc.stdout)
+    by_check = {c["check"]: c for c in out["checks"]}
+    assert by_check["vllm.connectors"]["status"] == by_check["keys.stable"]["status"] == SKIP
+    assert "chunk_size=128 (env LMCACHE_CHUNK_SIZE)" in by_check["config.values"]["fact"]
+    assert out["seconds"] > 0 and proc.returncode == out["exit_code"]
