@@ -414,3 +414,9 @@ def load_config(
     config = _apply_env(config, environ, check=False)
     config = apply_vllm_extra_config(config, extra_config, check=False)
     return _check_whole(config)
+
+
+def value_sources(config: LMCacheEngineConfig) -> dict[str, str]:
+    """Where each key's value came from: "default", or the source that set it last
+    (a file, an env var, vLLM's extra config)."""
+    return {key: config.sources.get(key, "default") for key in KEYS}
