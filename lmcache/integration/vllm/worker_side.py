@@ -87,7 +87,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         backend = attention_backend_name(self._vllm_config, layer_names)
         self.gpu_connector = create_gpu_connector(
             kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
-            native_blocks=self.config.cpu_native_blocks,
+            native_blocks=self.config.cpu_native_blocks, use_mla=mla_enabled(self._vllm_config.model_config),
+            slot_buckets=self.config.hpu_slot_buckets,
         )
         self.engine = LMCacheEngineBuilder.get_or_create(
             ENGINE_NAME, self.config, self._engine_metadata(), self.gpu_connector
