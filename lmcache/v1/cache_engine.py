@@ -17,6 +17,7 @@ from typing import Generator, Sequence
 import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.leases import LeaseTable
 from lmcache.v1.memory import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
 from lmcache.v1.storage_backend.storage_manager import StorageManager
@@ -62,6 +63,7 @@ class TransferSpec:
     slot_mapping: torch.Tensor  # one slot per token of `tokens` (position 0 on)
     skip_tokens: int = 0  # chunk-aligned prefix vLLM already holds: not moved
     num_tokens: int | None = None  # how many of `tokens` to move (default all)
+    lease_id: str | None = None  # the lookup lease this load uses (ended once the load is planned)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class LMCacheEngine:
         self.stats = EngineStats()
         self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
         self.storage = StorageManager(config, self.stats)
+        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)
@@ -104,13 +107,23 @@ class LMCacheEngine:
         return self.gpu_connector
 
     # -- lookup -------------------------------------------------------------
-    def lookup(self, tokens) -> int:
-        """How many tokens, from the first, the cache holds (chunk granularity)."""
+    def lookup(self, tokens, *, lease_id: str | None = None) -> int:
+        """How many tokens, from the first, the cache holds (chunk granularity).
+        With `lease_id`, those chunks are held in host memory until a retrieve that
+        names the lease (or release_lease, or the ttl) ends it; the answer is then
+        what could be held (see lmcache.v1.leases)."""
         chunks = self.token_db.chunks(tokens)
-        found = self.storage.lookup_prefix([c.key for c in chunks])
+        keys = [c.key for c in chunks]
+        found = self.storage.lookup_prefix(keys)
+        if lease_id is not None:
+            found = self.leases.acquire(lease_id, keys[:found])
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit
+
+    def release_lease(self, lease_id: str) -> bool:
+        """End a lookup lease (the request went away); unknown ids are ignored."""
+        return self.leases.release(lease_id)
 
     # -- store --------------------------------------------------------------
     def store(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> int:
@@ -210,7 +223,10 @@ class LMCacheEngine:
         length of the prefix of `tokens` that is now in the paged cache, i.e.
         skip_tokens + the tokens loaded (a missing or bad chunk ends the request's
         load: chunks after a gap would be useless)."""
-        plan, slot_mapping, loaded = self._plan_retrieve(specs)
+        try:
+            plan, slot_mapping, loaded = self._plan_retrieve(specs)
+        finally:
+            self._end_leases(specs)  # the plan holds its own references
         try:
             if plan:
                 self._connector().batched_to_gpu(
@@ -234,7 +250,7 @@ class LMCacheEngine:
                 for chunk in self.token_db.chunks(spec.tokens, num_tokens):
                     if chunk.end <= skip:
                         continue
-                    obj = self.storage.get(chunk.key)
+                    obj = self.leases.take(chunk.key) or self.storage.get(chunk.key)
                     if obj is None:
                         break
                     expected = connector.get_shape(chunk.end - chunk.start)
@@ -258,6 +274,11 @@ class LMCacheEngine:
         if not plan:
             return plan, None, loaded
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
+
+    def _end_leases(self, specs: Sequence[TransferSpec]) -> None:
+        for spec in specs:
+            if spec.lease_id is not None:
+                self.leases.release(spec.lease_id)
 
     def _count_loaded(self, plan: list[_Planned], loaded: list[int]) -> None:
         if plan:
@@ -290,13 +311,18 @@ class LMCacheEngine:
                     p.obj.free()
         yield stored
 
-    def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> Generator:
+    def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor,
+                       lease_id: str | None = None, **kwargs) -> Generator:
         """Layer-by-layer load. next() number i (i = 1..num_layers) loads layer
         i-1 (the first also fetches the chunks from the tiers); next() number
         num_layers+1 waits for the copies and yields the bool mask of loaded tokens."""
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
         num_layers = self.metadata.kv_shape[0]
-        plan, slot_mapping, loaded = self._plan_retrieve([TransferSpec(tokens, slot_mapping, skip)])
+        spec = TransferSpec(tokens, slot_mapping, skip, lease_id=lease_id)
+        try:
+            plan, slot_mapping, loaded = self._plan_retrieve([spec])
+        finally:
+            self._end_leases([spec])
         try:
             steps = None
             if plan:
@@ -320,6 +346,7 @@ class LMCacheEngine:
         if self._closed:
             return
         self._closed = True
+        self.leases.release_all()
         self.storage.close(timeout)
 
 

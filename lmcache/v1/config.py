@@ -64,6 +64,9 @@ class LMCacheEngineConfig:
     # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
     cpu_native_blocks: bool = True
+    # seconds a chunk found by a scheduler lookup stays held for that request's load
+    # (a lost request must not pin host memory forever)
+    lookup_lease_ttl: float = 60.0
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -264,6 +267,7 @@ KEYS: dict[str, _Key] = {
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
 }
 
 
