@@ -107,16 +107,20 @@ class LMCacheEngine:
         return self.gpu_connector
 
     # -- lookup -------------------------------------------------------------
-    def lookup(self, tokens, *, lease_id: str | None = None) -> int:
+    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0) -> int:
         """How many tokens, from the first, the cache holds (chunk granularity).
         With `lease_id`, those chunks are held in host memory until a retrieve that
         names the lease (or release_lease, or the ttl) ends it; the answer is then
-        what could be held (see lmcache.v1.leases)."""
+        what could be held (see lmcache.v1.leases). Chunks that end at or before the
+        chunk-aligned `hold_from` (a prefix the caller holds itself and will not
+        load) are only checked."""
         chunks = self.token_db.chunks(tokens)
         keys = [c.key for c in chunks]
         found = self.storage.lookup_prefix(keys)
         if lease_id is not None:
-            found = self.leases.acquire(lease_id, keys[:found])
+            aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
+            unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
+            found = unheld + self.leases.acquire(lease_id, keys[unheld:found])
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit

@@ -23,8 +23,8 @@ class RecordingClient:
         self.hit = hit
         self.calls = []
 
-    def lookup(self, tokens, lease_id=None):
-        self.calls.append((len(tokens), lease_id))
+    def lookup(self, tokens, lease_id=None, hold_from=0):
+        self.calls.append((len(tokens), lease_id, hold_from))
         return self.hit
 
     def close(self):
@@ -43,7 +43,7 @@ def scheduler():
 def test_a_load_carries_its_lookups_lease(scheduler):
     a = make_request("a", list(range(65)))
     assert scheduler.get_num_new_matched_tokens(a, 0) == 64
-    assert scheduler._lookup_client.calls == [(65, "1:a")]
+    assert scheduler._lookup_client.calls == [(65, "1:a", 0)]
     scheduler.update_state_after_alloc(a, 64)
     md = scheduler.build_connector_meta(step([new_req(a, [1, 2, 3, 4, 5], 0)], scheduled={"a": 1}))
     assert [(r.req_id, r.lease_id) for r in md.loads] == [("a", "1:a")]
@@ -55,6 +55,7 @@ def test_a_load_carries_its_lookups_lease(scheduler):
 def test_every_lease_no_load_uses_is_released_in_the_next_step(scheduler):
     b = make_request("b", list(range(65)))  # vLLM holds all of it itself: nothing to load
     assert scheduler.get_num_new_matched_tokens(b, 64) == 0
+    assert scheduler._lookup_client.calls[-1] == (65, "1:b", 64)  # the workers need not hold those
     scheduler.update_state_after_alloc(b, 0)
     c = make_request("c", list(range(200, 265)))
     scheduler.get_num_new_matched_tokens(c, 0)  # not admitted (no free blocks) ...
@@ -78,8 +79,8 @@ def test_the_wire_carries_the_lease_id_and_stays_compatible():
     engine_id = f"lease-wire-{uuid.uuid4()}"
     seen = []
 
-    def lookup(tokens, lease_id=None):
-        seen.append((tokens.tolist(), lease_id))
+    def lookup(tokens, lease_id=None, hold_from=0):
+        seen.append((tokens.tolist(), lease_id, hold_from))
         return 3
 
     server = LookupServer(socket_address(engine_id, 0), lookup, lambda: {}).start()
@@ -87,10 +88,11 @@ def test_the_wire_carries_the_lease_id_and_stays_compatible():
     try:
         assert client.lookup([5, 6, 7], "4:req-x") == 3
         assert client.lookup([5, 6, 7]) == 3
-        assert seen == [([5, 6, 7], "4:req-x"), ([5, 6, 7], None)]
+        assert client.lookup([5, 6, 7], "5:req-x", hold_from=2) == 3
+        assert seen == [([5, 6, 7], "4:req-x", 0), ([5, 6, 7], None, 0), ([5, 6, 7], "5:req-x", 2)]
         # a lease id that is not utf-8 is a miss, not a crash
         assert client._ask(client.addresses[0], [b"lookup", b"\0" * 8, b"\xff\xfe"]) == (0).to_bytes(8, "little")
-        assert len(seen) == 2
+        assert len(seen) == 3
     finally:
         client.close()
         server.close()

@@ -93,6 +93,20 @@ def test_a_renewed_or_shared_lease_holds_each_chunk_once():
         eng.close()
 
 
+def test_a_prefix_the_caller_holds_is_checked_not_held():
+    eng, conn = make_engine(config(chunks=8), 4096)
+    try:
+        store(eng, conn, 1, 0)
+        tokens = prompt_tokens(1, N)
+        assert eng.lookup(tokens, lease_id="1:a", hold_from=40) == N  # vLLM holds 40: 2 whole chunks
+        assert eng.leases.held_chunks == 2
+        eng.release_lease("1:a")
+        assert eng.storage.cpu.remove(eng.token_db.chunks(tokens)[3].key)
+        assert eng.lookup(tokens, lease_id="2:a", hold_from=40) == 48  # still checked up to the gap
+    finally:
+        eng.close()
+
+
 def test_the_ttl_ends_a_lost_lease():
     now = [100.0]
     held, released = {}, []

@@ -9,9 +9,10 @@ and a prefix is a hit only as far as every rank holds it.
 Wire format (no pickle anywhere): a request is a multipart message whose first frame
 names the operation.
   [b"lookup", int64 little-endian token ids] -> [int64 hit tokens]
-  [b"lookup", int64 LE token ids, utf-8 lease id] -> [int64 hit tokens], and the
-      worker holds what it counted for that lease (lmcache.v1.leases) until the load
-      that names it, a release in a later step's metadata, or the lease's ttl
+  [b"lookup", int64 LE token ids, utf-8 lease id(, int64 hold_from)] -> [int64 hit
+      tokens], and the worker holds what it counted for that lease (lmcache.v1.leases)
+      until the load that names it, a release in a later step's metadata, or the lease's
+      ttl; chunks that end at or before hold_from (vLLM holds them) are only checked
   [b"stats"]                                 -> [JSON object]
   [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
 Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
@@ -128,12 +129,17 @@ class LookupServer:
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         op = frames[0] if frames else b""
         try:
-            if op == b"lookup" and len(frames) in (2, 3):
+            if op == b"lookup" and len(frames) in (2, 3, 4):
                 tokens = decode_tokens(frames[1])
                 if len(frames) == 2:
                     hit = int(self._lookup(tokens))
-                else:
+                elif len(frames) == 3:
                     hit = int(self._lookup(tokens, decode_lease_id(frames[2])))
+                else:
+                    hold_from = decode_tokens(frames[3])
+                    if hold_from.shape != (1,):
+                        raise ValueError("hold_from must be one int64")
+                    hit = int(self._lookup(tokens, decode_lease_id(frames[2]), int(hold_from[0])))
                 return [np.asarray([hit], dtype=_TOKEN_DTYPE).tobytes()]
             if op == b"stats":
                 return [json.dumps(self._stats()).encode()]
@@ -209,15 +215,18 @@ class LookupClient:
             self._warned.add(address)
             logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
 
-    def lookup(self, tokens: Sequence[int], lease_id: str | None = None) -> int:
+    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0) -> int:
         """The prefix every rank holds. With `lease_id`, each rank holds what it
         counted until the load naming that lease (or its release): send the release
-        even when this returns 0, since some ranks may hold a lease."""
+        even when this returns 0, since some ranks may hold a lease. Chunks ending at
+        or before `hold_from` (vLLM's own prefix hit) are checked but not held."""
         if not tokens:
             return 0
         frames = [b"lookup", encode_tokens(tokens)]
         if lease_id is not None:
             frames.append(lease_id.encode("utf-8"))
+            if hold_from > 0:
+                frames.append(encode_tokens([int(hold_from)]))
         hit = len(tokens)
         with self._lock:
             replies = self._ask_all(self.addresses, frames)

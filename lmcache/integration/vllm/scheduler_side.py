@@ -34,6 +34,7 @@ class SchedulerSide:
         )
         self._leases = SchedulerLeases()
         self._lookup_lease: str | None = None  # the lease id of the lookup in progress
+        self._lookup_hold_from = 0  # ... and vLLM's own prefix hit (not held by the workers)
         skip_saves = force_skip_save()
         if skip_saves:
             logger.info("LMCache: saving is off (LMCACHE_FORCE_SKIP_SAVE)")
@@ -50,11 +51,12 @@ class SchedulerSide:
         )
 
     def _leased_lookup(self, tokens) -> int:
-        return self._lookup_client.lookup(tokens, self._lookup_lease)
+        return self._lookup_client.lookup(tokens, self._lookup_lease, self._lookup_hold_from)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
         # The workers hold what they answer until this request's load (or its release).
         self._lookup_lease = self._leases.new(request.request_id)
+        self._lookup_hold_from = num_computed_tokens
         try:
             return self._planner.num_new_matched_tokens(request, num_computed_tokens)
         finally:

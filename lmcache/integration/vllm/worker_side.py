@@ -167,16 +167,19 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens, lease_id: str | None = None) -> int:
+    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> int:
         if self.engine is None:
             return 0
         with self._engine_lock:
-            return int(self.engine.lookup(tokens, lease_id=lease_id))
+            return int(self.engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from))
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
                "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
                "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable"}
+        leases = getattr(self.engine, "leases", None)
+        if leases is not None:
+            out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired}
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):
