@@ -109,11 +109,8 @@ class LMCacheEngine:
     # -- lookup -------------------------------------------------------------
     def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0) -> int:
         """How many tokens, from the first, the cache holds (chunk granularity).
-        With `lease_id`, those chunks are held in host memory until a retrieve that
-        names the lease (or release_lease, or the ttl) ends it; the answer is then
-        what could be held (see lmcache.v1.leases). Chunks that end at or before the
-        chunk-aligned `hold_from` (a prefix the caller holds itself and will not
-        load) are only checked."""
+        With `lease_id`: what could be held for that lease (lmcache.v1.leases);
+        chunks ending by the chunk-aligned `hold_from` (the caller's own) are only checked."""
         chunks = self.token_db.chunks(tokens)
         keys = [c.key for c in chunks]
         found = self.storage.lookup_prefix(keys)
