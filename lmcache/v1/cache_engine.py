@@ -117,7 +117,8 @@ class LMCacheEngine:
         if lease_id is not None:
             aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
             unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
-            found = unheld + self.leases.acquire(lease_id, keys[unheld:found])
+            usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
+            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit
@@ -224,10 +225,7 @@ class LMCacheEngine:
         length of the prefix of `tokens` that is now in the paged cache, i.e.
         skip_tokens + the tokens loaded (a missing or bad chunk ends the request's
         load: chunks after a gap would be useless)."""
-        try:
-            plan, slot_mapping, loaded = self._plan_retrieve(specs)
-        finally:
-            self._end_leases(specs)  # the plan holds its own references
+        plan, slot_mapping, loaded = self._plan_retrieve(specs)
         try:
             if plan:
                 self._connector().batched_to_gpu(
@@ -254,14 +252,7 @@ class LMCacheEngine:
                     obj = self.leases.take(chunk.key) or self.storage.get(chunk.key)
                     if obj is None:
                         break
-                    expected = connector.get_shape(chunk.end - chunk.start)
-                    if obj.metadata.shape != torch.Size(expected) or obj.metadata.dtype != connector.kv_dtype:
-                        logger.warning(
-                            "chunk %s holds %s %s, expected %s %s: not loaded",
-                            chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype,
-                            tuple(expected), connector.kv_dtype,
-                        )
-                        self.stats.miss("corrupt")
+                    if not self._usable(chunk, obj, connector):
                         self.storage.release(obj)
                         break
                     plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
@@ -272,9 +263,23 @@ class LMCacheEngine:
             for p in plan:
                 self.storage.release(p.obj)
             raise
+        finally:
+            self._end_leases(specs)  # the plan holds its own references
         if not plan:
             return plan, None, loaded
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
+
+    def _usable(self, chunk, obj: MemoryObj, connector=None) -> bool:
+        """The chunk has the shape and dtype the connector (or the metadata) expects."""
+        n = chunk.end - chunk.start
+        expected = torch.Size(connector.get_shape(n)) if connector else self.metadata.memory_shape(n)
+        dtype = connector.kv_dtype if connector else self.metadata.kv_dtype
+        if obj.metadata.shape == expected and obj.metadata.dtype == dtype:
+            return True
+        logger.warning("chunk %s holds %s %s, expected %s %s: not loaded", chunk.key.to_string(),
+                       tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
+        self.stats.miss("corrupt")
+        return False
 
     def _end_leases(self, specs: Sequence[TransferSpec]) -> None:
         for spec in specs:
@@ -320,10 +325,7 @@ class LMCacheEngine:
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
         num_layers = self.metadata.kv_shape[0]
         spec = TransferSpec(tokens, slot_mapping, skip, lease_id=lease_id)
-        try:
-            plan, slot_mapping, loaded = self._plan_retrieve([spec])
-        finally:
-            self._end_leases([spec])
+        plan, slot_mapping, loaded = self._plan_retrieve([spec])
         try:
             steps = None
             if plan:

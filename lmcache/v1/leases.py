@@ -61,19 +61,25 @@ class LeaseTable:
     def held_chunks(self) -> int:
         return len(self._held)
 
-    def acquire(self, lease_id: str, keys: list[CacheEngineKey]) -> int:
+    def acquire(self, lease_id: str, keys: list[CacheEngineKey],
+                usable: Callable[[int, MemoryObj], bool] | None = None) -> int:
         """Hold `keys` from the first for `lease_id`; returns how many are held (a
-        prefix). A lease id asked again is renewed: the new prefix replaces the old."""
+        prefix). `usable(i, obj)` may refuse the object read for keys[i] (e.g. a
+        wrong shape): the prefix ends there. A lease id asked again is renewed:
+        the new prefix replaces the old."""
         with self._lock:
             self._sweep()
             lease = _Lease(self._clock() + self.ttl)
-            for key in keys:
+            for index, key in enumerate(keys):
                 entry = self._held.get(key)
                 if entry is not None:
                     entry[1] += 1
                 else:
                     obj = self._get(key)
                     if obj is None:
+                        break
+                    if usable is not None and not usable(index, obj):
+                        self._release(obj)
                         break
                     self._held[key] = [obj, 1]
                 lease.keys.append(key)

@@ -107,6 +107,23 @@ def test_a_prefix_the_caller_holds_is_checked_not_held():
         eng.close()
 
 
+def test_a_chunk_of_the_wrong_shape_ends_the_leased_answer(tmp_path):
+    eng, conn = make_engine(config(chunks=8, local_cpu=False, local_disk=str(tmp_path), max_local_disk_size=0.01), 4096)
+    try:
+        store(eng, conn, 1, 0)
+        assert eng.flush(10)
+        key = eng.token_db.chunks(prompt_tokens(1, N))[2].key
+        other = eng.storage.pool.allocate((2, 2, CS, 64), torch.float16, eng.metadata.memory_format)
+        eng.storage.disk.remove(key)
+        assert eng.storage.disk.put(key, other)  # a well-formed chunk of another model under that key
+        other.free()
+        assert eng.lookup(prompt_tokens(1, N)) == N  # existence alone says 4 chunks
+        assert eng.lookup(prompt_tokens(1, N), lease_id="1:r") == 2 * CS
+        assert eng.stats.misses["corrupt"] == 1 and eng.leases.held_chunks == 2
+    finally:
+        eng.close()
+
+
 def test_the_ttl_ends_a_lost_lease():
     now = [100.0]
     held, released = {}, []
