@@ -67,6 +67,9 @@ class LMCacheEngineConfig:
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
     cpu_native_blocks: bool = True
     hpu_slot_buckets: Any = "auto"  # Gaudi: pad slot lists to these sizes (gpu_connector/hpu/buckets.py)
+    # seconds a chunk found by a scheduler lookup stays held for that request's load
+    # (a lost request must not pin host memory forever)
+    lookup_lease_ttl: float = 60.0
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -287,6 +290,7 @@ KEYS: dict[str, _Key] = {
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
+    "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
 }
 
 
