@@ -9,7 +9,11 @@ and a prefix is a hit only as far as every rank holds it.
 Wire format (no pickle anywhere): a request is a multipart message whose first frame
 names the operation.
   [b"lookup", int64 little-endian token ids] -> [int64 hit tokens]
+                                                (+ [JSON [[tier, tokens], ...]]: which tier
+                                                holds the hit, in order; only where the
+                                                worker has more than one tier)
   [b"stats"]                                 -> [JSON object]
+  [b"metrics"]                               -> [JSON object]  (worker_metrics.py)
   [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
 Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
 """
@@ -60,14 +64,16 @@ class LookupServer:
     def __init__(
         self,
         address: str,
-        lookup: Callable[[np.ndarray], int],
+        lookup: Callable[[np.ndarray], int | tuple[int, list]],
         stats: Callable[[], dict],
         control: Callable[[dict], dict] | None = None,
+        metrics: Callable[[], dict] | None = None,
     ):
         self.address = address
         self._lookup = lookup
         self._stats = stats
         self._control = control
+        self._metrics = metrics
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -115,10 +121,18 @@ class LookupServer:
         op = frames[0] if frames else b""
         try:
             if op == b"lookup" and len(frames) == 2:
-                hit = int(self._lookup(decode_tokens(frames[1])))
-                return [np.asarray([hit], dtype=_TOKEN_DTYPE).tobytes()]
+                answer = self._lookup(decode_tokens(frames[1]))
+                runs = None
+                if isinstance(answer, tuple):
+                    answer, runs = answer
+                reply = [np.asarray([int(answer)], dtype=_TOKEN_DTYPE).tobytes()]
+                if runs:
+                    reply.append(json.dumps(runs).encode())
+                return reply
             if op == b"stats":
                 return [json.dumps(self._stats()).encode()]
+            if op == b"metrics" and self._metrics is not None:
+                return [json.dumps(self._metrics()).encode()]
             if op == b"control" and len(frames) == 2 and self._control is not None:
                 return [json.dumps(self._control(json.loads(frames[1]))).encode()]
             raise ValueError(f"unknown request {op!r} with {len(frames)} frames")
@@ -155,6 +169,10 @@ class LookupClient:
         return sock
 
     def _ask(self, address: str, frames: list[bytes]) -> bytes | None:
+        reply = self._ask_all(address, frames)
+        return reply[0] if reply else None
+
+    def _ask_all(self, address: str, frames: list[bytes]) -> list[bytes] | None:
         sock = self._socket(address)
         try:
             sock.send_multipart(frames)
@@ -168,22 +186,34 @@ class LookupClient:
                 logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
             return None
         self._warned.discard(address)
-        return reply[0] if reply else None
+        return reply
 
     def lookup(self, tokens: Sequence[int]) -> int:
+        return self.lookup_with_sources(tokens)[0]
+
+    def lookup_with_sources(self, tokens: Sequence[int]) -> tuple[int, list | None]:
+        """The hit, and [[tier, tokens], ...] in prefix order as the rank with the
+        shortest hit reported it (None: that rank has a single tier, the CPU tier)."""
         if not tokens:
-            return 0
+            return 0, None
         payload = encode_tokens(tokens)
-        hit = len(tokens)
+        hit, runs = len(tokens), None
         with self._lock:
             for address in self.addresses:
-                reply = self._ask(address, [b"lookup", payload])
-                if reply is None or len(reply) != _TOKEN_DTYPE.itemsize:
-                    return 0
-                hit = min(hit, int(np.frombuffer(reply, dtype=_TOKEN_DTYPE)[0]))
-                if hit <= 0:
-                    return 0
-        return hit
+                reply = self._ask_all(address, [b"lookup", payload])
+                if not reply or len(reply[0]) != _TOKEN_DTYPE.itemsize:
+                    return 0, None
+                rank_hit = int(np.frombuffer(reply[0], dtype=_TOKEN_DTYPE)[0])
+                if rank_hit <= 0:
+                    return 0, None
+                if rank_hit < hit or address == self.addresses[0]:
+                    runs = _runs(reply)
+                hit = min(hit, rank_hit)
+        return hit, runs
+
+    def metrics(self) -> list[dict | None]:
+        """Each rank's figures for vLLM's metrics (None where a rank did not answer)."""
+        return [self._json(address, [b"metrics"]) for address in self.addresses]
 
     def stats(self) -> list[dict | None]:
         """Each rank's counters (None where a rank did not answer)."""
@@ -202,3 +232,13 @@ class LookupClient:
             for sock in self._sockets.values():
                 sock.close()
             self._sockets.clear()
+
+
+def _runs(reply: list[bytes]) -> list | None:
+    if len(reply) < 2:
+        return None
+    try:
+        runs = json.loads(reply[1])
+    except ValueError:
+        return None
+    return runs if isinstance(runs, list) else None

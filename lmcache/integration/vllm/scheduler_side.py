@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
+from lmcache.integration.vllm.kv_events import KVEventTracker, kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
+from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
 from lmcache.integration.vllm.utils import (
     DEFAULT_LOOKUP_TIMEOUT_MS,
     LOOKUP_TIMEOUT_KEY,
@@ -31,6 +33,18 @@ class SchedulerSide:
         self._lookup_client = LookupClient(
             [socket_address(self._engine_id, r) for r in range(world_size)], timeout_ms
         )
+        from lmcache.integration.vllm.prom_metrics import StandaloneProm, is_our_connector
+
+        self._events = None
+        self._event_requests: dict = {}
+        # Only our connector class hands events to vLLM (take_events); its wrapper does not.
+        if kv_events_enabled(vllm_config) and is_our_connector(self._parent):
+            self._events = KVEventTracker(self.config.chunk_size, self.block_size, world_size)
+        self._metrics = SchedulerMetrics(self._lookup_client, self._events)
+        self._standalone_prom = None
+        if StandaloneProm.wanted(self._parent):
+            self._standalone_prom = StandaloneProm(vllm_config)
+            logger.info("LMCache: recording lmcache:* metrics in PROMETHEUS_MULTIPROC_DIR")
         skip_saves = force_skip_save()
         if skip_saves:
             logger.info("LMCache: saving is off (LMCACHE_FORCE_SKIP_SAVE)")
@@ -43,22 +57,55 @@ class SchedulerSide:
                 min_retrieve_tokens=self.config.min_retrieve_tokens,
                 skip_all_saves=skip_saves,
             ),
-            self._lookup_client.lookup,
+            self._metrics.lookup,
         )
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
-        return self._planner.num_new_matched_tokens(request, num_computed_tokens)
+        self._metrics.last_runs = None
+        matched = self._planner.num_new_matched_tokens(request, num_computed_tokens)
+        if matched:
+            self._metrics.remember_sources(request.request_id, num_computed_tokens)
+        return matched
 
     def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
         self._planner.after_alloc(request, num_external_tokens)
+        if self._events is not None:
+            self._event_requests[request.request_id] = request
 
     def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
-        return LMCacheConnectorMetadata(
-            self._planner.build(scheduler_output),
-            getattr(scheduler_output, "preempted_req_ids", None),
-        )
+        metas = self._planner.build(scheduler_output)
+        if metas:
+            self._metrics.note_activity()
+            if self._events is not None:
+                for meta in metas:
+                    request = self._event_requests.get(meta.req_id)
+                    if meta.save is not None and request is not None:
+                        self._events.record_save(request, meta.save)
+        if self._standalone_prom is not None:  # vLLM's wrapper calls no stats hook
+            stats = self.get_kv_connector_stats()
+            if stats is not None:
+                self._standalone_prom.observe(stats.to_dict())
+        return LMCacheConnectorMetadata(metas, getattr(scheduler_output, "preempted_req_ids", None))
+
+    # -- metrics and KV events (connector_stats.py, kv_events.py) ----------------------
+    def get_kv_connector_stats(self):
+        held = getattr(self._parent, "_blocks_held", None)
+        stats = self._metrics.take_stats(None if held is None else len(held))
+        return None if stats.is_empty() else stats
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
+        return self._metrics.hit_sources(request.request_id, num_external_tokens)
+
+    def note_transfers_done(self) -> None:
+        self._metrics.note_activity()
+
+    def take_events(self) -> list:
+        return self._metrics.take_events() if self._events is not None else []
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        self._metrics.note_activity()
+        self._metrics.forget(request.request_id)
+        self._event_requests.pop(request.request_id, None)
         had_save = self._planner.finished(request)
         # With async saving, the blocks stay allocated until every worker reports
         # the request's saves done (get_finished).

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata, transfer_specs
+from lmcache.integration.vllm.kv_events import kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupServer, socket_address
 from lmcache.integration.vllm.request_tracker import ReqMeta
 from lmcache.integration.vllm.utils import (
@@ -29,6 +30,7 @@ from lmcache.integration.vllm.utils import (
     truthy,
 )
 from lmcache.integration.vllm.worker_layerwise import WorkerLayerwise
+from lmcache.integration.vllm.worker_metrics import WorkerMetrics, hit_runs
 from lmcache.integration.vllm.worker_saves import WorkerSaves
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         self._engine_lock = threading.RLock()
         self._lookup_server: LookupServer | None = None
         self.counters = WorkerCounters()
+        self.worker_metrics = WorkerMetrics(self._rank, collect_events=kv_events_enabled(vllm_config))
+        self._observed_engine = None
         self._test_hooks_allowed = truthy(os.environ.get(TEST_HOOKS_ENV, ""))
         self._corrupt_loads = False
         self._init_layerwise()
@@ -93,9 +97,13 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
             ENGINE_NAME, self.config, self._engine_metadata(), self.gpu_connector
         )
         self._layer_index = {name: i for i, name in enumerate(layer_names)}
+        if self.worker_metrics.collect_events and self._observed_engine is not self.engine:
+            self.engine.stats.add_observer(self.worker_metrics.observe_chunk)
+            self._observed_engine = self.engine
         self._start_save_pool()
         self._lookup_server = LookupServer(
-            socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control
+            socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control,
+            lambda: self.worker_metrics.reply(self.counters, self.engine),
         ).start()
         # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
         atexit.register(self.shutdown)
@@ -133,11 +141,12 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens) -> int:
+    def _lookup(self, tokens) -> int | tuple[int, list]:
         if self.engine is None:
             return 0
         with self._engine_lock:
-            return int(self.engine.lookup(tokens))
+            hit = int(self.engine.lookup(tokens))
+            return (hit, hit_runs(self.engine, tokens, hit)) if hit else hit
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
@@ -203,8 +212,9 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         except Exception:  # noqa: BLE001 - a cache fault is a miss, never a failed step
             logger.exception("LMCache: batched retrieve failed; %d request(s) will recompute", len(loads))
             loaded = [0] * len(loads)
-        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms",
-                     loaded, len(loads), (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        self.worker_metrics.timing("load_seconds", seconds)
+        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms", loaded, len(loads), seconds * 1000)
         # the engine counts tokens loaded from skip_tokens on
         self._account_loads(loads, [r.load.skip_tokens + n for r, n in zip(loads, loaded)])
 
