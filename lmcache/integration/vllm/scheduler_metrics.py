@@ -29,6 +29,7 @@ _RANK0 = {
     "load_requests": ("retrieve_requests", ()),
     "loaded_tokens": ("loaded_tokens", ()),
     "load_failed_tokens": ("load_failed_tokens", ()),
+    "requested_tokens": ("requested_tokens", ()),
     "save_requests": ("store_requests", ()),
     "saved_tokens": ("stored_tokens", ()),
     "cpu.hit_tokens": ("tier_hit_tokens", ("cpu",)),

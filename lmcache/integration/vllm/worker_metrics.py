@@ -63,6 +63,7 @@ def totals(counters, engine) -> dict[str, int]:
         "load_requests": counters.load_requests,
         "loaded_tokens": counters.loaded_tokens,
         "load_failed_tokens": counters.load_failed_tokens,
+        "requested_tokens": counters.loaded_tokens + counters.load_failed_tokens,
         "save_requests": counters.save_requests,
         "saved_tokens": counters.saved_tokens,
         "save_failures": counters.save_failures,
