@@ -185,3 +185,37 @@ def test_prometheus_series_from_the_payload(run):
     assert registry.get_sample_value("lmcache:tier_hit_tokens_total", {**labels, "tier": "cpu"}) == 64
     assert registry.get_sample_value("lmcache:time_to_store_count", labels) == 1
     assert registry.get_sample_value("lmcache:local_cache_usage", labels) == 2 * CHUNK_BYTES
+
+
+def _tracked(hash_name: str):
+    from lmcache.integration.vllm.kv_events import KVEventTracker
+    from lmcache.integration.vllm.request_tracker import TransferPlan
+
+    init_none_hash(get_hash_fn_by_name(hash_name))
+    request = Request("r", prompt(8), SamplingParams(max_tokens=1), None,
+                      block_hasher=get_request_block_hasher(BLOCK, get_hash_fn_by_name(hash_name)))
+    tracker = KVEventTracker(CHUNK, BLOCK, world_size=2)
+    plan = TransferPlan(torch.as_tensor(request.prompt_token_ids), torch.zeros(70, dtype=torch.long), 0, 64)
+    tracker.record_save(request, plan)
+    return tracker, plan
+
+
+def test_event_checks_can_fail():
+    from lmcache.v1.token_database import chunk_hashes
+
+    tracker, plan = _tracked("sha256_cbor")
+    first, second = chunk_hashes(plan.token_ids, CHUNK, 64)
+    # rank 0 alone holds chunk 1: not announced; a removal of what was never announced: nothing
+    tracker.on_worker_events([["cpu", True, first, 0], ["cpu", False, second, 0]])
+    assert tracker.take() == []
+    tracker.on_worker_events([["cpu", True, first, 1]])  # now every rank holds it
+    (stored,) = tracker.take()
+    tracker.on_worker_events([["cpu", False, first, 1]])
+    (removed,) = tracker.take()
+    assert isinstance(removed, BlockRemoved) and removed.block_hashes == stored.block_hashes
+    # the same blocks hashed with another function than vLLM's: the comparison the tests make fails
+    other, _ = _tracked("sha256")
+    other.on_worker_events([["cpu", True, first, 0], ["cpu", True, first, 1]])
+    (foreign,) = other.take()
+    init_none_hash(HASH_FN)
+    assert foreign.block_hashes != stored.block_hashes

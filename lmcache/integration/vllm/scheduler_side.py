@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 class SchedulerSide:
     """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in the scheduler process."""
 
+    # None until _init_scheduler (tests build bare instances with __new__)
+    _metrics: SchedulerMetrics | None = None
+    _events: KVEventTracker | None = None
+    _standalone_prom = None
+
     def _init_scheduler(self, vllm_config, extra: dict) -> None:
         _, world_size = parallel_rank_and_size(vllm_config)
         timeout_ms = int(extra.get(LOOKUP_TIMEOUT_KEY, DEFAULT_LOOKUP_TIMEOUT_MS))
@@ -61,10 +66,12 @@ class SchedulerSide:
         )
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
-        self._metrics.last_runs = None
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.last_runs = None
         matched = self._planner.num_new_matched_tokens(request, num_computed_tokens)
-        if matched:
-            self._metrics.remember_sources(request.request_id, num_computed_tokens)
+        if matched and metrics is not None:
+            metrics.remember_sources(request.request_id, num_computed_tokens)
         return matched
 
     def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
@@ -74,7 +81,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
         metas = self._planner.build(scheduler_output)
-        if metas:
+        if metas and self._metrics is not None:
             self._metrics.note_activity()
             if self._events is not None:
                 for meta in metas:
@@ -89,23 +96,30 @@ class SchedulerSide:
 
     # -- metrics and KV events (connector_stats.py, kv_events.py) ----------------------
     def get_kv_connector_stats(self):
+        if self._metrics is None:
+            return None
         held = getattr(self._parent, "_blocks_held", None)
         stats = self._metrics.take_stats(None if held is None else len(held))
         return None if stats.is_empty() else stats
 
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
+        if self._metrics is None:
+            return {}
         return self._metrics.hit_sources(request.request_id, num_external_tokens)
 
     def note_transfers_done(self) -> None:
-        self._metrics.note_activity()
+        if self._metrics is not None:
+            self._metrics.note_activity()
 
     def take_events(self) -> list:
         return self._metrics.take_events() if self._events is not None else []
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
-        self._metrics.note_activity()
-        self._metrics.forget(request.request_id)
-        self._event_requests.pop(request.request_id, None)
+        if self._metrics is not None:
+            self._metrics.note_activity()
+            self._metrics.forget(request.request_id)
+        if self._events is not None:
+            self._event_requests.pop(request.request_id, None)
         had_save = self._planner.finished(request)
         # With async saving, the blocks stay allocated until every worker reports
         # the request's saves done (get_finished).
