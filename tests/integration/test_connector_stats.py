@@ -39,11 +39,13 @@ CHUNK_BYTES = 2 * L * CHUNK * H * D * 2  # bf16
 HASH_FN = get_hash_fn_by_name("sha256_cbor")
 
 
-def vllm_config(cpu_chunks: int):
+def vllm_config(cpu_chunks: int, disk: str | None = None):
     model = SimpleNamespace(model="tiny", served_model_name="tiny", use_mla=False,
                             get_num_kv_heads=lambda parallel: H, get_head_size=lambda: D)
     extra = {"lmcache.chunk_size": CHUNK, "lmcache.max_local_cpu_size": cpu_chunks * CHUNK_BYTES / 1e9,
              "lmcache.cpu_native_blocks": False}
+    if disk:
+        extra.update({"lmcache.local_disk": disk, "lmcache.max_local_disk_size": 64 * CHUNK_BYTES / 1e9})
     return SimpleNamespace(
         kv_transfer_config=SimpleNamespace(engine_id=f"t-{uuid.uuid4()}", kv_connector_extra_config=extra),
         cache_config=SimpleNamespace(block_size=BLOCK),
@@ -62,8 +64,8 @@ def make_request(req_id: str, prompt: list[int]) -> Request:
 class GaudiRun:
     """A scheduler and one worker, driven the way vllm-gaudi drives them."""
 
-    def __init__(self, cpu_chunks: int):
-        config = vllm_config(cpu_chunks)
+    def __init__(self, cpu_chunks: int, disk: str | None = None):
+        config = vllm_config(cpu_chunks, disk)
         self.scheduler = LMCacheConnectorV1Dynamic(config, KVConnectorRole.SCHEDULER)
         self.worker = LMCacheConnectorV1Dynamic(config, KVConnectorRole.WORKER)
         cache = kl.hpu_kv(L, NUM_BLOCKS, BLOCK, H, D, torch.bfloat16, torch.Generator().manual_seed(0), device="hpu")
@@ -219,3 +221,29 @@ def test_event_checks_can_fail():
     (foreign,) = other.take()
     init_none_hash(HASH_FN)
     assert foreign.block_hashes != stored.block_hashes
+
+
+def test_disk_hits_and_storage_events(hpu_emu, tmp_path):
+    r = GaudiRun(cpu_chunks=3, disk=str(tmp_path / "disk"))
+    try:
+        first = make_request("a", prompt(9))
+        r.serve(first)
+        r.worker.impl.engine.flush(10)
+        for rid, seed in (("b", 10), ("c", 11)):  # push the first prompt out of the CPU tier
+            r.serve(make_request(rid, prompt(seed)))
+            r.worker.impl.engine.flush(10)
+        stats, events = r.take()
+        disk_stored = [e for e in events if isinstance(e, BlockStored) and e.locality == "LOCAL" and e.medium == "STORAGE"]
+        assert len(disk_stored) == 6  # 3 prompts x 2 chunks on disk
+        assert any(isinstance(e, BlockRemoved) and e.medium == "CPU" for e in events)
+        assert stats.data["gauges"]["local_storage_usage"][""] > 6 * CHUNK_BYTES
+        again = make_request("d", prompt(9))
+        offered, _ = r.scheduler.get_num_new_matched_tokens(again, 0)
+        assert offered == 64
+        assert r.scheduler.get_external_cache_hit_sources(again, offered) == {CacheHitSource.DISK: 64}
+        r.scheduler.request_finished(again, [])
+        r.serve(make_request("e", prompt(9)))
+        stats, _ = r.take()
+        assert stats.counter("tier_hit_tokens", "disk") == 64 and stats.counter("loaded_tokens") == 64
+    finally:
+        r.close()
