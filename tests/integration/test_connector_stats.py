@@ -247,3 +247,26 @@ def test_disk_hits_and_storage_events(hpu_emu, tmp_path):
         assert stats.counter("tier_hit_tokens", "disk") == 64 and stats.counter("loaded_tokens") == 64
     finally:
         r.close()
+
+
+def test_a_silent_worker_is_not_asked_every_step():
+    from lmcache.integration.vllm.scheduler_metrics import BACKOFF_S, SchedulerMetrics
+
+    class Silent:
+        asks = 0
+
+        def metrics(self):
+            Silent.asks += 1
+            return [None]
+
+    now = [0.0]
+    metrics = SchedulerMetrics(Silent(), clock=lambda: now[0])
+    for _ in range(10):
+        metrics.note_activity()
+        assert metrics.take_stats() is not None
+        now[0] += 0.1
+    assert Silent.asks == 1
+    now[0] += BACKOFF_S
+    metrics.note_activity()
+    metrics.take_stats()
+    assert Silent.asks == 2

@@ -21,6 +21,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from lmcache.integration.vllm.connector_stats import LMCacheConnectorStats
 
 POLL_INTERVAL_S = 0.5
+BACKOFF_S = 5.0  # after a rank did not answer: the scheduler must not wait on it every step
 MAX_REMEMBERED_LOOKUPS = 8192
 TIER_SOURCES = {"cpu": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "remote": CacheHitSource.EXTERNAL_UNSPECIFIED}
 
@@ -58,6 +59,7 @@ class SchedulerMetrics:
         self._last_totals: dict[int, dict[str, int]] = {}
         self._gauges: dict[int, dict[str, int]] = {}
         self._last_poll = float("-inf")
+        self._quiet_until = float("-inf")
         self._activity = False
         self._fresh = False  # a worker answered since the last take_stats
         self._hit_runs: dict[str, tuple[int, list | None]] = {}
@@ -110,13 +112,16 @@ class SchedulerMetrics:
 
     def poll(self, force: bool = False) -> None:
         now = self._clock()
-        if not (force or self._activity or now - self._last_poll >= POLL_INTERVAL_S):
+        if not force and (now < self._quiet_until
+                          or not (self._activity or now - self._last_poll >= POLL_INTERVAL_S)):
             return
         self._activity = False
         self._last_poll = now
         for rank, reply in enumerate(self._client.metrics()):
             if not isinstance(reply, dict) or "totals" not in reply:
-                continue  # no answer this time: the totals catch up next time
+                # no answer this time: the totals catch up later
+                self._quiet_until = self._clock() + BACKOFF_S
+                continue
             self._absorb(int(reply.get("rank", rank)), reply)
 
     def _absorb(self, rank: int, reply: dict) -> None:
