@@ -27,6 +27,9 @@ class RecordingClient:
         self.calls.append((len(tokens), lease_id, hold_from))
         return self.hit
 
+    def lookup_with_sources(self, tokens, lease_id=None, hold_from=0):
+        return self.lookup(tokens, lease_id, hold_from), None
+
     def close(self):
         pass
 
@@ -36,6 +39,7 @@ def scheduler():
     impl = LMCacheConnectorV1Impl(vllm_config(**{"lmcache.chunk_size": 16}), KVConnectorRole.SCHEDULER, None)
     impl._lookup_client.close()
     impl._lookup_client = RecordingClient(hit=64)
+    impl._metrics._client = impl._lookup_client  # the metrics wrapper asks the client
     yield impl
     impl.shutdown()
 

@@ -13,6 +13,13 @@ stores to a background thread; a finished request keeps its blocks
 (`request_finished` returns True) until every worker reports its saves done through
 `get_finished`, and a preempted request's pending saves are awaited before its blocks
 are reused (`handle_preemptions`).
+
+It also speaks vLLM's metrics and events protocols (connector_stats.py,
+prom_metrics.py, kv_events.py): LMCache's figures appear on vLLM's /metrics and in its
+periodic "KV Transfer metrics" log line, vLLM's per-source cached-token counter
+learns which tier a hit came from, and, with --kv-events-config, LMCache's stores
+and removals are published as vLLM KV events. All of it is reported from the
+scheduler side (vllm-gaudi never calls the worker-side hooks in a forward step).
 """
 
 from __future__ import annotations
@@ -48,6 +55,19 @@ def _async_save(vllm_config, extra: dict) -> bool:
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
+
+    # -- metrics (built by vLLM in the API-server process) ------------------------------
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from lmcache.integration.vllm.connector_stats import LMCacheConnectorStats
+
+        return LMCacheConnectorStats(data=data) if data is not None else LMCacheConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from lmcache.integration.vllm.prom_metrics import LMCachePromMetrics
+
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -118,8 +138,20 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return delay_free, params
 
     def update_connector_output(self, connector_output) -> None:
+        if connector_output.finished_sending:
+            self._impl.note_transfers_done()
         for req_id in connector_output.finished_sending or ():
             self._blocks_held.discard(req_id)
+
+    def get_kv_connector_stats(self):
+        # The workers' figures come over the lookup channel (worker-side hook: None).
+        return self._impl.get_kv_connector_stats() if self.role == KVConnectorRole.SCHEDULER else None
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int):
+        return self._impl.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def take_events(self):
+        return self._impl.take_events()
 
     def has_pending_block_frees(self) -> bool:
         return bool(self._blocks_held)

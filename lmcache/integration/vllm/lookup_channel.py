@@ -13,7 +13,10 @@ names the operation.
       tokens], and the worker holds what it counted for that lease (lmcache.v1.leases)
       until the load that names it, a release in a later step's metadata, or the lease's
       ttl; chunks that end at or before hold_from (vLLM holds them) are only checked
+  [b"lookup", ...] replies may carry a second frame, JSON [[tier, tokens], ...]: which
+      tier holds the hit, in order; only where the worker has more than one tier
   [b"stats"]                                 -> [JSON object]
+  [b"metrics"]                               -> [JSON object]  (worker_metrics.py)
   [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
 Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
 """
@@ -75,14 +78,16 @@ class LookupServer:
     def __init__(
         self,
         address: str,
-        lookup: Callable[..., int],  # lookup(tokens) or lookup(tokens, lease_id)
+        lookup: Callable[..., int | tuple[int, list]],  # lookup(tokens[, lease_id[, hold_from]])
         stats: Callable[[], dict],
         control: Callable[[dict], dict] | None = None,
+        metrics: Callable[[], dict] | None = None,
     ):
         self.address = address
         self._lookup = lookup
         self._stats = stats
         self._control = control
+        self._metrics = metrics
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -132,17 +137,25 @@ class LookupServer:
             if op == b"lookup" and len(frames) in (2, 3, 4):
                 tokens = decode_tokens(frames[1])
                 if len(frames) == 2:
-                    hit = int(self._lookup(tokens))
+                    answer = self._lookup(tokens)
                 elif len(frames) == 3:
-                    hit = int(self._lookup(tokens, decode_lease_id(frames[2])))
+                    answer = self._lookup(tokens, decode_lease_id(frames[2]))
                 else:
                     hold_from = decode_tokens(frames[3])
                     if hold_from.shape != (1,):
                         raise ValueError("hold_from must be one int64")
-                    hit = int(self._lookup(tokens, decode_lease_id(frames[2]), int(hold_from[0])))
-                return [np.asarray([hit], dtype=_TOKEN_DTYPE).tobytes()]
+                    answer = self._lookup(tokens, decode_lease_id(frames[2]), int(hold_from[0]))
+                runs = None
+                if isinstance(answer, tuple):
+                    answer, runs = answer
+                reply = [np.asarray([int(answer)], dtype=_TOKEN_DTYPE).tobytes()]
+                if runs:
+                    reply.append(json.dumps(runs).encode())
+                return reply
             if op == b"stats":
                 return [json.dumps(self._stats()).encode()]
+            if op == b"metrics" and self._metrics is not None:
+                return [json.dumps(self._metrics()).encode()]
             if op == b"control" and len(frames) == 2 and self._control is not None:
                 return [json.dumps(self._control(json.loads(frames[1]))).encode()]
             raise ValueError(f"unknown request {op!r} with {len(frames)} frames")
@@ -179,9 +192,10 @@ class LookupClient:
         return sock
 
     def _ask(self, address: str, frames: list[bytes]) -> bytes | None:
-        return self._ask_all([address], frames)[0]
+        reply = self._ask_all([address], frames)[0]
+        return reply[0] if reply else None
 
-    def _ask_all(self, addresses: Sequence[str], frames: list[bytes]) -> list[bytes | None]:
+    def _ask_all(self, addresses: Sequence[str], frames: list[bytes]) -> list[list[bytes] | None]:
         """Send to every address, then collect the replies: the ranks work in parallel."""
         sent: list = []
         for address in addresses:
@@ -192,7 +206,7 @@ class LookupClient:
             except self._zmq.ZMQError as exc:
                 self._lost(address, sock, exc)
                 sent.append(None)
-        replies: list[bytes | None] = []
+        replies: list[list[bytes] | None] = []
         for address, sock in zip(addresses, sent):
             if sock is None:
                 replies.append(None)
@@ -204,7 +218,7 @@ class LookupClient:
                 replies.append(None)
                 continue
             self._warned.discard(address)
-            replies.append(reply[0] if reply else None)
+            replies.append(reply or None)
         return replies
 
     def _lost(self, address: str, sock, exc: Exception) -> None:
@@ -216,25 +230,41 @@ class LookupClient:
             logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
 
     def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0) -> int:
-        """The prefix every rank holds. With `lease_id`, each rank holds what it
-        counted until the load naming that lease (or its release): send the release
-        even when this returns 0, since some ranks may hold a lease. Chunks ending at
-        or before `hold_from` (vLLM's own prefix hit) are checked but not held."""
+        return self.lookup_with_sources(tokens, lease_id, hold_from)[0]
+
+    def lookup_with_sources(
+        self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0
+    ) -> tuple[int, list | None]:
+        """The prefix every rank holds, and [[tier, tokens], ...] in prefix order as the
+        rank with the shortest hit reported it (None: that rank has a single tier, the
+        CPU tier). With `lease_id`, each rank holds what it counted until the load naming
+        that lease (or its release): send the release even when the hit is 0, since some
+        ranks may hold a lease. Chunks ending at or before `hold_from` (vLLM's own prefix
+        hit) are checked but not held."""
         if not tokens:
-            return 0
+            return 0, None
         frames = [b"lookup", encode_tokens(tokens)]
         if lease_id is not None:
             frames.append(lease_id.encode("utf-8"))
             if hold_from > 0:
                 frames.append(encode_tokens([int(hold_from)]))
-        hit = len(tokens)
+        hit, runs = len(tokens), None
         with self._lock:
             replies = self._ask_all(self.addresses, frames)
-        for reply in replies:
-            if reply is None or len(reply) != _TOKEN_DTYPE.itemsize:
-                return 0
-            hit = min(hit, int(np.frombuffer(reply, dtype=_TOKEN_DTYPE)[0]))
-        return max(hit, 0)
+        for address, reply in zip(self.addresses, replies):
+            if not reply or len(reply[0]) != _TOKEN_DTYPE.itemsize:
+                return 0, None
+            rank_hit = int(np.frombuffer(reply[0], dtype=_TOKEN_DTYPE)[0])
+            if rank_hit <= 0:
+                return 0, None
+            if rank_hit < hit or address == self.addresses[0]:
+                runs = _runs(reply)
+            hit = min(hit, rank_hit)
+        return hit, runs
+
+    def metrics(self) -> list[dict | None]:
+        """Each rank's figures for vLLM's metrics (None where a rank did not answer)."""
+        return [self._json(address, [b"metrics"]) for address in self.addresses]
 
     def stats(self) -> list[dict | None]:
         """Each rank's counters (None where a rank did not answer)."""
@@ -253,3 +283,13 @@ class LookupClient:
             for sock in self._sockets.values():
                 sock.close()
             self._sockets.clear()
+
+
+def _runs(reply: list[bytes]) -> list | None:
+    if len(reply) < 2:
+        return None
+    try:
+        runs = json.loads(reply[1])
+    except ValueError:
+        return None
+    return runs if isinstance(runs, list) else None

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
+from lmcache.integration.vllm.kv_events import KVEventTracker, kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
 from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
+from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
 from lmcache.integration.vllm.utils import (
     DEFAULT_LOOKUP_TIMEOUT_MS,
     LOOKUP_TIMEOUT_KEY,
@@ -26,6 +28,11 @@ logger = logging.getLogger(__name__)
 class SchedulerSide:
     """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in the scheduler process."""
 
+    # None until _init_scheduler (tests build bare instances with __new__)
+    _metrics: SchedulerMetrics | None = None
+    _events: KVEventTracker | None = None
+    _standalone_prom = None
+
     def _init_scheduler(self, vllm_config, extra: dict) -> None:
         _, world_size = parallel_rank_and_size(vllm_config)
         timeout_ms = int(extra.get(LOOKUP_TIMEOUT_KEY, DEFAULT_LOOKUP_TIMEOUT_MS))
@@ -35,6 +42,18 @@ class SchedulerSide:
         self._leases = SchedulerLeases()
         self._lookup_lease: str | None = None  # the lease id of the lookup in progress
         self._lookup_hold_from = 0  # ... and vLLM's own prefix hit (not held by the workers)
+        from lmcache.integration.vllm.prom_metrics import StandaloneProm, is_our_connector
+
+        self._events = None
+        self._event_requests: dict = {}
+        # Only our connector class hands events to vLLM (take_events); its wrapper does not.
+        if kv_events_enabled(vllm_config) and is_our_connector(self._parent):
+            self._events = KVEventTracker(self.config.chunk_size, self.block_size, world_size)
+        self._metrics = SchedulerMetrics(self._lookup_client, self._events)
+        self._standalone_prom = None
+        if StandaloneProm.wanted(self._parent):
+            self._standalone_prom = StandaloneProm(vllm_config)
+            logger.info("LMCache: recording lmcache:* metrics in PROMETHEUS_MULTIPROC_DIR")
         skip_saves = force_skip_save()
         if skip_saves:
             logger.info("LMCache: saving is off (LMCACHE_FORCE_SKIP_SAVE)")
@@ -51,34 +70,77 @@ class SchedulerSide:
         )
 
     def _leased_lookup(self, tokens) -> int:
-        return self._lookup_client.lookup(tokens, self._lookup_lease, self._lookup_hold_from)
+        return self._metrics.lookup(tokens, self._lookup_lease, self._lookup_hold_from)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
         # The workers hold what they answer until this request's load (or its release).
         self._lookup_lease = self._leases.new(request.request_id)
         self._lookup_hold_from = num_computed_tokens
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.last_runs = None
         try:
-            return self._planner.num_new_matched_tokens(request, num_computed_tokens)
+            matched = self._planner.num_new_matched_tokens(request, num_computed_tokens)
         finally:
             self._lookup_lease = None
+        if matched and metrics is not None:
+            metrics.remember_sources(request.request_id, num_computed_tokens)
+        return matched
 
     def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
         self._planner.after_alloc(request, num_external_tokens)
         if num_external_tokens <= 0:
             self._leases.release(request.request_id)
+        if self._events is not None:
+            self._event_requests[request.request_id] = request
 
     def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
-        requests = self._planner.build(scheduler_output)
-        for r in requests:
+        metas = self._planner.build(scheduler_output)
+        for r in metas:
             if r.load is not None:
                 r.lease_id = self._leases.for_load(r.req_id)
         preempted = getattr(scheduler_output, "preempted_req_ids", None)
         for req_id in set(preempted or ()) | set(scheduler_output.finished_req_ids or ()):
             self._leases.release(req_id)
-        return LMCacheConnectorMetadata(requests, preempted, self._leases.take_released())
+        if metas and self._metrics is not None:
+            self._metrics.note_activity()
+            if self._events is not None:
+                for meta in metas:
+                    request = self._event_requests.get(meta.req_id)
+                    if meta.save is not None and request is not None:
+                        self._events.record_save(request, meta.save)
+        if self._standalone_prom is not None:  # vLLM's wrapper calls no stats hook
+            stats = self.get_kv_connector_stats()
+            if stats is not None:
+                self._standalone_prom.observe(stats.to_dict())
+        return LMCacheConnectorMetadata(metas, preempted, self._leases.take_released())
+    # -- metrics and KV events (connector_stats.py, kv_events.py) ----------------------
+    def get_kv_connector_stats(self):
+        if self._metrics is None:
+            return None
+        held = getattr(self._parent, "_blocks_held", None)
+        stats = self._metrics.take_stats(None if held is None else len(held))
+        return None if stats.is_empty() else stats
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
+        if self._metrics is None:
+            return {}
+        return self._metrics.hit_sources(request.request_id, num_external_tokens)
+
+    def note_transfers_done(self) -> None:
+        if self._metrics is not None:
+            self._metrics.note_activity()
+
+    def take_events(self) -> list:
+        return self._metrics.take_events() if self._events is not None else []
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._leases.release(request.request_id)
+        if self._metrics is not None:
+            self._metrics.note_activity()
+            self._metrics.forget(request.request_id)
+        if self._events is not None:
+            self._event_requests.pop(request.request_id, None)
         had_save = self._planner.finished(request)
         # With async saving, the blocks stay allocated until every worker reports
         # the request's saves done (get_finished).

@@ -64,8 +64,9 @@ class WorkerSaves:
             logger.exception("LMCache: batched store of %d request(s) failed", len(saves))
             self.counters.save_failures += 1
             return
-        logger.debug("LMCache: stored %s tokens for %d request(s) in %.1f ms",
-                     stored, len(saves), (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        self.worker_metrics.timing("store_seconds", seconds)
+        logger.debug("LMCache: stored %s tokens for %d request(s) in %.1f ms", stored, len(saves), seconds * 1000)
         self.counters.save_requests += len(saves)
         self.counters.saved_tokens += sum(int(n) for n in stored)
 

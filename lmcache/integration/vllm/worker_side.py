@@ -24,6 +24,7 @@ import torch
 
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata, transfer_specs
 from lmcache.integration.vllm.gaudi_checks import refuse_online_defragmenter
+from lmcache.integration.vllm.kv_events import kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupServer, socket_address
 from lmcache.integration.vllm.request_tracker import ReqMeta
 from lmcache.integration.vllm.utils import (
@@ -34,6 +35,7 @@ from lmcache.integration.vllm.utils import (
     truthy,
 )
 from lmcache.integration.vllm.worker_layerwise import WorkerLayerwise
+from lmcache.integration.vllm.worker_metrics import WorkerMetrics, clip_runs, hit_runs
 from lmcache.integration.vllm.worker_saves import WorkerSaves
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         self._runner_reads_load_errors = True  # vllm-gaudi never calls get_block_ids_with_load_errors
         self._exit_hook_registered = False
         self.counters = WorkerCounters()
+        self.worker_metrics = WorkerMetrics(self._rank, collect_events=kv_events_enabled(vllm_config))
+        self._observed_engine = None
         self._test_hooks_allowed = truthy(os.environ.get(TEST_HOOKS_ENV, ""))
         self._corrupt_loads = False
         self._init_layerwise()
@@ -122,10 +126,14 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                 engine.set_gpu_connector(self.gpu_connector)  # the old tensors are gone
             self.engine = engine
             self._layer_index = {name: i for i, name in enumerate(layer_names)}
+        if self.worker_metrics.collect_events and self._observed_engine is not self.engine:
+            self.engine.stats.add_observer(self.worker_metrics.observe_chunk)
+            self._observed_engine = self.engine
         self._start_save_pool()
         if self._lookup_server is None:  # one per worker, also across re-registrations
             self._lookup_server = LookupServer(
-                socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control
+                socket_address(self._engine_id, self._rank), self._lookup_with_sources, self.stats, self._control,
+                lambda: self.worker_metrics.reply(self.counters, self.engine),
             ).start()
         if not self._exit_hook_registered:
             # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
@@ -169,10 +177,19 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
 
     # -- the lookup server's handlers (background thread) ----------------------
     def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> int:
+        return self._lookup_with_sources(tokens, lease_id, hold_from)[0]
+
+    def _lookup_with_sources(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> tuple[int, list | None]:
+        """The hit, and which tier holds which part of it (worker_metrics.hit_runs)."""
         if self.engine is None:
-            return 0
+            return 0, None
         with self._engine_lock:
-            return int(self.engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from))
+            # A lease reads disk/remote chunks into host memory: say where they were found.
+            found_in = hit_runs(self.engine, tokens, len(tokens)) if lease_id is not None else None
+            hit = int(self.engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from))
+            if not hit:
+                return 0, None
+            return hit, (clip_runs(found_in, hit) if lease_id is not None else hit_runs(self.engine, tokens, hit))
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
@@ -252,8 +269,9 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         except Exception:  # noqa: BLE001 - a cache fault is a miss, never a failed step
             logger.exception("LMCache: batched retrieve failed; %d request(s) will recompute", len(loads))
             loaded = [0] * len(loads)
-        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms",
-                     loaded, len(loads), (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        self.worker_metrics.timing("load_seconds", seconds)
+        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms", loaded, len(loads), seconds * 1000)
         # the engine counts tokens loaded from skip_tokens on
         self._account_loads(loads, [r.load.skip_tokens + n for r, n in zip(loads, loaded)])
 

@@ -37,7 +37,7 @@ class BackgroundWriter:
         try:
             self._queue.put_nowait((key, obj, done))
         except queue.Full:
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier="queue")
             if not self._full_logged:
                 self._full_logged = True
                 logger.warning(

@@ -202,33 +202,34 @@ class LMServerBackend:
         except BadReply as exc:
             self._outage.worked()
             self._log_once(f"get-reply:{type(exc).__name__}", "GET of %s: %s: treated as a miss", key.to_string(), exc)
-            self._stats.miss("corrupt")
+            self._stats.miss("corrupt", tier=self.name)
             return None
         self._outage.worked()
         if obj is None:
-            self._stats.miss(outcome)
+            self._stats.miss(outcome, tier=self.name if outcome != "absent" else None)
         return obj
 
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """PUT the chunk (the protocol has no reply to a PUT); False, counted as
         dropped, if the server is down or the chunk cannot be sent."""
         if not self._outage.usable():
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         try:
             header = _put_header(key, obj)
         except (lm_keys.KeyEncodingError, P.ProtocolError) as exc:
             self._log_once("put", "chunk not stored: %s", exc)
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         payload = memoryview(payload_view(obj.tensor))
         try:
             self._exchange(lambda sock: (sock.sendall(header), sock.sendall(payload)))
         except OSError as exc:
             self._outage.failed(exc)
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         self._outage.worked()
+        self._stats.chunk_event(self.name, True, key)
         return True
 
     def remove(self, key: CacheEngineKey) -> None:

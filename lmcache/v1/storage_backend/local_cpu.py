@@ -71,7 +71,8 @@ class LocalCPUBackend:
                 return False
             self._objs[key] = obj
             self._used += obj.nbytes
-            return True
+        self._stats.chunk_event(self.name, True, key)
+        return True
 
     def evict_until(self, enough) -> None:
         """Evict idle objects, oldest first, until enough() is true or none is left."""
@@ -88,7 +89,8 @@ class LocalCPUBackend:
             del self._objs[key]
             self._used -= obj.nbytes
             obj.free()
-            self._stats.miss("evicted")
+            self._stats.miss("evicted", tier=self.name)
+            self._stats.chunk_event(self.name, False, key)
             if enough():
                 return
 
@@ -100,7 +102,8 @@ class LocalCPUBackend:
             del self._objs[key]
             self._used -= obj.nbytes
             obj.free()
-            return True
+        self._stats.chunk_event(self.name, False, key)
+        return True
 
     def clear(self) -> None:
         with self._lock:

@@ -89,7 +89,8 @@ class LocalDiskBackend:
             name, size = self._index.popitem(last=False)
             self._used -= size
             self._unlink(os.path.join(self.path, name))
-            self._stats.miss("evicted")
+            self._stats.miss("evicted", tier=self.name)
+            self._lost(name)
 
     def _forget(self, name: str) -> None:
         with self._lock:
@@ -106,6 +107,14 @@ class LocalDiskBackend:
             self._evict_locked(size)
             self._index[name] = size
             self._used += size
+
+    def _lost(self, name: str) -> None:
+        """Tell the observers a chunk file is gone (names too long to hold the key are not reported)."""
+        try:
+            key = CacheEngineKey.from_string(name[: -len(SUFFIX)])
+        except ValueError:
+            return
+        self._stats.chunk_event(self.name, False, key)
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -130,12 +139,14 @@ class LocalDiskBackend:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            if name in self._index:
+                self._lost(name)
             self._forget(name)
             self._stats.miss("absent")
             return None
         except OSError as exc:
             logger.warning("disk tier: cannot open %s: %s", path, exc)
-            self._stats.miss("tier_down")
+            self._stats.miss("tier_down", tier=self.name)
             return None
         obj = None
         try:
@@ -147,7 +158,7 @@ class LocalDiskBackend:
                 )
             obj = allocate(header.shape, header.dtype, header.fmt)
             if obj is None:
-                self._stats.miss("dropped")
+                self._stats.miss("dropped", tier=self.name)
                 return None
             payload = serde.payload_view(obj.tensor)
             serde.verify(header, payload, chunk_file.read_payload(fd, payload))
@@ -160,7 +171,7 @@ class LocalDiskBackend:
             if obj is not None:
                 obj.free()
             logger.warning("disk tier: cannot read %s: %s", path, exc)
-            self._stats.miss("tier_down")
+            self._stats.miss("tier_down", tier=self.name)
             return None
         finally:
             os.close(fd)
@@ -169,7 +180,8 @@ class LocalDiskBackend:
 
     def _reject(self, name: str, path: str, st: os.stat_result, reason: Exception) -> None:
         logger.warning("disk tier: %s is not a valid chunk (%s): treated as a miss and removed", path, reason)
-        self._stats.miss("corrupt")
+        self._stats.miss("corrupt", tier=self.name)
+        self._lost(name)
         self._forget(name)
         try:
             now = os.stat(path)
@@ -188,11 +200,12 @@ class LocalDiskBackend:
                 self._index.move_to_end(name)
                 return True
             if size > self.budget_bytes:
-                self._stats.miss("dropped")
+                self._stats.miss("dropped", tier=self.name)
                 return False
             self._evict_locked(size)
             self._used += size  # reserved while writing
         path = os.path.join(self.path, name)
+        new = False
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
             payload = serde.payload_view(obj.tensor)
@@ -210,7 +223,7 @@ class LocalDiskBackend:
             self._unlink(tmp)
             with self._lock:
                 self._used -= size
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             if exc.errno not in self._failing_errnos:
                 self._failing_errnos.add(exc.errno)
                 hint = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
@@ -222,6 +235,9 @@ class LocalDiskBackend:
                 self._index.move_to_end(name)
             else:
                 self._index[name] = size
+                new = True
+        if new:
+            self._stats.chunk_event(self.name, True, key)
         if self._failing_errnos:
             self._failing_errnos.clear()
             logger.info("disk tier: writes to %s work again", self.path)
@@ -231,6 +247,7 @@ class LocalDiskBackend:
         name = file_name(key)
         self._forget(name)
         self._unlink(os.path.join(self.path, name))
+        self._stats.chunk_event(self.name, False, key)
 
     def close(self) -> None:
         pass

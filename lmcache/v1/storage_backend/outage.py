@@ -17,8 +17,9 @@ from lmcache.v1.storage_backend.stats import EngineStats
 
 class Outage:
     def __init__(self, what: str, logger: logging.Logger, stats: EngineStats, retry_interval: float,
-                 first_retry: float = 0.25):
+                 first_retry: float = 0.25, tier: str = "remote"):
         self.what = what
+        self.tier = tier
         self._logger = logger
         self._stats = stats
         self.retry_interval = retry_interval
@@ -35,12 +36,12 @@ class Outage:
     def usable(self) -> bool:
         """False (and a tier_down miss counted) while backing off."""
         if self._down and time.monotonic() < self._down_until:
-            self._stats.miss("tier_down")
+            self._stats.miss("tier_down", tier=self.tier)
             return False
         return True
 
     def failed(self, exc: BaseException) -> None:
-        self._stats.miss("tier_down")
+        self._stats.miss("tier_down", tier=self.tier)
         with self._lock:
             if self._down:
                 self._backoff = min(self._backoff * 2, self.retry_interval)
@@ -49,6 +50,7 @@ class Outage:
             self._down = True
             self._backoff = self._first
             self._down_until = time.monotonic() + self._backoff
+        self._stats.chunk_event(self.tier, False, None)  # what it held is out of reach
         self._logger.warning(
             "remote tier %s unreachable (%s: %s): treated as misses, retrying with back-off up to %.1fs",
             self.what, type(exc).__name__, exc, self.retry_interval,

@@ -84,17 +84,18 @@ class RemoteBackend:
 
     def _usable(self) -> bool:
         if self._down and time.monotonic() < self._down_until:
-            self._stats.miss("tier_down")
+            self._stats.miss("tier_down", tier=self.name)
             return False
         return True
 
     def _failed(self, exc: Exception) -> None:
-        self._stats.miss("tier_down")
+        self._stats.miss("tier_down", tier=self.name)
         with self._lock:
             self._down_until = time.monotonic() + self.retry_interval
             if self._down:
                 return
             self._down = True
+        self._stats.chunk_event(self.name, False, None)  # what it held is out of reach
         logger.warning(
             "remote tier %s unreachable (%s: %s): treated as misses, retrying every %.1fs",
             redacted(self.url),
@@ -165,11 +166,12 @@ class RemoteBackend:
             obj = serde.from_bytes(blob, allocate)
         except SerdeError as exc:
             logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss("corrupt")
+            self._stats.miss("corrupt", tier=self.name)
+            self._stats.chunk_event(self.name, False, key)
             self._delete_if_same(name, blob)
             return None
         if obj is None:
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
         return obj
 
     def _delete_if_same(self, name: str, blob: bytes) -> None:
@@ -184,19 +186,20 @@ class RemoteBackend:
         """SET the chunk's blob; False (counted as dropped) if the server is down or
         refuses it. `checksum`: shared with the other tiers written in the same store."""
         if not self._usable():
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         try:
             self._set_blob(key.to_string(), obj, checksum)
         except self._errors as exc:
             self._failed(exc)
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         except self._redis.RedisError as exc:  # e.g. the server's maxmemory is reached
             self._server_error("SET", exc)
-            self._stats.miss("dropped")
+            self._stats.miss("dropped", tier=self.name)
             return False
         self._worked()
+        self._stats.chunk_event(self.name, True, key)
         return True
 
     def _set_blob(self, name: str, obj: MemoryObj, checksum: ChecksumMemo | None) -> None:
@@ -231,6 +234,7 @@ class RemoteBackend:
             self._client.delete(key.to_string())
         except self._redis.RedisError:
             pass
+        self._stats.chunk_event(self.name, False, key)
 
     def close(self) -> None:
         try:

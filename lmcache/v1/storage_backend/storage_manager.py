@@ -114,6 +114,7 @@ class StorageManager:
         if self.cpu is not None:
             obj = self.cpu.get(key)
             if obj is not None:
+                self.stats.tier_hit(self.cpu.name, obj.num_tokens)
                 return obj
         counted = False  # tiers that were asked count their own miss cause
         for tier in (self.disk, self.remote):
@@ -121,6 +122,7 @@ class StorageManager:
                 continue
             obj = tier.get(key, self.allocate)
             if obj is not None:
+                self.stats.tier_hit(tier.name, obj.num_tokens)
                 return self._promote(key, obj)
             counted = True
         if not counted:

