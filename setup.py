@@ -26,6 +26,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["lmcache = lmcache.integration.vllm.plugin:register"],
-        "console_scripts": ["lmcache = lmcache.__main__:main"],
+        "console_scripts": ["lmcache = lmcache.__main__:main", "lmcache_server = lmcache.v1.server.__main__:main"],
     },
 )

@@ -31,8 +31,10 @@ VLLM_PREFIX = "lmcache."
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
                             "FORCE_SKIP_SAVE", "TEST_HOOKS"})  # read by the vLLM integration
 
-REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)
+# Upstream serdes this implementation does not offer (named in the error).
+UNSUPPORTED_SERDES = ("cachegen", "kivi")
 
 GB = 1024**3
 
@@ -50,7 +52,7 @@ class LMCacheEngineConfig:
     local_disk: str | None = None
     max_local_disk_size: float = 0.0
     remote_url: str | None = None
-    remote_serde: str = "naive"
+    remote_serde: str | None = "naive"  # None (null): the same as naive
     save_unfull_chunk: bool = False
     save_decode_cache: bool = False
     use_layerwise: bool = False
@@ -204,15 +206,25 @@ def _remote_url(value: Any) -> str:
         raise _Bad from None
     if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
         raise _Bad
+    if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
+        raise _Bad  # lm://HOST:PORT, nothing else
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise _Bad
     return value
 
 
-def _serde(value: Any) -> str:
-    if isinstance(value, str) and value.strip().lower() in REMOTE_SERDES:
-        return value.strip().lower()
+def _serde(value: Any) -> str | None:
+    """naive, or null (YAML null or the string NULL/none, as production files write
+    it): None, which the tiers treat as naive."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in ("null", "none", ""):
+            return None
+        if name in REMOTE_SERDES:
+            return name
     raise _Bad
 
 
@@ -250,10 +262,14 @@ KEYS: dict[str, _Key] = {
     "max_local_disk_size": _Key(_non_negative_float, "a number of GB >= 0"),
     "remote_url": _Key(
         _none_or(_remote_url),
-        "none or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
-        + ", ".join(REMOTE_SCHEMES),
+        "none, lm://host:port, or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
+        + ", ".join(REMOTE_SCHEMES[:-1]),
     ),
-    "remote_serde": _Key(_serde, "one of: " + ", ".join(REMOTE_SERDES)),
+    "remote_serde": _Key(
+        _serde,
+        "naive (the default) or null/NULL (the same); "
+        + ", ".join(UNSUPPORTED_SERDES) + " (upstream's compressing serdes) are not supported here",
+    ),
     "save_unfull_chunk": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
     "save_decode_cache": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
     "use_layerwise": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),

@@ -41,7 +41,10 @@ class StorageManager:
         )
         self.remote = None
         if config.remote_url:
-            from lmcache.v1.storage_backend.remote import RemoteBackend
+            if config.remote_url.startswith("lm://"):
+                from lmcache.v1.storage_backend.lm import LMServerBackend as RemoteBackend
+            else:
+                from lmcache.v1.storage_backend.remote import RemoteBackend
 
             self.remote = RemoteBackend(
                 config.remote_url,

@@ -1,0 +1,295 @@
+"""The `lm://HOST:PORT` tier: upstream LMCache's cache server (ours or upstream's).
+
+Speaks upstream 0.5.6's protocol (lmcache/v1/server/protocol.py) with keys in
+the shape its server parses (lm_keys.py). The value is what upstream's `naive`
+serde sends: the chunk's raw tensor bytes, with format, dtype and shape in the
+header; a reply whose header does not describe a chunk of exactly `length`
+bytes is a corrupt miss, and its connection is closed.
+
+Unlike upstream's client it never fails a request and never stays disconnected:
+a server that is down or restarting is a miss plus one log line (outage.py),
+and connections are made again (bounded back-off) once it answers. Connections
+come from a small pool, so the background writer's PUTs do not wait behind the
+engine's GETs; a connection that saw any error is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import urllib.parse
+
+import torch
+
+from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
+from lmcache.v1.server import protocol as P
+from lmcache.v1.storage_backend import lm_keys
+from lmcache.v1.storage_backend.outage import Outage
+from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, payload_view
+from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.token_database import CacheEngineKey, dtype_name
+
+logger = logging.getLogger(__name__)
+
+_FMT_CODES = {MemoryFormat.KV_2LTD: P.FMT_KV_2LTD, MemoryFormat.KV_MLA_FMT: P.FMT_KV_MLA}
+_FORMATS = {code: fmt for fmt, code in _FMT_CODES.items()}
+_EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one round trip per batch)
+
+
+class BadReply(Exception):
+    """The server's reply cannot be trusted (the connection is closed)."""
+
+
+def parse_lm_url(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "lm" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"remote_url {url!r}: expected lm://HOST:PORT")
+    return parts.hostname, port
+
+
+class _Connections:
+    """Idle connections to one server; take() makes a new one when none is idle."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float, max_idle: int = 4):
+        self.address = (host, port)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[socket.socket, bool]:
+        """(a connection, whether it was reused)."""
+        while True:
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                return self._connect(), False
+            if _alive(sock):
+                return sock, True
+            sock.close()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeout)
+        return sock
+
+    def give(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+def _alive(sock: socket.socket) -> bool:
+    """An idle connection has nothing to read; readable means EOF (server gone) or stray bytes."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class LMServerBackend:
+    name = "remote"
+
+    def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 0.5,
+                 retry_interval: float = 10.0, stats: EngineStats | None = None):
+        self.url = url
+        host, port = parse_lm_url(url)
+        self._stats = stats or EngineStats()
+        self._conns = _Connections(host, port, connect_timeout, timeout)
+        self._outage = Outage(url, logger, self._stats, retry_interval)
+        self._logged: set[str] = set()
+
+    @property
+    def is_down(self) -> bool:
+        return self._outage.is_down
+
+    def _log_once(self, kind: str, message: str, *args) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            logger.warning("remote tier %s: " + message + " (further such cases are not logged)", self.url, *args)
+
+    def _exchange(self, fn):
+        """fn(sock) on a pooled connection. A reused connection that fails is retried
+        once on a fresh one (it may have died with a server restart); any failure
+        closes the connection. Raises OSError (outage) or BadReply."""
+        for attempt in (0, 1):
+            sock, reused = self._conns.take()
+            try:
+                result = fn(sock)
+            except OSError:
+                sock.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                sock.close()
+                raise
+            self._conns.give(sock)
+            return result
+        raise AssertionError("unreachable")
+
+    # -- the tier -------------------------------------------------------------
+    def contains(self, key: CacheEngineKey) -> bool:
+        return self.prefix_count([key]) == 1
+
+    def prefix_count(self, keys: list[CacheEngineKey]) -> int:
+        """How many of `keys`, from the first, the server holds (EXISTs in batches)."""
+        if not keys or not self._outage.usable():
+            return 0
+        n = 0
+        try:
+            for start in range(0, len(keys), _EXIST_BATCH):
+                batch = keys[start:start + _EXIST_BATCH]
+                found = self._exchange(lambda sock: _exist_batch(sock, batch))
+                for hit in found:
+                    if not hit:
+                        self._outage.worked()
+                        return n
+                    n += 1
+        except lm_keys.KeyEncodingError as exc:
+            self._log_once("key", "%s", exc)
+            return n
+        except OSError as exc:
+            self._outage.failed(exc)
+            return 0
+        except BadReply as exc:
+            self._log_once("exist-reply", "bad EXIST reply: %s", exc)
+            return n
+        self._outage.worked()
+        return n
+
+    def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
+        if not self._outage.usable():
+            return None
+        try:
+            wire = lm_keys.wire_key(key)
+            outcome, obj = self._exchange(lambda sock: _get(sock, wire, allocate))
+        except lm_keys.KeyEncodingError as exc:
+            self._log_once("key", "%s", exc)
+            self._stats.miss("absent")
+            return None
+        except OSError as exc:
+            self._outage.failed(exc)
+            return None
+        except BadReply as exc:
+            self._outage.worked()
+            self._log_once(f"get-reply:{type(exc).__name__}", "GET of %s: %s: treated as a miss", key.to_string(), exc)
+            self._stats.miss("corrupt")
+            return None
+        self._outage.worked()
+        if obj is None:
+            self._stats.miss(outcome)
+        return obj
+
+    def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
+        """PUT the chunk (the protocol has no reply to a PUT); False, counted as
+        dropped, if the server is down or the chunk cannot be sent."""
+        if not self._outage.usable():
+            self._stats.miss("dropped")
+            return False
+        try:
+            header = _put_header(key, obj)
+        except (lm_keys.KeyEncodingError, P.ProtocolError) as exc:
+            self._log_once("put", "chunk not stored: %s", exc)
+            self._stats.miss("dropped")
+            return False
+        payload = memoryview(payload_view(obj.tensor))
+        try:
+            self._exchange(lambda sock: (sock.sendall(header), sock.sendall(payload)))
+        except OSError as exc:
+            self._outage.failed(exc)
+            self._stats.miss("dropped")
+            return False
+        self._outage.worked()
+        return True
+
+    def remove(self, key: CacheEngineKey) -> None:
+        """The protocol has no delete: the server's LRU eviction removes entries."""
+
+    def close(self) -> None:
+        self._conns.close()
+
+
+def _put_header(key: CacheEngineKey, obj: MemoryObj) -> bytes:
+    meta = obj.metadata
+    dtype_code = P.DTYPE_CODES.get(dtype_name(meta.dtype))
+    if dtype_code is None:
+        raise P.ProtocolError(f"dtype {meta.dtype} has no lm:// code; supported: {', '.join(P.DTYPE_CODES)}")
+    return P.pack_request(P.PUT, lm_keys.wire_key(key), obj.nbytes, _FMT_CODES[meta.fmt], dtype_code, meta.shape)
+
+
+def _read_reply(sock: socket.socket) -> P.Reply:
+    buf = bytearray(P.REPLY.size)
+    got = P.recv_exact(sock, memoryview(buf))
+    if got < len(buf):
+        raise ConnectionResetError(f"connection closed {got} bytes into a reply header")
+    return P.unpack_reply(buf)
+
+
+def _exist_batch(sock: socket.socket, keys: list[CacheEngineKey]) -> list[bool]:
+    sock.sendall(b"".join(P.pack_request(P.EXIST, lm_keys.wire_key(k)) for k in keys))
+    found = []
+    for _ in keys:
+        reply = _read_reply(sock)
+        if reply.code not in (P.SUCCESS, P.FAIL) or reply.length != 0:
+            raise BadReply(f"code {reply.code}, length {reply.length}")
+        found.append(reply.code == P.SUCCESS)
+    return found
+
+
+def _describe(reply: P.Reply) -> tuple[torch.Size, torch.dtype, MemoryFormat]:
+    """The chunk a GET reply announces; BadReply unless it is a whole KV chunk."""
+    fmt = _FORMATS.get(reply.fmt)
+    name = P.DTYPE_NAMES.get(reply.dtype)
+    if fmt is None or name is None or not hasattr(torch, name):
+        raise BadReply(f"reply names format {reply.fmt} / dtype {reply.dtype}, not a KV chunk")
+    dtype = getattr(torch, name)
+    try:
+        shape = check_shape(torch.Size(P.strip_shape(reply.shape, reply.fmt)), fmt)
+    except ValueError as exc:
+        raise BadReply(str(exc)) from None
+    if min(shape) <= 0 or shape.numel() * dtype.itemsize != reply.length:
+        raise BadReply(f"shape {tuple(shape)} x {dtype} does not match the {reply.length}-byte payload")
+    return shape, dtype, fmt
+
+
+def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, MemoryObj | None]:
+    sock.sendall(P.pack_request(P.GET, wire))
+    reply = _read_reply(sock)
+    if reply.code == P.FAIL:
+        if reply.length != 0:
+            raise BadReply(f"FAIL reply with length {reply.length}")
+        return "absent", None
+    if reply.code != P.SUCCESS:
+        raise BadReply(f"reply code {reply.code}")
+    shape, dtype, fmt = _describe(reply)
+    obj = allocate(shape, dtype, fmt)
+    if obj is None:  # no host memory: the payload is not read, so this connection is done
+        sock.close()
+        return "dropped", None
+    try:
+        got = P.recv_exact(sock, memoryview(payload_view(obj.tensor)))
+    except BaseException:
+        obj.free()
+        raise
+    if got < reply.length:
+        obj.free()
+        raise ConnectionResetError(f"connection closed {got} of {reply.length} payload bytes into a GET")
+    return "hit", obj

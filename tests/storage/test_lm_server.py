@@ -1,0 +1,201 @@
+"""Our lm:// cache server as a real process, spoken to by hand: the protocol,
+and where upstream's server fails (short PUT bodies, LIST, unbounded memory,
+garbage, many clients, SIGTERM)."""
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lmcache.v1.server import protocol as P
+from lmcache.v1.server.store import Entry, LRUByteStore
+from tests.storage.lm_peers import REPO, RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
+
+MB = 1024**2
+
+
+def test_put_get_exist_health_round_trip(lm_server):
+    data = os.urandom(100_000)
+    with RawClient(lm_server.port) as c:
+        assert c.request(P.HEALTH, b"").code == P.SUCCESS  # an empty key is fine here
+        assert not c.exists(b"m@1@0@ab@half")
+        c.put(b"m@1@0@ab@half", data, fmt=P.FMT_KV_2LTD, dtype=3, shape=(2, 1, 50_000 // 2, 1))
+        assert c.exists(b"m@1@0@ab@half")
+        reply, got = c.get(b"m@1@0@ab@half")
+    assert got == data
+    # the header comes back as it was sent
+    assert reply == P.Reply(P.SUCCESS, len(data), P.FMT_KV_2LTD, 3, (2, 1, 25_000, 1), 0)
+    with RawClient(lm_server.port) as other:  # another connection sees it
+        assert other.get(b"m@1@0@ab@half")[1] == data
+        miss, body = other.get(b"m@1@0@cd@half")
+    assert body is None and miss.pack() == P.FAIL_REPLY
+
+
+def test_list_and_unknown_commands_get_fail_not_silence(lm_server):
+    with RawClient(lm_server.port, timeout=5) as c:
+        assert c.request(P.LIST, b"").code == P.FAIL
+        assert c.request(99, b"x").code == P.FAIL
+        assert c.request(-7, b"x").code == P.FAIL
+        assert c.request(P.HEALTH, b"").code == P.SUCCESS  # still in step
+
+
+def test_put_cut_short_is_never_stored(lm_server):
+    key = b"m@1@0@12@half"
+    c = RawClient(lm_server.port)
+    c.send(P.pack_request(P.PUT, key, 1000, P.FMT_BINARY, 6, (1000, 0, 0, 0)) + b"x" * 400)
+    c.close()  # 600 bytes short
+    deadline = time.monotonic() + 5
+    while "cut short" not in lm_server.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with RawClient(lm_server.port) as c2:
+        assert not c2.exists(key)
+        assert c2.get(key)[1] is None
+    assert lm_server.log().count("cut short (400 of 1000 bytes)") == 1
+
+
+def test_put_cut_short_is_refused_by_the_store_itself():
+    store = LRUByteStore(1000)
+    assert store.reserve(600)
+    store.release(600)  # what the handler does with a short body
+    assert len(store) == 0 and store.reserve(1000)  # the reservation is given back
+
+
+def test_lru_eviction_keeps_the_budget():
+    store = LRUByteStore(1000)
+    for i in range(5):
+        assert store.reserve(300)
+        store.commit(b"k%d" % i, Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+        assert store.used_bytes <= 1000
+    assert [store.contains(b"k%d" % i) for i in range(5)] == [False, False, True, True, True]
+    store.get(b"k2")  # now the most recently used
+    assert store.reserve(300)
+    store.commit(b"k5", Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+    assert store.contains(b"k2") and not store.contains(b"k3")
+    assert not store.reserve(1001)  # never more than the budget, whatever is evicted
+
+
+def test_eviction_under_a_small_budget_with_concurrent_writers(lm_factory):
+    server = lm_factory("--max-size-gb", str(4 * MB / 1024**3))
+    base_rss = server.rss_bytes()
+    size, per_writer, writers = 64 * 1024, 64, 8  # 32 MiB written into a 4 MiB budget
+    errors = []
+
+    def payload(w, i):
+        return bytes([w, i % 256]) * (size // 2)
+
+    def write(w):
+        try:
+            with RawClient(server.port) as c:
+                for i in range(per_writer):
+                    c.put(b"w%d-%d" % (w, i), payload(w, i))
+                assert c.request(P.HEALTH, b"").code == P.SUCCESS  # all PUTs before it were read
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    present = 0
+    with RawClient(server.port) as c:
+        for w in range(writers):
+            for i in range(per_writer):
+                reply, data = c.get(b"w%d-%d" % (w, i))
+                if data is not None:
+                    present += 1
+                    assert data == payload(w, i)  # what is kept is intact
+    # full, but never over: concurrent reservations may evict at most one entry per other writer early
+    assert 4 * MB // size - writers <= present <= 4 * MB // size
+    assert server.rss_bytes() - base_rss < 24 * MB  # bounded by the budget, not by what was written
+
+
+def test_garbage_and_huge_lengths_never_crash_or_allocate(lm_factory):
+    server = lm_factory("--max-size-gb", str(8 * MB / 1024**3))
+    base_rss = server.rss_bytes()
+    rng = random.Random(7)
+    for _ in range(20):  # random headers and bytes, connections dropped at random points
+        c = RawClient(server.port, timeout=2)
+        try:
+            c.send(bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 3 * P.REQUEST.size))))
+        finally:
+            c.close()
+    with RawClient(server.port, timeout=5) as c:  # a PUT claiming 2 GiB - 1: never allocated
+        c.send(P.pack_request(P.PUT, b"huge", P.INT32_MAX, P.FMT_BINARY, 6, (P.INT32_MAX, 0, 0, 0)))
+        c.send(b"z" * (4 * MB))
+    with RawClient(server.port, timeout=5) as c:  # a negative length: the connection is closed
+        c.send(P.REQUEST.pack(P.PUT, -5, 4, 6, 0, 0, 0, 0, 0, b"neg".ljust(150)))
+        assert c.sock.recv(1) == b""
+    time.sleep(0.3)
+    with RawClient(server.port) as c:
+        assert c.request(P.HEALTH, b"").code == P.SUCCESS
+        assert not c.exists(b"huge")
+    assert server.running
+    assert server.rss_bytes() - base_rss < 16 * MB
+    assert "does not fit the" in server.log()
+
+
+def test_many_concurrent_clients(lm_server):
+    clients = [RawClient(lm_server.port) for _ in range(48)]
+    try:
+        for i, c in enumerate(clients):
+            c.put(b"k%d" % i, b"%d" % i * 100)
+        for i, c in enumerate(reversed(clients)):
+            assert c.get(b"k%d" % i)[1] == b"%d" % i * 100
+    finally:
+        for c in clients:
+            c.close()
+    deadline = time.monotonic() + 5
+    while lm_server.log().count("disconnected") < 48 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = lm_server.log()
+    # one line per connect and per disconnect (48 clients, plus the start-up probe)
+    assert log.count(" connected (") == 49 and log.count(" disconnected after ") == 49, log[-2000:]
+
+
+def test_sigterm_stops_cleanly_with_clients_connected(lm_server):
+    idle = RawClient(lm_server.port)
+    busy = RawClient(lm_server.port)
+    busy.send(P.pack_request(P.PUT, b"half", 1000, P.FMT_BINARY, 6, (1000, 0, 0, 0)) + b"x" * 10)
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert lm_server.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert idle.sock.recv(1) == b""  # its connection was closed, not left hanging
+    idle.close()
+    busy.close()
+    log = lm_server.log()
+    assert "SIGTERM received" in log and "server stopped" in log and "Traceback" not in log
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", lm_server.port), timeout=1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["127.0.0.1", "1", "disk"], "storage 'disk' is not supported; accepted: cpu"),
+    (["127.0.0.1", "1", "--max-size-gb", "0"], "must be > 0"),
+    (["127.0.0.1", "70000"], "not a TCP port"),
+    (["127.0.0.1", "1", "--log-level", "LOUD"], "invalid choice"),
+])
+def test_bad_arguments_are_clear_errors(args, message):
+    proc = subprocess.run([sys.executable, "-m", "lmcache.v1.server", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_log_level_debug_shows_requests(lm_factory):
+    server = lm_factory("--log-level", "debug")
+    with RawClient(server.port) as c:
+        c.request(P.LIST, b"")
+    time.sleep(0.2)
+    assert "LIST answered FAIL" in server.log()
+    quiet = lm_factory("--log-level", "WARNING")
+    with RawClient(quiet.port) as c:
+        c.request(P.HEALTH, b"")
+    time.sleep(0.2)
+    assert "connected" not in quiet.log()
