@@ -66,6 +66,8 @@ class LMCacheEngineConfig:
     # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
     cpu_native_blocks: bool = True
+    # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
+    enable_nixl: bool = False
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -228,6 +230,24 @@ def _serde(value: Any) -> str | None:
     raise _Bad
 
 
+NO_NIXL = (
+    "this package has no NIXL transport. Share KV between prefill and decode instances through "
+    "a common tier instead: remote_url: lm://HOST:PORT (server: python -m lmcache.v1.server HOST PORT) "
+    "or redis://HOST:PORT, with kv_role kv_producer (prefill) and kv_consumer (decode); "
+    "see docs/examples/. Remove enable_nixl and the nixl_* keys"
+)
+
+
+def _nixl_off(value: Any) -> bool:
+    if _parse_bool(value):
+        raise _Bad
+    return False
+
+
+def _refuse_nixl(key: str, source: str) -> None:
+    raise ConfigError(f"lmcache config: {key} (from {source}) asks for NIXL transfers, but {NO_NIXL}")
+
+
 def _extra(value: Any) -> dict | None:
     if value is None:
         return None
@@ -280,6 +300,7 @@ KEYS: dict[str, _Key] = {
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
 }
 
 
@@ -296,6 +317,8 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
 
 
 def _warn_unknown(key: str, source: str) -> None:
+    if key.startswith("nixl_"):
+        _refuse_nixl(key, source)
     close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
     logger.warning("lmcache config: unknown key %r (from %s) is ignored%s", key, source, hint)
