@@ -142,7 +142,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
                "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
-               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable"}
+               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable",
+               "host_tier_gb": self.config.max_local_cpu_size if self.config.local_cpu else 0.0}
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):
