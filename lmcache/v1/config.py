@@ -29,7 +29,7 @@ VLLM_PREFIX = "lmcache."
 # LMCACHE_* variables that are not config keys (read elsewhere, or upstream
 # switches with no meaning here): never warned about.
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
-                            "FORCE_SKIP_SAVE", "TEST_HOOKS"})  # read by the vLLM integration
+                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "TEST_CORRUPT_FILE"})  # read by the vLLM integration
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Test hooks (corrupting loaded KV on purpose) answer only in processes started
 # with this variable set; see tests/e2e/.
 TEST_HOOKS_ENV = "LMCACHE_TEST_HOOKS"
+# With test hooks on: loads are corrupted while the file this names exists (for
+# processes the tests cannot reach through the lookup socket, e.g. `vllm serve`).
+CORRUPT_FILE_ENV = "LMCACHE_TEST_CORRUPT_FILE"
 
 
 class WorkerCounters:
@@ -226,8 +229,12 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                     "LMCache: request %s loaded %d of %d tokens; vLLM recomputes the rest",
                     r.req_id, good_to - r.load_from, r.load_to - r.load_from,
                 )
-            elif self._corrupt_loads:
+            elif self._corrupt_loads or self._corrupt_file_present():
                 self._corrupt(r)
+
+    def _corrupt_file_present(self) -> bool:
+        path = os.environ.get(CORRUPT_FILE_ENV) if self._test_hooks_allowed else None
+        return bool(path) and os.path.exists(path)
 
     def _corrupt(self, r: ReqMeta) -> None:
         """Test hook: swap the K and V of what was just loaded, as a layout mix-up
