@@ -183,6 +183,8 @@ def test_offloading_size_is_the_host_tier_over_other_sources(monkeypatch):
         assert type(connector).__name__ == "LMCacheMPConnector"
         config = connector.impl.config
         assert (config.local_cpu, config.max_local_cpu_size, config.chunk_size) == (True, 3.0, 128)
+        # vLLM reads it after building the connector: a vanished chunk is recomputed
+        assert vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
     finally:
         connector.shutdown()
 

@@ -14,10 +14,26 @@ other setting comes from the usual sources (LMCACHE_CONFIG_FILE, LMCACHE_* env v
 
 from __future__ import annotations
 
+import logging
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
+from lmcache.integration.vllm.utils import offloading_overrides
 
 __all__ = ["LMCacheMPConnector"]
 
+logger = logging.getLogger(__name__)
+
 
 class LMCacheMPConnector(LMCacheConnectorV1Dynamic):
-    pass
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        # The one-flag switch leaves no way to choose the load-failure policy, and
+        # vLLM's default ("fail") fails a request whose cached chunk vanished between
+        # lookup and load. The scheduler reads the policy after building us.
+        if (role == KVConnectorRole.SCHEDULER and offloading_overrides(vllm_config)
+                and transfer.kv_load_failure_policy == "fail"):
+            transfer.kv_load_failure_policy = "recompute"
+            logger.info("LMCache: kv_load_failure_policy set to 'recompute' (a cache miss never fails a request)")
