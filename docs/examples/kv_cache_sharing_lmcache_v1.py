@@ -51,6 +51,14 @@ def loaded_tokens(llm) -> int:
     return lmcache_loaded_tokens(llm)
 
 
+def shutdown(llm):
+    """Stop the engine's processes now: a multiprocessing child waits for its own
+    children at exit, and vLLM's engine would otherwise keep this one alive."""
+    from lmcache.integration.vllm.worker_stats import shutdown_llm
+
+    shutdown_llm(llm)
+
+
 def build_llm(args, kv_role):
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -75,6 +83,7 @@ def run_store(store_done, args, prompts):
     print("KV cache store is finished.", flush=True)
     store_done.set()
     LMCacheEngineBuilder.destroy(ENGINE_NAME)
+    shutdown(llm)
 
 
 def run_retrieve(store_done, args, prompts):
@@ -92,6 +101,7 @@ def run_retrieve(store_done, args, prompts):
         print(f"Consumer generated text: {output.outputs[0].text!r}", flush=True)
     print(f"Consumer loaded {loaded_tokens(llm)} prompt tokens from LMCache", flush=True)
     LMCacheEngineBuilder.destroy(ENGINE_NAME)
+    shutdown(llm)
 
 
 def run_lmcache_server(port):
