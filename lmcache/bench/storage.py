@@ -12,6 +12,9 @@ measured in the same run (alternating rounds):
          (open, one write of the payload, close; open, one readinto, close)
   redis  the remote tier's put/get (blob build, checksum, verify, copy to host buffer)
                                                        baseline: redis-py SET / GET of the same blob
+  lm     the lm:// tier's put/get against our server (a separate process)
+                                                       baseline: raw TCP send / recv of the same
+                                                       bytes on loopback (see bench/lm_tier.py)
 
 Disk figures go through the page cache (no fsync on either side; the same number
 of files, each side deletes its files before its write round). The machine is
@@ -41,7 +44,7 @@ from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
 from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey
 
-TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7}
+TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7, "lm": 0.7}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -53,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeat", type=int, default=15, help="rounds; the best of each is reported (default 15)")
-    parser.add_argument("--tiers", default="cpu,disk,redis", help="comma-separated subset of cpu,disk,redis")
+    parser.add_argument("--tiers", default="cpu,disk,redis,lm", help="comma-separated subset of cpu,disk,redis,lm")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
 
@@ -314,6 +317,13 @@ def run(args: argparse.Namespace) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
         record("redis", "put", best, "raw_set", "put", "raw_set")
         record("redis", "get", best, "raw_get", "get", "raw_get")
+    if "lm" in tiers:
+        from lmcache.bench.lm_tier import bench_lm
+
+        best = bench_lm(objs, [_key(i, "bfloat16") for i in range(len(objs))], args.repeat,
+                        interleaved_best_with_setup)
+        record("lm", "put", best, "socket_send", "put", "raw_send")
+        record("lm", "get", best, "socket_recv", "get", "raw_recv")
 
     print_table(["tier", "op", "GB/s", "baseline", "baseline GB/s", "ratio", "target", "met"], rows)
     if "disk" in tiers:

@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcache.v1.server import protocol as P
 from lmcache.v1.server.store import Entry, LRUByteStore
@@ -58,25 +60,92 @@ def test_put_cut_short_is_never_stored(lm_server):
     assert lm_server.log().count("cut short (400 of 1000 bytes)") == 1
 
 
-def test_put_cut_short_is_refused_by_the_store_itself():
+def test_store_gives_back_a_short_bodys_reservation():
     store = LRUByteStore(1000)
-    assert store.reserve(600)
-    store.release(600)  # what the handler does with a short body
-    assert len(store) == 0 and store.reserve(1000)  # the reservation is given back
+    buf = store.reserve(600)
+    assert buf is not None and len(buf) == 600
+    store.release(buf)  # what the handler does with a short body
+    assert len(store) == 0 and store.reserve(1000) is not None  # the reservation is given back
+
+
+def put(store, key, n, fill=0):
+    buf = store.reserve(n)
+    assert buf is not None
+    buf[:] = fill
+    store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+    return buf
 
 
 def test_lru_eviction_keeps_the_budget():
     store = LRUByteStore(1000)
     for i in range(5):
-        assert store.reserve(300)
-        store.commit(b"k%d" % i, Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+        put(store, b"k%d" % i, 300)
         assert store.used_bytes <= 1000
     assert [store.contains(b"k%d" % i) for i in range(5)] == [False, False, True, True, True]
-    store.get(b"k2")  # now the most recently used
-    assert store.reserve(300)
-    store.commit(b"k5", Entry(bytearray(300), 4, 6, (300, 0, 0, 0), 0))
+    store.done(store.hold(b"k2"))  # now the most recently used
+    put(store, b"k5", 300)
     assert store.contains(b"k2") and not store.contains(b"k3")
-    assert not store.reserve(1001)  # never more than the budget, whatever is evicted
+    assert store.reserve(1001) is None  # never more than the budget, whatever is evicted
+
+
+def test_buffers_are_reused_but_never_under_a_reader():
+    store = LRUByteStore(1000)
+    first = put(store, b"a", 400, fill=1)
+    put(store, b"a", 400, fill=2)  # replaces: the first buffer is kept for reuse
+    assert store.reserve(400) is first
+    store.release(first)
+    reading = store.hold(b"a")
+    put(store, b"b", 400, fill=3)
+    put(store, b"c", 400, fill=4)  # evicts "a" while it is being sent
+    assert not store.contains(b"a") and bytes(reading.data) == b"\x02" * 400  # untouched
+    store.done(reading)
+    assert store.reserve(400) is not reading.data  # it was dropped, not kept
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "short", "read", "done"]), st.integers(0, 5),
+                          st.sampled_from([100, 250, 400, 1001])), max_size=60))
+def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
+    store = LRUByteStore(1000)
+    held = []
+    for op, k, n in ops:
+        key = b"k%d" % k
+        if op in ("put", "short"):
+            buf = store.reserve(n)
+            if buf is None:
+                assert n > 1000 or store._reserved > 0
+                continue
+            assert all(buf is not e.data for e in held)  # never a buffer being sent
+            buf[:] = k
+            if op == "put":
+                store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+            else:
+                store.release(buf)
+        elif op == "read":
+            entry = store.hold(key)
+            if entry is not None:
+                assert bytes(entry.data) == bytes([k]) * entry.length  # its own bytes
+                held.append(entry)
+        elif held:
+            store.done(held.pop(0))
+        assert store._used + store._reserved + store._idle_bytes <= store.budget_bytes
+        for entry in held:
+            assert len(set(bytes(entry.data))) == 1  # nothing overwrote what a reader holds
+
+
+def test_max_clients_closes_the_extra_connection(lm_factory):
+    server = lm_factory("--max-clients", "2")
+    first, second = RawClient(server.port), RawClient(server.port)
+    assert first.request(P.HEALTH, b"").code == P.SUCCESS and second.request(P.HEALTH, b"").code == P.SUCCESS
+    third = RawClient(server.port)
+    assert third.sock.recv(1) == b""  # closed at once
+    third.close()
+    first.close()
+    time.sleep(0.2)
+    with RawClient(server.port) as fourth:  # room again
+        assert fourth.request(P.HEALTH, b"").code == P.SUCCESS
+    second.close()
+    assert "refused: 2 connections open" in server.log()
 
 
 def test_eviction_under_a_small_budget_with_concurrent_writers(lm_factory):
@@ -152,7 +221,7 @@ def test_many_concurrent_clients(lm_server):
         for c in clients:
             c.close()
     deadline = time.monotonic() + 5
-    while lm_server.log().count("disconnected") < 48 and time.monotonic() < deadline:
+    while lm_server.log().count(" disconnected after ") < 49 and time.monotonic() < deadline:
         time.sleep(0.05)
     log = lm_server.log()
     # one line per connect and per disconnect (48 clients, plus the start-up probe)

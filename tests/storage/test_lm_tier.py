@@ -124,8 +124,9 @@ def test_restart_between_requests_is_not_even_a_miss(lm_factory):
     pool = HostMemoryPool(8 * MB)
     obj = make_obj(pool, torch.float16, False)
     tier = LMServerBackend(server.url, retry_interval=5.0)
-    assert tier.put(key(1), obj) and tier.contains(key(1))
+    assert tier.put(key(1), obj) and tier.contains(key(1)) and tier.health()
     server.kill()
+    assert not tier.health()
     server.start()
     assert tier.put(key(2), obj)
     assert same(tier.get(key(2), pool.allocate), obj) and not tier.is_down
@@ -143,6 +144,7 @@ def test_no_server_at_start_is_a_miss_and_one_log_line(caplog):
             assert manager.lookup_prefix([key(1)]) == 0 and manager.remote.get(key(1), manager.allocate) is None
     assert caplog.text.count("unreachable") == 1
     assert manager.stats.misses["tier_down"] >= 4
+    assert not manager.remote.health()
     obj.free()
     manager.close()
 

@@ -85,8 +85,10 @@ def test_the_wheel_is_checked(upstream_056, tmp_path):
         uw.verify_wheel(bad)
 
 
-def test_upstream_client_against_our_server(upstream_056, lm_factory, tmp_path):
-    server = lm_factory()
+@pytest.mark.parametrize("server_kind", ["ours", "upstream"])
+def test_upstream_client_against_each_server(upstream_056, lm_factory, tmp_path, server_kind):
+    """Upstream's client against our server; against its own server as the reference."""
+    server = lm_factory() if server_kind == "ours" else lm_factory(upstream_tree=upstream_056)
     pool = HostMemoryPool(8 * MB)
     objs = [chunk(pool, 1), chunk(pool, 2, torch.float16, mla=True)]
     ops, keys = [], []
@@ -117,6 +119,7 @@ def test_our_client_against_upstream_server(upstream_056, lm_factory, tmp_path):
     assert "Server started at" in server.log()  # upstream's own log line: it is upstream's server
     pool = HostMemoryPool(8 * MB)
     tier = LMServerBackend(server.url)
+    assert tier.health()
     cases = [(key(1), chunk(pool, 1)), (key(2, dtype="float16"), chunk(pool, 2, torch.float16, mla=True)),
              (key(3, model="team@corp/" + "m" * 200), chunk(pool, 3))]  # '@' and a key too long: both fit
     for k, obj in cases:
@@ -147,8 +150,9 @@ def test_upstream_server_faults_we_survive(upstream_056, lm_factory):
     c.close()
     with RawClient(server.port) as probe:  # upstream stored it anyway
         assert probe.exists(wire)
-    tier = LMServerBackend(server.url, retry_interval=0.0)
+    tier = LMServerBackend(server.url, retry_interval=60.0)
     assert tier.get(key(1), pool.allocate) is None
+    assert tier._stats.misses["corrupt"] == 1 and not tier.is_down  # a bad entry, not an outage
     obj = chunk(pool, 5)
     assert tier.put(key(2), obj)
     back = tier.get(key(2), pool.allocate)

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     parser.add_argument("--io-timeout", type=float, default=60.0,
                         help="seconds a request, once begun, may stall before its connection is closed")
+    parser.add_argument("--max-clients", type=int, default=1024,
+                        help="open connections at most (one thread each); more are closed at once (default 1024)")
     args = parser.parse_args(argv)
     if args.storage != "cpu":
         parser.error(f"storage {args.storage!r} is not supported; accepted: cpu")
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_size_gb = default_budget_gb()
     if not args.max_size_gb > 0:
         parser.error(f"--max-size-gb {args.max_size_gb} must be > 0")
+    if args.max_clients <= 0:
+        parser.error(f"--max-clients {args.max_clients} must be > 0")
     if not args.io_timeout > 0:
         parser.error(f"--io-timeout {args.io_timeout} must be > 0")
     return args
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmcache.v1.server.server import LMCacheServer
 
     try:
-        server = LMCacheServer(args.host, args.port, int(args.max_size_gb * GB), io_timeout=args.io_timeout)
+        server = LMCacheServer(args.host, args.port, int(args.max_size_gb * GB), io_timeout=args.io_timeout,
+                               max_clients=args.max_clients)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return 1

@@ -65,12 +65,15 @@ class ClientHandler(socketserver.BaseRequestHandler):
         if req.command == P.PUT:
             self._put(sock, req)
         elif req.command == P.GET:
-            entry = self.store.get(req.key)
+            entry = self.store.hold(req.key)
             if entry is None:
                 sock.sendall(P.FAIL_REPLY)
-            else:
+                return
+            try:
                 sock.sendall(P.Reply(P.SUCCESS, entry.length, entry.fmt, entry.dtype, entry.shape, 0).pack())
-                sock.sendall(entry.data)
+                sock.sendall(memoryview(entry.data))
+            finally:
+                self.store.done(entry)
         elif req.command == P.EXIST:
             sock.sendall(P.SUCCESS_REPLY if self.store.contains(req.key) else P.FAIL_REPLY)
         elif req.command == P.HEALTH:
@@ -86,19 +89,19 @@ class ClientHandler(socketserver.BaseRequestHandler):
             logger.warning("client %s: PUT with length %d: closing the connection (stream cannot be trusted)",
                            self.peer, n)
             raise ConnectionClosed
-        if not self.store.reserve(n):
+        data = self.store.reserve(n)
+        if data is None:
             logger.warning("client %s: PUT of %d bytes does not fit the %d-byte budget: body discarded",
                            self.peer, n, self.store.budget_bytes)
             self._discard(sock, n)
             return
         try:
-            data = bytearray(n)
             got = P.recv_exact(sock, memoryview(data))
         except BaseException:
-            self.store.release(n)
+            self.store.release(data)
             raise
         if got < n:
-            self.store.release(n)
+            self.store.release(data)
             logger.warning("client %s: PUT body cut short (%d of %d bytes): dropped, not stored", self.peer, got, n)
             raise ConnectionClosed
         self.store.commit(req.key, Entry(data, req.fmt, req.dtype, req.shape, req.location))

@@ -23,9 +23,10 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, budget_bytes: int, io_timeout: float = 60.0):
+    def __init__(self, host: str, port: int, budget_bytes: int, io_timeout: float = 60.0, max_clients: int = 1024):
         self.store = LRUByteStore(budget_bytes)
         self.io_timeout = io_timeout
+        self.max_clients = max_clients
         self._connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -50,6 +51,14 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
     def untrack(self, sock: socket.socket) -> None:
         with self._conn_lock:
             self._connections.discard(sock)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Beyond max_clients open connections a new one is closed at once (one thread each)."""
+        if self.open_connections < self.max_clients:
+            return True
+        logger.warning("client %s:%s refused: %d connections open (--max-clients)", *client_address[:2],
+                       self.open_connections)
+        return False
 
     def handle_error(self, request, client_address) -> None:  # never a traceback on stderr per client
         logger.exception("client %s:%s: unexpected error", *client_address[:2])

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _FMT_CODES = {MemoryFormat.KV_2LTD: P.FMT_KV_2LTD, MemoryFormat.KV_MLA_FMT: P.FMT_KV_MLA}
 _FORMATS = {code: fmt for fmt, code in _FMT_CODES.items()}
+HEALTH_KEY = b"health@1@0@0@half"
 _EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one round trip per batch)
 
 
@@ -144,6 +145,16 @@ class LMServerBackend:
             self._conns.give(sock)
             return result
         raise AssertionError("unreachable")
+
+    def health(self) -> bool:
+        """One HEALTH round trip (for probes): True if the server answers SUCCESS. The key
+        field holds a parsable key: upstream's server parses it on every command."""
+        try:
+            reply = self._exchange(lambda sock: (sock.sendall(P.pack_request(P.HEALTH, HEALTH_KEY)),
+                                                 _read_reply(sock))[1])
+        except (OSError, BadReply):
+            return False
+        return reply.code == P.SUCCESS
 
     # -- the tier -------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
@@ -290,6 +301,8 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, Me
         obj.free()
         raise
     if got < reply.length:
+        # Not counted as an outage: upstream's server closes the connection here when the
+        # entry is a PUT it stored cut short. If the server is really gone, the next call says so.
         obj.free()
-        raise ConnectionResetError(f"connection closed {got} of {reply.length} payload bytes into a GET")
+        raise BadReply(f"connection closed {got} of {reply.length} payload bytes into the reply")
     return "hit", obj
