@@ -1,4 +1,4 @@
-"""`python -m lmcache <command>`: demo, bench <name>."""
+"""`python -m lmcache <command>`: demo, doctor, bench <name>."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run vLLM with LMCache on a long prompt twice", add_help=False)
     demo.set_defaults(module="lmcache.demo")
+
+    doctor = commands.add_parser("doctor", help="check this setup: OK / WARN / FAIL with the fix", add_help=False)
+    doctor.set_defaults(module="lmcache.doctor.cli")
 
     bench = commands.add_parser("bench", help="measure throughput; the last line printed is JSON")
     benches = bench.add_subparsers(dest="bench", required=True)

@@ -9,7 +9,7 @@ token (TTFT) cold, with LMCache and with vLLM's own prefix cache, and whether th
 outputs with LMCache are identical to those with vLLM's own prefix cache (same
 split, same KV) and match a run that reads no cache (within bf16 rounding).
 
-    python -m lmcache demo [--model PATH] [--prompt-tokens N] [--config FILE]
+    python -m lmcache demo [--model PATH] [--prompt-tokens N] [--config FILE] [--verbose]
 
 Exit status 0 when LMCache loaded the prompt and the outputs agree, 1 otherwise.
 """
@@ -22,6 +22,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from lmcache.bench.common import Console, Phase, print_table, quiet_vllm
 
 # A prompt whose first part is loaded and the rest computed is computed in other
 # pieces than a cold prompt: bf16 rounding moves log-probabilities a little.
@@ -40,26 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per run (default 8)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"],
                         help="vLLM's built-in LMCache connector (default) or ours ('lmcache')")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own log lines here (default: they go to a log file under ~/.cache/lmcache/logs)")
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class Step:
-    """Prints `[i/n] what ...` and, when the block ends, `done (x s)`."""
-
-    def __init__(self, index: int, total: int, what: str):
-        self.label = f"[{index}/{total}] {what}"
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        print(f"{self.label} ...", flush=True)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            print(f"{self.label}: done ({time.perf_counter() - self.start:.1f} s)", flush=True)
+def say(msg: str = "") -> None:
+    Console.say(msg)
 
 
 def _check(args) -> None:
@@ -120,6 +108,11 @@ def _compare(reference, candidate, tolerance: float) -> tuple[bool, float]:
 
 def run(args) -> int:
     _check(args)
+    with quiet_vllm("demo", args.verbose):
+        return _run(args)
+
+
+def _run(args) -> int:
     from lmcache.utils import get_device_type
 
     device_type = get_device_type()
@@ -132,8 +125,8 @@ def run(args) -> int:
 
         step += 1
         spec = TinyLlamaSpec()
-        with Step(step, total, f"building a small random Llama ({spec.num_layers} layers, hidden {spec.hidden_size}; "
-                               "no downloads, kept in ~/.cache/lmcache)"):
+        with Phase(step, total, f"building a small random Llama ({spec.num_layers} layers, hidden {spec.hidden_size}; "
+                                "no downloads, kept in ~/.cache/lmcache)"):
             model = str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR), spec))
     llm_args = prepare_platform(device_type)
     if args.config:
@@ -147,7 +140,8 @@ def run(args) -> int:
             "own prefix cache and LMCache hold the same prefix and their outputs can be compared exactly)")
 
     step += 1
-    with Step(step, total, f"starting vLLM on {device_type} with LMCache ({args.connector}; a minute on a small CPU)"):
+    with Phase(step, total, f"starting vLLM on {device_type} with LMCache ({args.connector})",
+               eta_key=f"demo.start_vllm.{device_type}"):
         from vllm import LLM, SamplingParams
 
         llm = LLM(
@@ -165,7 +159,7 @@ def run(args) -> int:
             },
             **llm_args,
         )
-    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache
+    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     prompt = make_prompt(model, num_tokens, vocab, seed=1)
@@ -178,46 +172,52 @@ def run(args) -> int:
         return out, time.perf_counter() - start
 
     step += 1
-    with Step(step, total, "warming up (first requests pay one-time costs)"):
+    with Phase(step, total, "warming up (first requests pay one-time costs)", eta_key=f"demo.warmup.{device_type}"):
         generate(warm, 2)
         reset_vllm_prefix_cache(llm)
         generate(warm, 2)
 
     step += 1
-    with Step(step, total, f"time to first token of a {num_tokens}-token prompt: cold, from LMCache "
-                           "(after resetting vLLM's prefix cache), from vLLM's own prefix cache"):
+    with Phase(step, total, f"time to first token of the {num_tokens}-token prompt: cold, from LMCache, from "
+                            "vLLM's own prefix cache"):
         reset_vllm_prefix_cache(llm)
         before = loaded_tokens(llm)
         _, ttft_cold = generate(prompt, 1)
-        reset_vllm_prefix_cache(llm)
+        reset_vllm_prefix_cache(llm)  # so that LMCache, not vLLM's own cache, must provide the prefix
         after_cold = loaded_tokens(llm)
         _, ttft_lmcache = generate(prompt, 1)
         loaded = loaded_tokens(llm) - after_cold
         _, ttft_vllm = generate(prompt, 1)
 
     step += 1
-    with Step(step, total, f"comparing {args.max_tokens} generated tokens: no cache, vLLM's own cache, LMCache"):
+    with Phase(step, total, f"comparing {args.max_tokens} generated tokens: no cache, vLLM's own cache, LMCache"):
         reset_vllm_prefix_cache(llm)
         # computes the whole prompt, as the cold run whose KV LMCache saved
         reference, _ = generate(prompt, args.max_tokens, skip_reading_prefix_cache=True)
         vllm_hit, _ = generate(prompt, args.max_tokens)
         reset_vllm_prefix_cache(llm)
         lmcache_hit, _ = generate(prompt, args.max_tokens)
+    shutdown_llm(llm)
 
     same_as_vllm, vllm_gap = _compare(vllm_hit, lmcache_hit, EXACT_TOLERANCE)
     close_to_cold, cold_gap = _compare(reference, lmcache_hit, LOGPROB_TOLERANCE)
-    say("")
-    say(f"LMCache demo on {device_type}: model {model}, prompt {num_tokens} tokens")
-    say(f"  tokens loaded from LMCache:       {loaded} (cold run: {after_cold - before})")
-    say(f"  TTFT cold (vLLM computes all):    {ttft_cold * 1000:8.1f} ms")
-    say(f"  TTFT with LMCache:                {ttft_lmcache * 1000:8.1f} ms  ({ttft_cold / ttft_lmcache:.1f}x faster)")
-    say(f"  TTFT with vLLM's own prefix hit:  {ttft_vllm * 1000:8.1f} ms  (no transfer at all: the floor)")
-    say(f"  {args.max_tokens} tokens, LMCache vs vLLM's own prefix cache: {'identical' if same_as_vllm else 'DIFFERENT'} "
-        f"(max |d logprob| {vllm_gap:.5f}: same split, same KV, so they must be identical)")
-    say(f"  {args.max_tokens} tokens, LMCache vs no cache:  {'match' if close_to_cold else 'DIFFER'} "
-        f"(max |d logprob| {cold_gap:.4f}: bf16 rounding of another split, tolerance {LOGPROB_TOLERANCE})")
     ok = loaded > 0 and same_as_vllm and close_to_cold
-    say("  result: " + ("OK, the prompt's KV came back from LMCache, and the same outputs with it" if ok else "FAILED"))
+    say("")
+    say(f"LMCache demo on {device_type}: {num_tokens}-token prompt, model {model}")
+    say("")
+    print_table(["time to first token", "ms", "vs cold"], [
+        ["cold: vLLM computes the prompt", f"{ttft_cold * 1000:.1f}", "1.0x"],
+        ["LMCache: the prompt's KV loaded", f"{ttft_lmcache * 1000:.1f}", f"{ttft_cold / ttft_lmcache:.1f}x faster"],
+        ["vLLM's own prefix cache (the floor)", f"{ttft_vllm * 1000:.1f}", f"{ttft_cold / ttft_vllm:.1f}x faster"],
+    ], say=lambda line: say("  " + line))
+    say("")
+    say(f"  tokens loaded from LMCache:  {loaded} of {num_tokens} (the last token is always computed; "
+        f"cold run loaded {after_cold - before})")
+    say(f"  outputs, LMCache vs vLLM's own prefix cache: {'identical' if same_as_vllm else 'DIFFERENT'} "
+        f"(max |d logprob| {vllm_gap:.5f}; same split, same KV: must be identical)")
+    say(f"  outputs, LMCache vs no cache:  {'match' if close_to_cold else 'DIFFER'} "
+        f"(max |d logprob| {cold_gap:.4f}, tolerance {LOGPROB_TOLERANCE}: bf16 rounding of another split)")
+    say("  result: " + ("OK, the prompt's KV came back from LMCache, with the same outputs" if ok else "FAILED"))
     return 0 if ok else 1
 
 

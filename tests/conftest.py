@@ -4,6 +4,11 @@ import os
 
 import pytest
 
+from tests.fixtures import isa
+
+# Before anything imports torch: a simulated ISA (LMCACHE_TEST_CPU_ISA) sets torch's dispatch too.
+isa.set_torch_dispatch_early()
+
 pytest_plugins = [
     "tests.fixtures.devices",
     "tests.fixtures.hpu",
@@ -13,9 +18,25 @@ pytest_plugins = [
 ]
 
 
+def pytest_configure(config):
+    isa.apply()
+
+
+def pytest_report_header(config):
+    return isa.describe()
+
+
 def pytest_collection_modifyitems(config, items):
     from tests.fixtures.devices import cuda_present
 
+    simulated = isa.requested()
+    if simulated:
+        other_process = pytest.mark.skip(
+            reason=f"{isa.ENV}={simulated} simulates the ISA in the test process only; the vLLM engine this "
+                   "test starts in other processes would see the real CPU")
+        for item in items:
+            if "e2e" in item.keywords:
+                item.add_marker(other_process)
     if cuda_present():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA/AMD GPU; none on this machine")

@@ -5,4 +5,5 @@ BENCHES = {
     "lookup": "lmcache.bench.lookup",
     "connector": "lmcache.bench.connector",
     "e2e": "lmcache.bench.e2e",
+    "patch": "lmcache.bench.patch",
 }

@@ -25,6 +25,9 @@ block 128). Default: all four on --device cpu, flash_attn on cuda, hpu_kv on hpu
 --device hpu uses the real Habana bridge (run it on a Gaudi host). On a machine
 without one, --emulate-hpu runs the HPU code path on lmcache's CPU-backed HPU
 emulation: those figures are CPU figures and say nothing about Gaudi speed.
+On HPU it also counts, over --shape-steps steps of varied request mixes, the
+distinct (op, shapes, dtype) run on hpu tensors (each a graph compile or recipe
+on a Gaudi): ours with slot buckets, ours without ("off"), upstream's pattern.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape-steps", type=int, default=20,
+                        help="HPU: steps of varied batch sizes over which distinct op shapes are counted "
+                             "(0: skip; default 20)")
 
 
 @dataclass
@@ -164,34 +170,73 @@ def _memcpy_cases(s: Setup, dtype: torch.dtype) -> dict[str, Callable[[], object
     return {"memcpy_store": d2h, "memcpy_load": h2d}
 
 
+def _upstream_store(platform, layers, objs, chunk_slots) -> None:
+    heads_dim = objs[0].tensor.shape[3]
+    for obj, slots in zip(objs, chunk_slots):
+        keys, values = [], []
+        for k, v in layers:
+            keys.append(k.view(-1, heads_dim).index_select(0, slots))
+            values.append(v.view(-1, heads_dim).index_select(0, slots))
+        stacked = torch.stack([torch.stack(keys), torch.stack(values)])
+        obj.tensor.copy_(stacked)
+        platform.synchronize()
+
+
+def _upstream_load(platform, layers, objs, chunk_slots) -> None:
+    heads_dim = objs[0].tensor.shape[3]
+    for obj, slots in zip(objs, chunk_slots):
+        kv = platform.to_device(obj.tensor)
+        for layer, (k, v) in enumerate(layers):
+            k.view(-1, heads_dim).index_copy_(0, slots, kv[0, layer])
+            v.view(-1, heads_dim).index_copy_(0, slots, kv[1, layer])
+            platform.flush()
+        platform.synchronize()
+
+
 def _upstream_pattern_cases(s: Setup) -> dict[str, Callable[[], object]]:
     """Upstream LMCache 0.4.3's Gaudi connector pattern, on the (K, V) layout (see module doc)."""
     platform = s.platform
     layers = list(s.caches.values())
-    heads_dim = s.objs[0].tensor.shape[3]
     slot_dev = platform.to_device(s.slots)
     chunk_slots = [slot_dev[a:b] for a, b in zip(s.starts, s.ends)]
+    return {"upstream_store": lambda: _upstream_store(platform, layers, s.objs, chunk_slots),
+            "upstream_load": lambda: _upstream_load(platform, layers, s.objs, chunk_slots)}
 
-    def store():
-        for obj, slots in zip(s.objs, chunk_slots):
-            keys, values = [], []
-            for k, v in layers:
-                keys.append(k.view(-1, heads_dim).index_select(0, slots))
-                values.append(v.view(-1, heads_dim).index_select(0, slots))
-            stacked = torch.stack([torch.stack(keys), torch.stack(values)])
-            obj.tensor.copy_(stacked)
-            platform.synchronize()
 
-    def load():
-        for obj, slots in zip(s.objs, chunk_slots):
-            kv = platform.to_device(obj.tensor)
-            for layer, (k, v) in enumerate(layers):
-                k.view(-1, heads_dim).index_copy_(0, slots, kv[0, layer])
-                v.view(-1, heads_dim).index_copy_(0, slots, kv[1, layer])
-                platform.flush()
-            platform.synchronize()
+def _distinct_shapes(s: Setup, args, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+    """Distinct (op, shapes, dtype) on hpu tensors over --shape-steps steps of varied request
+    mixes (store, then load), for ours with buckets, ours without, and upstream's pattern."""
+    from lmcache.testing.shape_log import ShapeLog
+    from lmcache.testing.vllm_gaudi import random_steps
+    from lmcache.v1.gpu_connector import create_gpu_connector
+    from lmcache.v1.memory import MemoryFormat, MemoryObj
 
-    return {"upstream_store": store, "upstream_load": load}
+    block = args.block_size or BLOCK_SIZES[s.layout]
+    num_blocks = next(iter(s.caches.values()))[0].shape[0]
+    per_request = max(1, min(3 * args.chunk, num_blocks * block // 4 - block))
+    steps = list(random_steps(args.shape_steps, num_blocks, block, torch.Generator().manual_seed(args.seed + 1),
+                              chunk=args.chunk, max_requests=4, max_tokens=per_request))
+    hidden, layers = args.kv_heads * args.head_size, list(s.caches.values())
+    out = {}
+    for variant in ("ours", "ours_unbucketed", "upstream_pattern"):
+        conn = None if variant == "upstream_pattern" else create_gpu_connector(
+            s.caches, platform=s.platform, use_mla=False, slot_buckets="off" if variant == "ours_unbucketed" else "auto")
+        with ShapeLog() as log:
+            for slots, starts, ends in steps:
+                objs = [MemoryObj(s.platform.empty_host((2, args.layers, e - a, hidden), dtype), MemoryFormat.KV_2LTD)
+                        for a, e in zip(starts, ends)]
+                if conn is not None:
+                    conn.batched_from_gpu(objs, starts, ends, slot_mapping=slots)
+                    conn.batched_to_gpu(objs, starts, ends, slot_mapping=slots)
+                    continue
+                keep = [i for i, (a, e) in enumerate(zip(starts, ends)) if bool((slots[a:e] >= 0).all())]
+                if not keep:
+                    continue
+                chunk_slots = [s.platform.to_device(slots[starts[i]:ends[i]]) for i in keep]
+                _upstream_store(s.platform, layers, [objs[i] for i in keep], chunk_slots)
+                _upstream_load(s.platform, layers, [objs[i] for i in keep], chunk_slots)
+        out[variant] = (log.per_op(views=False), log.per_op())
+    return out
 
 
 def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
@@ -202,7 +247,7 @@ def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
     connector = create_gpu_connector(s.caches, attn_backend=backend, platform=s.platform,
                                      native_blocks=s.layout == "cpu_attn")
     if s.layout == "cpu_attn" and not connector.host_format_tag:
-        raise SystemExit("cpu_attn: native blocks are not available for this cache (see native_blocks.py)")
+        raise SystemExit("cpu_attn: native blocks are not available for this cache (see gpu_connector/cpu/native_blocks.py)")
 
     def store():
         connector.batched_from_gpu(s.objs, s.starts, s.ends, slot_mapping=s.slots)
@@ -242,6 +287,24 @@ def _targets(device: str, figures: dict) -> dict[str, bool]:
     return met
 
 
+def _report_shapes(shapes: dict, steps: int, result: dict) -> None:
+    print(f"distinct op shapes on hpu tensors over {steps} steps of varied request mixes (store + load each; "
+          "each a graph compile / recipe on a Gaudi); data ops = ops that move or compute data (views aside):")
+    rows = []
+    for layout, variants in shapes.items():
+        for variant, (data_ops, all_ops) in variants.items():
+            top = ", ".join(f"{op} {n}" for op, n in sorted(data_ops.items(), key=lambda kv: -kv[1])[:5])
+            rows.append([layout, variant, sum(all_ops.values()), sum(data_ops.values()),
+                         max(data_ops.values(), default=0), top])
+            result[f"{layout}_distinct_shapes_{variant}"] = sum(all_ops.values())
+            result[f"{layout}_distinct_data_op_shapes_{variant}"] = sum(data_ops.values())
+            result[f"{layout}_max_shapes_per_data_op_{variant}"] = max(data_ops.values(), default=0)
+        ours, upstream = (sum(variants[v][0].values()) for v in ("ours", "upstream_pattern"))
+        result[f"{layout}_data_op_shapes_vs_upstream_pattern"] = round(ours / max(1, upstream), 4)
+    print_table(["layout", "variant", "all shapes", "data op shapes", "max per data op", "data ops, most shapes"],
+                rows)
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,9 +320,12 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit("--device hpu: only the hpu_kv layout exists on Gaudi")
         gen = torch.Generator().manual_seed(args.seed)
         results = {}
+        shapes = {}
         for name in layouts:
             setup = _make_setup(name, platform, args, dtype, gen)
             results[name] = _measure(setup, dtype, args.repeat)
+            if device == "hpu" and args.shape_steps > 0:
+                shapes[name] = _distinct_shapes(setup, args, dtype)
             del setup
         emulated = emu is not None
     nbytes = 2 * args.layers * args.tokens * args.kv_heads * args.head_size * dtype.itemsize
@@ -279,6 +345,8 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"bench": "connector", "device": device, "emulated": emulated, "machine": machine_name(),
                     "torch_threads": torch.get_num_threads(), "tokens": args.tokens, "chunk": args.chunk,
                     "bytes_per_transfer": nbytes}
+    if shapes:
+        _report_shapes(shapes, args.shape_steps, result)
     all_met = True
     for name, f in results.items():
         for key, value in f.items():

@@ -24,7 +24,7 @@ import statistics
 import time
 import uuid
 
-from lmcache.bench.common import machine_name, print_table
+from lmcache.bench.common import Console, Phase, eta_text, machine_name, print_table, quiet_vllm
 
 SPEEDUP_TARGET = 20.0  # miss / lmcache_hit
 FLOOR_TARGET = 1.3  # lmcache_hit / vllm_hit
@@ -38,32 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per round, LMCache hit then vLLM hit this many times, alternating (default 3)")
     parser.add_argument("--model", help="a local model directory (default: the reference random Llama)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"])
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own log lines here (default: a log file under ~/.cache/lmcache/logs)")
 
 
 def _progress(msg: str) -> None:
-    print(msg, flush=True)
+    Console.say(msg)
 
 
 def run(args) -> dict:
     if args.prompt_tokens < 512 or args.rounds < 1 or args.hit_repeats < 1:
         raise SystemExit("--prompt-tokens must be >= 512, --rounds >= 1 and --hit-repeats >= 1")
-    from lmcache.demo import make_prompt, prepare_platform
-    from lmcache.utils import get_device_type
+    with quiet_vllm("bench-e2e", args.verbose):
+        return _run(args)
 
-    device_type = get_device_type()
-    if args.model:
-        model = args.model
-    else:
-        from lmcache.demo import BENCH_MODEL_DIR, model_cache_dir
-        from lmcache.testing.tiny_llama import BENCH_SPEC, build_tiny_llama
 
-        _progress("building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads) ...")
-        model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))
-    llm_args = prepare_platform(device_type)
-    _progress(f"starting vLLM on {device_type} with LMCache's CPU tier ...")
-    from vllm import LLM, SamplingParams
+def _start_vllm(args, model: str, llm_args: dict):
+    from vllm import LLM
 
-    llm = LLM(
+    return LLM(
         model=model,
         max_model_len=args.prompt_tokens + 64,
         max_num_batched_tokens=args.prompt_tokens + 64,  # a miss is one prefill step
@@ -77,6 +70,33 @@ def run(args) -> dict:
         },
         **llm_args,
     )
+
+
+def _run(args) -> dict:
+    from lmcache.demo import make_prompt, prepare_platform
+    from lmcache.utils import get_device_type
+
+    device_type = get_device_type()
+    total, done = (3 if args.model else 4), []
+
+    def step() -> int:
+        done.append(1)
+        return len(done)
+
+    if args.model:
+        model = args.model
+    else:
+        from lmcache.demo import BENCH_MODEL_DIR, model_cache_dir
+        from lmcache.testing.tiny_llama import BENCH_SPEC, build_tiny_llama
+
+        with Phase(step(), total, "building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads)"):
+            model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))
+    llm_args = prepare_platform(device_type)
+    with Phase(step(), total, f"starting vLLM on {device_type} with LMCache's CPU tier",
+               eta_key=f"e2e.start_vllm.{device_type}"):
+        llm = _start_vllm(args, model, llm_args)
+    from vllm import SamplingParams
+
     from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
@@ -87,12 +107,15 @@ def run(args) -> dict:
         llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
         return time.perf_counter() - start
 
-    _progress("warming up ...")
-    warm = make_prompt(model, 1024, vocab, seed=999)
-    for _ in range(2):
-        reset_vllm_prefix_cache(llm)
-        ttft(warm)
-        ttft(warm)
+    with Phase(step(), total, "warming up", eta_key=f"e2e.warmup.{device_type}"):
+        warm = make_prompt(model, 1024, vocab, seed=999)
+        for _ in range(2):
+            reset_vllm_prefix_cache(llm)
+            ttft(warm)
+            ttft(warm)
+    _progress(f"[{step()}/{total}] {args.rounds} rounds: a fresh {args.prompt_tokens}-token prompt each, timed as a miss, then "
+              f"{args.hit_repeats} x (LMCache hit, vLLM prefix hit)")
+    started = time.perf_counter()
 
     best = {"miss": float("inf"), "lmcache_hit": float("inf"), "vllm_hit": float("inf")}
     loaded_per_hit = []
@@ -110,9 +133,10 @@ def run(args) -> dict:
             floors.append(ttft(prompt))  # vLLM's prefix cache now holds the blocks it just loaded
         pairs.extend(zip(hits, floors))
         hit, floor = min(hits), min(floors)
-        _progress(f"round {r + 1}/{args.rounds}: miss {miss * 1000:.1f} ms, LMCache hit "
+        _progress(f"      round {r + 1}/{args.rounds}: miss {miss * 1000:.1f} ms, LMCache hit "
                   f"{' / '.join(f'{t * 1000:.1f}' for t in hits)} ms ({min(loaded_per_hit[-len(hits):])} tokens "
-                  f"loaded), vLLM prefix hit {' / '.join(f'{t * 1000:.1f}' for t in floors)} ms")
+                  f"loaded), vLLM prefix hit {' / '.join(f'{t * 1000:.1f}' for t in floors)} ms "
+                  f"({eta_text(time.perf_counter() - started, r + 1, args.rounds)})")
         best = {"miss": min(best["miss"], miss), "lmcache_hit": min(best["lmcache_hit"], hit),
                 "vllm_hit": min(best["vllm_hit"], floor)}
 
@@ -122,6 +146,7 @@ def run(args) -> dict:
     # different moments; a hit and the vLLM hit timed right after it share one.
     vs_floor = statistics.median(h / f for h, f in pairs)
     best_vs_best = best["lmcache_hit"] / best["vllm_hit"]
+    _progress("")
     print_table(
         ["case", "ttft_ms", "note"],
         [
@@ -129,8 +154,9 @@ def run(args) -> dict:
             ["lmcache_hit", best["lmcache_hit"] * 1000, f"{min(loaded_per_hit)} tokens loaded from the CPU tier"],
             ["vllm_hit", best["vllm_hit"] * 1000, "vLLM's own prefix cache (floor)"],
         ],
+        say=_progress,
     )
-    print(f"LMCache hit vs miss: {speedup:.1f}x faster (target >= {SPEEDUP_TARGET:g}x); "
+    _progress(f"LMCache hit vs miss: {speedup:.1f}x faster (target >= {SPEEDUP_TARGET:g}x); "
           f"vs vLLM's own hit: {vs_floor:.2f}x, median of {len(pairs)} back-to-back pairs (target <= "
           f"{FLOOR_TARGET:g}x; best vs best: {best_vs_best:.2f}x); machine: {machine_name()}")
     met = speedup >= SPEEDUP_TARGET and vs_floor <= FLOOR_TARGET and min(loaded_per_hit) > 0

@@ -13,7 +13,7 @@ import importlib.machinery
 import logging
 import threading
 import types
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
 import torch
@@ -33,10 +33,37 @@ class HpuCounters:
     event_synchronizes: int = 0  # Event.synchronize() calls
     ops: int = 0  # aten ops run on emulated hpu tensors (approximate under threads)
     ops_since_mark_step: int = 0  # lazy mode: ops waiting for the next graph break
+    # distinct (op, argument shapes and dtypes, other arguments) run on hpu tensors: the
+    # emulation's stand-in for graph compiles (lazy mode) / new recipes (eager mode)
+    signatures: set = field(default_factory=set)
 
     def reset(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, 0)
+            setattr(self, f.name, set() if f.name == "signatures" else 0)
+
+    def signatures_per_op(self) -> dict[str, int]:
+        """How many distinct signatures each op ran with (op name -> count)."""
+        counts: dict[str, int] = {}
+        for op, *_ in self.signatures:
+            counts[op] = counts.get(op, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def shapes_per_call(self) -> dict[tuple, int]:
+        """Distinct shape sets per (op, everything but the shapes): how many compiles one op of
+        the code under test caused (its arguments' dtypes, devices and other values fixed)."""
+        counts: dict[tuple, int] = {}
+        for op, *args in self.signatures:
+            key = (op, *_without_shapes(tuple(args)))
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _without_shapes(value):
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], tuple) and isinstance(value[2], torch.dtype):
+        return (value[0], len(value[1]), value[2])  # a tensor: device type, rank, dtype
+    if isinstance(value, tuple):
+        return tuple(_without_shapes(v) for v in value)
+    return value
 
 
 class DeviceState:
@@ -69,11 +96,13 @@ class DeviceState:
         if self.guard is not None:
             self.guard.set_device(index)
 
-    def count_op(self) -> None:
+    def count_op(self, signature: tuple | None = None) -> None:
         c = self.counters
         c.ops += 1
         if self.lazy:
             c.ops_since_mark_step += 1
+        if signature is not None:
+            c.signatures.add(signature)
 
     def mark_step(self) -> None:
         with self._lock:

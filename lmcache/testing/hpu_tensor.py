@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 
+from lmcache.testing.op_signature import signature
+
 aten = torch.ops.aten
 
 _CPU = torch.device("cpu")
@@ -91,7 +93,8 @@ _INDEXING_OPS = frozenset(
 class _OpHooks:
     """What the emulation wants to hear about ops (set while it is active)."""
 
-    on_op: Callable[[], None] | None = None
+    # called once per op on hpu tensors, with its signature (None for host reads)
+    on_op: Callable[[tuple | None], None] | None = None
     # hpu device (index may be None) -> hpu device with a valid index
     resolve: Callable[[Any], torch.device] = staticmethod(
         lambda d: torch.device("hpu", 0 if d is None or d.index is None else d.index)
@@ -167,7 +170,7 @@ class EmulatedHpuTensor(torch.Tensor):
 
     def tolist(self):
         if hooks.on_op is not None:
-            hooks.on_op()
+            hooks.on_op(None)
         return self.cpu_data.tolist()
 
     def numpy(self, *, force: bool = False):
@@ -278,7 +281,7 @@ def _run_on_cpu(func, args, kwargs):
     if strict and u.cpu_seen and u.hpu_device is not None:
         raise _mismatch(u.hpu_device, _CPU, func)
     if hooks.on_op is not None:
-        hooks.on_op()
+        hooks.on_op(signature(func, args, kwargs))
 
     if func in _BYTE_MOVING_OPS and _has_fp8(cargs):
         out = _run_on_bytes(func, cargs, ckwargs)

@@ -17,6 +17,7 @@ from typing import Generator, Sequence
 import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.leases import LeaseTable
 from lmcache.v1.memory import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
 from lmcache.v1.storage_backend.storage_manager import StorageManager
@@ -62,6 +63,7 @@ class TransferSpec:
     slot_mapping: torch.Tensor  # one slot per token of `tokens` (position 0 on)
     skip_tokens: int = 0  # chunk-aligned prefix vLLM already holds: not moved
     num_tokens: int | None = None  # how many of `tokens` to move (default all)
+    lease_id: str | None = None  # the lookup lease this load uses (ended once the load is planned)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class LMCacheEngine:
         self.stats = EngineStats()
         self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
         self.storage = StorageManager(config, self.stats)
+        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)
@@ -104,13 +107,25 @@ class LMCacheEngine:
         return self.gpu_connector
 
     # -- lookup -------------------------------------------------------------
-    def lookup(self, tokens) -> int:
-        """How many tokens, from the first, the cache holds (chunk granularity)."""
+    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0) -> int:
+        """How many tokens, from the first, the cache holds (chunk granularity).
+        With `lease_id`: what could be held for that lease (lmcache.v1.leases);
+        chunks ending by the chunk-aligned `hold_from` (the caller's own) are only checked."""
         chunks = self.token_db.chunks(tokens)
-        found = self.storage.lookup_prefix([c.key for c in chunks])
+        keys = [c.key for c in chunks]
+        found = self.storage.lookup_prefix(keys)
+        if lease_id is not None:
+            aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
+            unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
+            usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
+            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit
+
+    def release_lease(self, lease_id: str) -> bool:
+        """End a lookup lease (the request went away); unknown ids are ignored."""
+        return self.leases.release(lease_id)
 
     # -- store --------------------------------------------------------------
     def store(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> int:
@@ -234,17 +249,10 @@ class LMCacheEngine:
                 for chunk in self.token_db.chunks(spec.tokens, num_tokens):
                     if chunk.end <= skip:
                         continue
-                    obj = self.storage.get(chunk.key)
+                    obj = self.leases.take(chunk.key) or self.storage.get(chunk.key)
                     if obj is None:
                         break
-                    expected = connector.get_shape(chunk.end - chunk.start)
-                    if obj.metadata.shape != torch.Size(expected) or obj.metadata.dtype != connector.kv_dtype:
-                        logger.warning(
-                            "chunk %s holds %s %s, expected %s %s: not loaded",
-                            chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype,
-                            tuple(expected), connector.kv_dtype,
-                        )
-                        self.stats.miss("corrupt")
+                    if not self._usable(chunk, obj, connector):
                         self.storage.release(obj)
                         break
                     plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
@@ -255,9 +263,28 @@ class LMCacheEngine:
             for p in plan:
                 self.storage.release(p.obj)
             raise
+        finally:
+            self._end_leases(specs)  # the plan holds its own references
         if not plan:
             return plan, None, loaded
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
+
+    def _usable(self, chunk, obj: MemoryObj, connector=None) -> bool:
+        """The chunk has the shape and dtype the connector (or the metadata) expects."""
+        n = chunk.end - chunk.start
+        expected = torch.Size(connector.get_shape(n)) if connector else self.metadata.memory_shape(n)
+        dtype = connector.kv_dtype if connector else self.metadata.kv_dtype
+        if obj.metadata.shape == expected and obj.metadata.dtype == dtype:
+            return True
+        logger.warning("chunk %s holds %s %s, expected %s %s: not loaded", chunk.key.to_string(),
+                       tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
+        self.stats.miss("corrupt")
+        return False
+
+    def _end_leases(self, specs: Sequence[TransferSpec]) -> None:
+        for spec in specs:
+            if spec.lease_id is not None:
+                self.leases.release(spec.lease_id)
 
     def _count_loaded(self, plan: list[_Planned], loaded: list[int]) -> None:
         if plan:
@@ -290,13 +317,15 @@ class LMCacheEngine:
                     p.obj.free()
         yield stored
 
-    def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> Generator:
+    def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor,
+                       lease_id: str | None = None, **kwargs) -> Generator:
         """Layer-by-layer load. next() number i (i = 1..num_layers) loads layer
         i-1 (the first also fetches the chunks from the tiers); next() number
         num_layers+1 waits for the copies and yields the bool mask of loaded tokens."""
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
         num_layers = self.metadata.kv_shape[0]
-        plan, slot_mapping, loaded = self._plan_retrieve([TransferSpec(tokens, slot_mapping, skip)])
+        spec = TransferSpec(tokens, slot_mapping, skip, lease_id=lease_id)
+        plan, slot_mapping, loaded = self._plan_retrieve([spec])
         try:
             steps = None
             if plan:
@@ -320,6 +349,7 @@ class LMCacheEngine:
         if self._closed:
             return
         self._closed = True
+        self.leases.release_all()
         self.storage.close(timeout)
 
 

@@ -29,7 +29,7 @@ VLLM_PREFIX = "lmcache."
 # LMCACHE_* variables that are not config keys (read elsewhere, or upstream
 # switches with no meaning here): never warned about.
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
-                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "TEST_CORRUPT_FILE"})  # read by the vLLM integration
+                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "TEST_CORRUPT_FILE", "HPU_PIN_MEMORY"})  # read by the vLLM integration
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)
@@ -66,6 +66,10 @@ class LMCacheEngineConfig:
     # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
     cpu_native_blocks: bool = True
+    hpu_slot_buckets: Any = "auto"  # Gaudi: pad slot lists to these sizes (gpu_connector/hpu/buckets.py)
+    # seconds a chunk found by a scheduler lookup stays held for that request's load
+    # (a lost request must not pin host memory forever)
+    lookup_lease_ttl: float = 60.0
     # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
     enable_nixl: bool = False
 
@@ -265,6 +269,11 @@ def _extra(value: Any) -> dict | None:
     raise _Bad
 
 
+def _slot_buckets(value: Any) -> Any:
+    from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
+    return parse_slot_buckets(value)
+
+
 @dataclass(frozen=True)
 class _Key:
     parse: Callable[[Any], Any]
@@ -300,6 +309,8 @@ KEYS: dict[str, _Key] = {
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
+    "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
     "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
 }
 
@@ -308,7 +319,7 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
     spec = KEYS[key]
     try:
         parsed = spec.parse(value)
-    except _Bad:
+    except (_Bad, ValueError):
         raise ConfigError(
             f"lmcache config: {key}={value!r} (from {source}) is not valid; accepted: {spec.accepted}"
         ) from None
@@ -430,3 +441,9 @@ def load_config(
     config = _apply_env(config, environ, check=False)
     config = apply_vllm_extra_config(config, extra_config, check=False)
     return _check_whole(config)
+
+
+def value_sources(config: LMCacheEngineConfig) -> dict[str, str]:
+    """Where each key's value came from: "default", or the source that set it last
+    (a file, an env var, vLLM's extra config)."""
+    return {key: config.sources.get(key, "default") for key in KEYS}

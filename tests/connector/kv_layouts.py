@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from lmcache.testing.vllm_gaudi import TensorTuple  # noqa: F401  (vllm-gaudi's, .shape = (2, ...))
+
 RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -36,6 +38,7 @@ class PagedCache:
     planes: int
     write: Callable                # write(layer, slots, values[planes, T, heads, head_size])
     input_dtype: torch.dtype       # dtype of the values handed to write()
+    use_mla: bool | None = None    # vLLM's model_config.use_mla, as the adapter passes it
 
     @property
     def hidden(self) -> int:
@@ -139,34 +142,15 @@ def mla(form: str, L, B, N, C, dtype, gen, device="cpu") -> PagedCache:
         else:
             view[b, o] = values[0, :, 0]
 
-    backend = "FLASH_ATTN_MLA" if form in ("4d", "4d_strided", "3d") else None
+    backend = "FLASH_ATTN_MLA" if form in ("4d", "4d_strided", "3d") else "CUSTOM"  # vllm-gaudi's name
     return PagedCache(f"mla/{form}", backend, {f"model.layers.{i}.attn": v for i, v in enumerate(views)},
-                      buffers, B, N, 1, C, dtype, 1, write, dtype)
+                      buffers, B, N, 1, C, dtype, 1, write, dtype, use_mla=True)
 
 
 def _block_offset(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(block, offset) index tensors of each slot, for advanced indexing (host tensors)."""
     slots = slots.to("cpu", torch.int64)
     return slots // block_size, slots % block_size
-
-
-class TensorTuple(tuple):
-    """Test double of vllm-gaudi's TensorTuple: a tuple of tensors that answers .shape/.device/.dtype."""
-
-    @property
-    def shape(self):
-        return self[0].shape
-
-    @property
-    def device(self):
-        return self[0].device
-
-    @property
-    def dtype(self):
-        return self[0].dtype
-
-    def data_ptr(self):
-        return self[0].data_ptr()
 
 
 # -- slot mappings ------------------------------------------------------------------

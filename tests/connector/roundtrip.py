@@ -59,7 +59,7 @@ def check_caches(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 def plain_objects(connector, objs) -> list:
     """The objects as plain per-token K/V: native blocks (native_blocks.py) decoded, others as they are."""
-    native = connector._native
+    native = connector._cpu.native if connector._cpu is not None else None
     if native is None:
         return objs
     plain = []
@@ -86,7 +86,8 @@ def roundtrip(make: Callable[[int], PagedCache], pattern: str, num_tokens: int, 
     for layer, per_layer in enumerate(values):
         source.write(layer, slots[valid], per_layer[:, valid.to(per_layer.device)])
 
-    connector = create_gpu_connector(source.kv_caches, attn_backend=source.backend, native_blocks=native_blocks)
+    connector = create_gpu_connector(source.kv_caches, attn_backend=source.backend, use_mla=source.use_mla,
+                                     native_blocks=native_blocks)
     assert (connector.host_format_tag != "") == native_blocks
     starts, ends = chunk_bounds(num_tokens, chunk)
     objs = [MemoryObj(torch.zeros(tuple(connector.get_shape(e - s)), dtype=connector.kv_dtype), connector.memory_format)
@@ -105,7 +106,7 @@ def roundtrip(make: Callable[[int], PagedCache], pattern: str, num_tokens: int, 
     for layer, per_layer in enumerate(values):
         reference.write(layer, slots[valid], per_layer[:, valid.to(per_layer.device)])
     loader = create_gpu_connector(target_cache.kv_caches, attn_backend=target_cache.backend,
-                                  native_blocks=native_blocks)
+                                  use_mla=target_cache.use_mla, native_blocks=native_blocks)
     assert loader.layout_fingerprint == connector.layout_fingerprint
     assert loader.host_format_tag == connector.host_format_tag
     loader.batched_to_gpu(objs, starts, ends, slot_mapping=slots)

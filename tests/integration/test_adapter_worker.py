@@ -178,6 +178,9 @@ def test_scheduler_holds_blocks_only_for_async_saves():
         impl = LMCacheConnectorV1Impl.__new__(LMCacheConnectorV1Impl)
         impl.async_save = async_save
         impl._planner = SchedulerPlanner(SchedulerPolicy(chunk_size=32, block_size=BLOCK), lambda t: 0)
+        from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
+
+        impl._leases = SchedulerLeases()
         saved, unsaved = make_request("s", list(range(64))), make_request("u", list(range(10)))
         for req in (saved, unsaved):
             impl.get_num_new_matched_tokens(req, 0)

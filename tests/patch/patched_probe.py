@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 # 0.4.2 reports usage to a server unless told not to.
 os.environ["LMCACHE_TRACK_USAGE"] = "false"
@@ -38,45 +39,12 @@ WORKER_PATH = (
 )
 
 
-def _is_lmcache(name: str) -> bool:
-    return name == "lmcache" or name.startswith("lmcache.")
-
-
-class OurPackage:
-    """Our lmcache modules, loaded once, swapped into sys.modules on demand."""
-
-    def __init__(self, repo: str):
-        sys.path.insert(0, repo)
-        try:
-            importlib.import_module("lmcache.platforms")
-            self.emulation = importlib.import_module("lmcache.testing.hpu_emulation")
-        finally:
-            sys.path.remove(repo)
-        self.modules = {k: v for k, v in sys.modules.items() if _is_lmcache(k)}
-        for name in self.modules:
-            del sys.modules[name]
-
-    @contextlib.contextmanager
-    def in_charge(self):
-        theirs = {k: sys.modules.pop(k) for k in list(sys.modules) if _is_lmcache(k)}
-        sys.modules.update(self.modules)
-        try:
-            yield
-        finally:
-            for name in list(sys.modules):
-                if _is_lmcache(name):
-                    del sys.modules[name]
-            sys.modules.update(theirs)
-
-    def emulate(self, **kwargs: Any):
-        emu = self.emulation.HpuEmulation(**kwargs)
-        with self.in_charge():
-            emu.activate()
-        return emu
-
-    def stop(self, emu) -> None:
-        with self.in_charge():
-            emu.deactivate()
+_WORKER = os.path.join(os.path.dirname(__file__), "..", "..", "patches", "hpu_transfer_worker.py")
+_spec = importlib.util.spec_from_file_location("lmcache_hpu_transfer_worker", _WORKER)
+_transfer_worker = importlib.util.module_from_spec(_spec)  # it imports no `lmcache` at module level
+_spec.loader.exec_module(_transfer_worker)
+OurPackage = _transfer_worker.OurPackage  # our lmcache (its HPU emulation), set aside
+ShapeRecorder = _transfer_worker.ShapeRecorder
 
 
 def section(results: dict, name: str, fn: Callable[[], dict]) -> None:

@@ -36,3 +36,23 @@ def section(results: dict, name: str) -> dict:
     if "error" in value:
         raise AssertionError(f"probe section {name!r} failed in the patched tree:\n{value['error']}")
     return value
+
+
+def run_probes(jobs: dict[str, tuple[Path, list[str]]], *, script: str, cwd: Path, timeout: float = 600) -> dict:
+    """Several trees at once, each in its own process under the HPU emulation:
+    name -> (tree, extra args) in, name -> that probe's JSON results out."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("LMCACHE_DEVICE", None)
+    procs = {}
+    for name, (tree, extra) in jobs.items():
+        cmd = [sys.executable, str(PROBE.with_name(script)), "--tree", str(tree), "--ours", str(REPO_ROOT), *extra]
+        procs[name] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise AssertionError(f"probe {name} exited {proc.returncode}\nstdout tail: {out[-2000:]}\n"
+                                 f"stderr tail: {err[-4000:]}")  # fmt: skip
+        results[name] = json.loads(lines[-1])
+    return results

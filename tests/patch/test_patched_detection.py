@@ -1,4 +1,4 @@
-"""The patched upstream 0.4.2 on this machine's real hardware (no emulation)."""
+"""Each patched upstream release on this machine's real hardware (no emulation)."""
 
 from __future__ import annotations
 
@@ -39,16 +39,22 @@ print(type(CreateGPUConnector(config, metadata, EngineType.VLLM)).__name__)
 """
 
 
+# The CUDA extension each release's CUDA connectors need.
+CUDA_EXTENSION = {"0.4.2": "c_ops", "0.5.6": "cuda_ops"}
+
+
 @pytest.mark.cuda
-def test_patched_factory_still_returns_the_cuda_connector(patched_tree, tmp_path):
-    # The scratch tree is installed with NO_CUDA_EXT=1; a tree built with 0.4.2's
-    # CUDA extension on the GPU host can be named instead.
-    tree = Path(os.environ.get("LMCACHE_PATCHED_TREE", patched_tree))
-    if not any((tree / "lmcache").glob("c_ops*.so")):
+def test_patched_factory_still_returns_the_cuda_connector(patched_tree, base_version, tmp_path):
+    # The scratch tree has no CUDA extension; a patched tree built with it on the
+    # GPU host can be named instead (LMCACHE_PATCHED_TREE_0_4_2 / _0_5_6).
+    env_name = "LMCACHE_PATCHED_TREE_" + base_version.replace(".", "_")
+    tree = Path(os.environ.get(env_name, patched_tree))
+    ext = CUDA_EXTENSION[base_version]
+    if not any((tree / "lmcache").glob(f"{ext}*.so")):
         pytest.skip(
-            f"{tree} has no compiled lmcache.c_ops (0.4.2's CUDA extension), which CUDA's "
-            "connectors need: on the GPU host run `pip install --no-build-isolation -e .` "
-            "in a patched tree and set LMCACHE_PATCHED_TREE to it"
+            f"{tree} has no compiled lmcache.{ext} ({base_version}'s CUDA extension), which "
+            "CUDA's connectors need: on the GPU host run `pip install --no-build-isolation -e .` "
+            f"in a patched tree and set {env_name} to it"
         )
     env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", _CUDA_FACTORY, str(tree)], cwd=tmp_path, env=env,

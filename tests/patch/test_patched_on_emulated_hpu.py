@@ -1,4 +1,4 @@
-"""The patched upstream 0.4.2 under our HPU emulation (lmcache.testing).
+"""The patched upstream 0.4.2 under our HPU emulation (lmcache.testing); 0.5.6: test_patched_056_on_emulated_hpu.py.
 
 The emulation backs `hpu` tensors with CPU memory: these tests prove detection,
 device placement, data movement and sync counts, not Gaudi speed. The patched tree
@@ -14,9 +14,14 @@ from tests.patch.probe_runner import run_probe, section
 pytestmark = pytest.mark.network
 
 
+@pytest.fixture
+def base_version() -> str:
+    return "0.4.2"
+
+
 @pytest.fixture(scope="module")
-def probe(patched_tree, tmp_path_factory) -> dict:
-    return run_probe(patched_tree, emulate=True, cwd=tmp_path_factory.mktemp("probe"))
+def probe(patched_tree_for, tmp_path_factory) -> dict:
+    return run_probe(patched_tree_for("0.4.2"), emulate=True, cwd=tmp_path_factory.mktemp("probe"))
 
 
 def test_probe_imported_the_patched_tree(probe, patched_tree):

@@ -520,3 +520,19 @@ def test_stand_in_modules_are_findable_and_marked(hpu_emu):
     import lmcache.testing.hpu_emulation as module
 
     assert "EMULATION" in module.__doc__ and "NOTHING about Gaudi speed" in module.__doc__
+
+
+def test_op_signatures_are_recorded(hpu_emu):
+    """Each distinct (op, shapes, dtypes, other arguments) on hpu tensors is recorded once: the
+    emulation's stand-in for a Gaudi graph compile."""
+    table = torch.zeros(64, 8, device="hpu")
+    hpu_emu.reset_counters()
+    for n in (4, 4, 4, 9):
+        torch.index_select(table, 0, torch.arange(n).to("hpu"))
+    counts = hpu_emu.counters.signatures_per_op()
+    assert counts["index_select"] == 2  # shapes [4] and [9]
+    assert max(hpu_emu.counters.shapes_per_call().values()) == 2
+    torch.zeros(3).index_select(0, torch.arange(2))  # host ops are not recorded
+    assert hpu_emu.counters.signatures_per_op()["index_select"] == 2
+    hpu_emu.reset_counters()
+    assert hpu_emu.counters.signatures == set()

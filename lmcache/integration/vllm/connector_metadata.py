@@ -15,9 +15,12 @@ from lmcache.integration.vllm.request_tracker import ReqMeta
 class LMCacheConnectorMetadata(KVConnectorMetadata):
     """One step's plan, scheduler -> workers (picklable)."""
 
-    def __init__(self, requests: list[ReqMeta] | None = None, preempted_req_ids: set[str] | None = None):
+    def __init__(self, requests: list[ReqMeta] | None = None, preempted_req_ids: set[str] | None = None,
+                 released_lease_ids: set[str] | None = None):
         self.requests: list[ReqMeta] = list(requests or [])
         self.preempted_req_ids: set[str] = set(preempted_req_ids or ())
+        # lookup leases the workers may drop (scheduler_leases.py)
+        self.released_lease_ids: set[str] = set(released_lease_ids or ())
 
     @property
     def loads(self) -> list[ReqMeta]:

@@ -9,6 +9,10 @@ and a prefix is a hit only as far as every rank holds it.
 Wire format (no pickle anywhere): a request is a multipart message whose first frame
 names the operation.
   [b"lookup", int64 little-endian token ids] -> [int64 hit tokens]
+  [b"lookup", int64 LE token ids, utf-8 lease id(, int64 hold_from)] -> [int64 hit
+      tokens], and the worker holds what it counted for that lease (lmcache.v1.leases)
+      until the load that names it, a release in a later step's metadata, or the lease's
+      ttl; chunks that end at or before hold_from (vLLM holds them) are only checked
   [b"stats"]                                 -> [JSON object]
   [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
 Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
@@ -54,13 +58,24 @@ def decode_tokens(payload: bytes) -> np.ndarray:
     return np.frombuffer(payload, dtype=_TOKEN_DTYPE)
 
 
+def lease_id_of(req_id: str, generation: int) -> str:
+    """The id of one lookup's lease: a request looked up again gets a new one."""
+    return f"{int(generation)}:{req_id}"
+
+
+def decode_lease_id(payload: bytes) -> str:
+    if not payload or len(payload) > 4096:
+        raise ValueError(f"lease id of {len(payload)} bytes: expected 1 to 4096 bytes of utf-8")
+    return payload.decode("utf-8")
+
+
 class LookupServer:
     """Answers lookups for one worker on a background thread."""
 
     def __init__(
         self,
         address: str,
-        lookup: Callable[[np.ndarray], int],
+        lookup: Callable[..., int],  # lookup(tokens) or lookup(tokens, lease_id)
         stats: Callable[[], dict],
         control: Callable[[dict], dict] | None = None,
     ):
@@ -114,8 +129,17 @@ class LookupServer:
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         op = frames[0] if frames else b""
         try:
-            if op == b"lookup" and len(frames) == 2:
-                hit = int(self._lookup(decode_tokens(frames[1])))
+            if op == b"lookup" and len(frames) in (2, 3, 4):
+                tokens = decode_tokens(frames[1])
+                if len(frames) == 2:
+                    hit = int(self._lookup(tokens))
+                elif len(frames) == 3:
+                    hit = int(self._lookup(tokens, decode_lease_id(frames[2])))
+                else:
+                    hold_from = decode_tokens(frames[3])
+                    if hold_from.shape != (1,):
+                        raise ValueError("hold_from must be one int64")
+                    hit = int(self._lookup(tokens, decode_lease_id(frames[2]), int(hold_from[0])))
                 return [np.asarray([hit], dtype=_TOKEN_DTYPE).tobytes()]
             if op == b"stats":
                 return [json.dumps(self._stats()).encode()]
@@ -155,35 +179,62 @@ class LookupClient:
         return sock
 
     def _ask(self, address: str, frames: list[bytes]) -> bytes | None:
-        sock = self._socket(address)
-        try:
-            sock.send_multipart(frames)
-            reply = sock.recv_multipart()
-        except self._zmq.ZMQError as exc:
-            # A REQ socket that missed its reply cannot send again: start afresh.
-            sock.close()
-            self._sockets.pop(address, None)
-            if address not in self._warned:
-                self._warned.add(address)
-                logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
-            return None
-        self._warned.discard(address)
-        return reply[0] if reply else None
+        return self._ask_all([address], frames)[0]
 
-    def lookup(self, tokens: Sequence[int]) -> int:
+    def _ask_all(self, addresses: Sequence[str], frames: list[bytes]) -> list[bytes | None]:
+        """Send to every address, then collect the replies: the ranks work in parallel."""
+        sent: list = []
+        for address in addresses:
+            sock = self._socket(address)
+            try:
+                sock.send_multipart(frames)
+                sent.append(sock)
+            except self._zmq.ZMQError as exc:
+                self._lost(address, sock, exc)
+                sent.append(None)
+        replies: list[bytes | None] = []
+        for address, sock in zip(addresses, sent):
+            if sock is None:
+                replies.append(None)
+                continue
+            try:
+                reply = sock.recv_multipart()
+            except self._zmq.ZMQError as exc:
+                self._lost(address, sock, exc)
+                replies.append(None)
+                continue
+            self._warned.discard(address)
+            replies.append(reply[0] if reply else None)
+        return replies
+
+    def _lost(self, address: str, sock, exc: Exception) -> None:
+        # A REQ socket that missed its reply cannot send again: start afresh.
+        sock.close()
+        self._sockets.pop(address, None)
+        if address not in self._warned:
+            self._warned.add(address)
+            logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
+
+    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0) -> int:
+        """The prefix every rank holds. With `lease_id`, each rank holds what it
+        counted until the load naming that lease (or its release): send the release
+        even when this returns 0, since some ranks may hold a lease. Chunks ending at
+        or before `hold_from` (vLLM's own prefix hit) are checked but not held."""
         if not tokens:
             return 0
-        payload = encode_tokens(tokens)
+        frames = [b"lookup", encode_tokens(tokens)]
+        if lease_id is not None:
+            frames.append(lease_id.encode("utf-8"))
+            if hold_from > 0:
+                frames.append(encode_tokens([int(hold_from)]))
         hit = len(tokens)
         with self._lock:
-            for address in self.addresses:
-                reply = self._ask(address, [b"lookup", payload])
-                if reply is None or len(reply) != _TOKEN_DTYPE.itemsize:
-                    return 0
-                hit = min(hit, int(np.frombuffer(reply, dtype=_TOKEN_DTYPE)[0]))
-                if hit <= 0:
-                    return 0
-        return hit
+            replies = self._ask_all(self.addresses, frames)
+        for reply in replies:
+            if reply is None or len(reply) != _TOKEN_DTYPE.itemsize:
+                return 0
+            hit = min(hit, int(np.frombuffer(reply, dtype=_TOKEN_DTYPE)[0]))
+        return max(hit, 0)
 
     def stats(self) -> list[dict | None]:
         """Each rank's counters (None where a rank did not answer)."""

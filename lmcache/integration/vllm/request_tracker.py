@@ -71,6 +71,7 @@ class ReqMeta:
     # load's token_ids cover whole stored chunks so that their keys match.
     load_from: int = 0
     load_to: int = 0
+    lease_id: str | None = None  # the lookup lease the load uses (set by scheduler_side)
 
 
 @dataclass

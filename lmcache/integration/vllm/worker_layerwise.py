@@ -29,7 +29,8 @@ class WorkerLayerwise:
                 plan = r.load
                 mask = torch.ones(plan.num_tokens, dtype=torch.bool)
                 mask[: plan.skip_tokens] = False
-                gen = self.engine.retrieve_layer(plan.token_ids, mask, slot_mapping=plan.slot_mapping)
+                gen = self.engine.retrieve_layer(plan.token_ids, mask, slot_mapping=plan.slot_mapping,
+                                                 lease_id=r.lease_id)
                 self._layer_retrievers.append((r, gen))
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -2,8 +2,12 @@
 
 Each worker owns an LMCacheEngine over its own KV shard and answers the scheduler's
 lookups on a local socket (lookup_channel). A step moves everything with one batched
-retrieve (`start_load_kv`) and one batched store (`wait_for_save`, worker_saves.py);
-positions vLLM was promised but did not get become load errors, so vLLM recomputes them.
+retrieve (`start_load_kv`) and one batched store (`wait_for_save`, worker_saves.py).
+A lookup holds what it counted for the request's load (lmcache.v1.leases), so a load
+is short only on a fault: on CUDA/CPU the positions vLLM was promised but did not get
+become load errors (vLLM recomputes them); on Gaudi, whose runner never reads load
+errors, a short load stops the step with LoadIncompleteError instead of letting the
+request compute on KV that is not there (docs/gaudi.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata, transfer_specs
+from lmcache.integration.vllm.gaudi_checks import refuse_online_defragmenter
 from lmcache.integration.vllm.lookup_channel import LookupServer, socket_address
 from lmcache.integration.vllm.request_tracker import ReqMeta
 from lmcache.integration.vllm.utils import (
@@ -39,6 +44,11 @@ TEST_HOOKS_ENV = "LMCACHE_TEST_HOOKS"
 # With test hooks on: loads are corrupted while the file this names exists (for
 # processes the tests cannot reach through the lookup socket, e.g. `vllm serve`).
 CORRUPT_FILE_ENV = "LMCACHE_TEST_CORRUPT_FILE"
+
+
+class LoadIncompleteError(RuntimeError):
+    """A load came up short on a runner that never reads load errors (vllm-gaudi):
+    going on would let the request compute on KV that is not in its blocks."""
 
 
 class WorkerCounters:
@@ -68,6 +78,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         self._load_errors: set[int] = set()
         self._engine_lock = threading.RLock()
         self._lookup_server: LookupServer | None = None
+        self._runner_reads_load_errors = True  # vllm-gaudi never calls get_block_ids_with_load_errors
+        self._exit_hook_registered = False
         self.counters = WorkerCounters()
         self._test_hooks_allowed = truthy(os.environ.get(TEST_HOOKS_ENV, ""))
         self._corrupt_loads = False
@@ -87,21 +99,44 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                 "LMCache use_layerwise=True cannot work on Gaudi: vllm-gaudi never calls the "
                 "per-layer hooks. Accepted there: use_layerwise=False (the default)."
             )
+        if device_type == "hpu":
+            refuse_online_defragmenter(self._vllm_config, os.environ)
+        self._runner_reads_load_errors = device_type != "hpu"
+        reregistering = self.engine is not None
+        if reregistering:
+            # Sleep / wake-up: vLLM hands over new tensors and frees the old ones, which
+            # queued async saves would still read.
+            self._wait_saves()
         backend = attention_backend_name(self._vllm_config, layer_names)
-        self.gpu_connector = create_gpu_connector(
-            kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
-            native_blocks=self.config.cpu_native_blocks,
-        )
-        self.engine = LMCacheEngineBuilder.get_or_create(
-            ENGINE_NAME, self.config, self._engine_metadata(), self.gpu_connector
-        )
-        self._layer_index = {name: i for i, name in enumerate(layer_names)}
+        with self._engine_lock:
+            self.gpu_connector = create_gpu_connector(
+                kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
+                native_blocks=self.config.cpu_native_blocks, use_mla=mla_enabled(self._vllm_config.model_config),
+                slot_buckets=self.config.hpu_slot_buckets,
+            )
+            metadata = self._engine_metadata()
+            engine = LMCacheEngineBuilder.get_or_create(ENGINE_NAME, self.config, metadata, self.gpu_connector)
+            if engine.gpu_connector is not self.gpu_connector:
+                if engine.metadata != metadata:
+                    raise ValueError(
+                        f"LMCache: the KV caches registered again describe {metadata}, but engine "
+                        f"{ENGINE_NAME!r} was built for {engine.metadata}: its keys would not describe the data"
+                    )
+                engine.set_gpu_connector(self.gpu_connector)  # the old tensors are gone
+            self.engine = engine
+            self._layer_index = {name: i for i, name in enumerate(layer_names)}
         self._start_save_pool()
-        self._lookup_server = LookupServer(
-            socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control
-        ).start()
-        # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
-        atexit.register(self.shutdown)
+        if self._lookup_server is None:  # one per worker, also across re-registrations
+            self._lookup_server = LookupServer(
+                socket_address(self._engine_id, self._rank), self._lookup, self.stats, self._control
+            ).start()
+        if not self._exit_hook_registered:
+            # vLLM's wrapper never forwards shutdown: finish queued disk/remote writes at exit.
+            atexit.register(self.shutdown)
+            self._exit_hook_registered = True
+        if reregistering:
+            logger.info("LMCache worker %d: KV caches registered again; loads and saves use the new tensors",
+                        self._rank)
         logger.info(
             "LMCache worker %d/%d ready: %d layers, backend %s, layout %s, chunk %d, block %d, objects %s%s",
             self._rank, self._world_size, len(layer_names), backend, self.gpu_connector.layout_fingerprint,
@@ -136,17 +171,20 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens) -> int:
+    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> int:
         if self.engine is None:
             return 0
         with self._engine_lock:
-            return int(self.engine.lookup(tokens))
+            return int(self.engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from))
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
                "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
                "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable",
                "host_tier_gb": self.config.max_local_cpu_size if self.config.local_cpu else 0.0}
+        leases = getattr(self.engine, "leases", None)
+        if leases is not None:
+            out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired}
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):
@@ -176,6 +214,15 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
     def bind_connector_metadata(self, metadata: LMCacheConnectorMetadata) -> None:
         self._metadata = metadata
         self._reset_layerwise_step()
+        # Load errors belong to the step that made them: the runner reads them after that
+        # step's loads or never (vllm-gaudi); a later step must not report them against
+        # blocks that may by then belong to other requests.
+        self._load_errors = set()
+        released = getattr(metadata, "released_lease_ids", None)
+        if released and self.engine is not None:
+            with self._engine_lock:
+                for lease_id in released:
+                    self.engine.release_lease(lease_id)
 
     def clear_connector_metadata(self) -> None:
         self._metadata = None
@@ -200,6 +247,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
             self._start_layerwise_loads(loads)
             return
         specs = transfer_specs(r.load for r in loads)
+        for spec, r in zip(specs, loads):
+            spec.lease_id = r.lease_id
         start = time.perf_counter()
         try:
             with self._engine_lock:
@@ -215,7 +264,9 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
     def _account_loads(self, loads: list[ReqMeta], loaded_ends: list[int]) -> None:
         """`loaded_ends[i]`: the end of the prefix of request i now valid in the paged
         cache. Positions vLLM was promised but did not get are reported as load
-        errors (their blocks), so that vLLM recomputes them."""
+        errors (their blocks), so that vLLM recomputes them; where the runner never
+        reads load errors, a short load raises LoadIncompleteError."""
+        short = []
         for r, end in zip(loads, loaded_ends):
             self.counters.load_requests += 1
             good_to = max(r.load_from, min(int(end), r.load_to))
@@ -225,12 +276,23 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                 bad = bad[bad >= 0]
                 self._load_errors.update((bad // self.block_size).unique().tolist())
                 self.counters.load_failed_tokens += r.load_to - good_to
+                if not self._runner_reads_load_errors:
+                    short.append(f"{r.req_id} got {good_to - r.load_from} of {r.load_to - r.load_from} tokens")
+                    continue
                 logger.warning(
                     "LMCache: request %s loaded %d of %d tokens; vLLM recomputes the rest",
                     r.req_id, good_to - r.load_from, r.load_to - r.load_from,
                 )
             elif self._corrupt_loads or self._corrupt_file_present():
                 self._corrupt(r)
+        if short:
+            raise LoadIncompleteError(
+                "LMCache: a KV load came up short on Gaudi (" + "; ".join(short) + "). vllm-gaudi never "
+                "reads load errors, so these requests would compute on KV that is not in their blocks: "
+                "stopping instead. The lookup held these chunks in host memory, so this means a device "
+                "copy failed or the lease outlived lookup_lease_ttl (now "
+                f"{self.config.lookup_lease_ttl:g} s); see the log above and docs/gaudi.md."
+            )
 
     def _corrupt_file_present(self) -> bool:
         path = os.environ.get(CORRUPT_FILE_ENV) if self._test_hooks_allowed else None

@@ -95,6 +95,7 @@ def create_gpu_connector(
     model_dtype: torch.dtype | None = None,
     staging_bytes: int | None = None,
     native_blocks: bool = False,
+    slot_buckets: Any = "auto",
 ) -> GPUConnectorInterface:
     """The connector for the caches vLLM registered.
 
@@ -105,9 +106,11 @@ def create_gpu_connector(
     cpu_attn_isa / model_dtype: what vLLM's CPU backend decided (default: vLLM's
     own rule for these caches). staging_bytes: device staging buffer budget.
     native_blocks: on vLLM's CPU backend, keep whole blocks in vLLM's own tiled byte
-    order (native_blocks.py; block copies instead of transposes); the objects then
+    order (cpu/native_blocks.py; block copies instead of transposes); the objects then
     carry `host_format_tag` and only suit the same tiling. Batched connectors only:
     the layerwise one always uses the portable per-token format.
+    slot_buckets: on HPU, the sizes slot lists are padded to (config hpu_slot_buckets:
+    "auto", "off" or ascending token counts; see hpu/buckets.py).
     """
     from lmcache.platforms import current_platform
     from lmcache.v1.gpu_connector.layouts import resolve_layout
@@ -129,7 +132,7 @@ def create_gpu_connector(
         from lmcache.v1.gpu_connector.layerwise import VLLMPagedMemLayerwiseConnector
 
         return VLLMPagedMemLayerwiseConnector(layout, platform, budget)
-    return VLLMPagedMemConnector(layout, platform, budget, native_blocks=native_blocks)
+    return VLLMPagedMemConnector(layout, platform, budget, native_blocks=native_blocks, slot_buckets=slot_buckets)
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,7 @@ class VLLMPagedMemLayerwiseConnector(VLLMPagedMemConnector):
         for layer in range(self.num_layers):
             if plan.parts:
                 if self._on_cpu:
-                    self._cpu_store_layer(plan, layer)
+                    self._cpu.store_layer(plan, layer)
                 else:
                     with self._side_stream():  # waits for the compute stream: layer `layer` is written
                         if staging is None:
@@ -68,7 +68,7 @@ class VLLMPagedMemLayerwiseConnector(VLLMPagedMemConnector):
             return
         if self._on_cpu:
             for layer in range(self.num_layers):
-                self._cpu_load_layer(plan, layer)
+                self._cpu.load_layer(plan, layer)
                 yield
             self.platform.synchronize()
             yield

@@ -7,7 +7,7 @@ Supported (vLLM 0.32, vllm-gaudi):
               physically [B, N, H, 2D]); per token K = C[:D], V = C[D:].
   cpu_attn    vLLM's CPU backend: the same logical shape, contiguous, but each
               (block, head) is a region whose first half is K and second half V,
-              laid out by vLLM's CPU kernel per ISA (see cpu_attn_packing.py).
+              laid out by vLLM's CPU kernel per ISA (see cpu/attn_packing.py).
   hpu_kv      vllm-gaudi: per layer a tuple-like (K, V), each [num_blocks, block_size, H, D].
   mla         MLA on CUDA/CPU: [num_blocks, 1, block_size, C] or [num_blocks, block_size, C].
   hpu_mla     MLA on Gaudi: one tensor [num_blocks, block_size, C] or [num_blocks, block_size, 1, C].
@@ -197,7 +197,7 @@ def resolve_layout(
     _check_uniform(entries, seen)
     first = entries[0]
     if _is_pair(first):
-        kind = _pair_kind(first, backend, seen)
+        kind = _pair_kind(first, backend, use_mla, seen)
     else:
         kind = _tensor_kind(first, tensor_device.type, backend, use_mla, seen)
     layout = _build(kind, names, entries, seen, cpu_attn_isa, model_dtype)
@@ -236,22 +236,21 @@ def _check_uniform(entries: Sequence[Any], seen: str) -> None:
             )
 
 
-def _pair_kind(pair: tuple, backend: str | None, seen: str) -> LayoutKind:
+def _pair_kind(pair: tuple, backend: str | None, use_mla: bool | None, seen: str) -> LayoutKind:
     k, v = pair
     if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
         raise _fail(seen, "a (K, V) pair must be two tensors of the same 4-D shape [num_blocks, block_size, H, D]")
     if backend is not None and "MLA" in backend:
         raise _fail(seen, f"backend {backend} is MLA but the layers are (K, V) pairs")
+    if use_mla:
+        raise _fail(seen, "vLLM's model config says use_mla, but the layers are (K, V) pairs")
     return LayoutKind.HPU_KV
 
 
 def _tensor_kind(t: torch.Tensor, device_type: str, backend: str | None, use_mla: bool | None, seen: str) -> LayoutKind:
     mla_hint = bool(use_mla) or (backend is not None and "MLA" in backend)
     if device_type == "hpu":
-        if t.dim() == 3 or (t.dim() == 4 and t.shape[2] == 1):
-            return LayoutKind.HPU_MLA
-        raise _fail(seen, "on HPU a single tensor per layer must be MLA [num_blocks, block_size, C] (or [.., 1, C]); "
-                    "standard attention comes as (K, V) pairs")
+        return _hpu_tensor_kind(t, use_mla if use_mla is not None else (True if mla_hint else None), seen)
     if t.dim() == 3:
         return LayoutKind.MLA
     if t.dim() != 4:
@@ -281,6 +280,31 @@ def _tensor_kind(t: torch.Tensor, device_type: str, backend: str | None, use_mla
             "pass attn_backend (vLLM's backend name) or use_mla",
         )
     return LayoutKind.CPU_ATTN
+
+
+HPU_SINGLE_TENSOR = (
+    "vllm-gaudi registered ONE tensor per layer for a model that is not MLA: with dynamic fp8 KV scales "
+    "(VLLM_DYNAMIC_KV_QUANT=1 with a QUANT_CONFIG that quantizes the KV cache, kv_cache_dtype fp8_inc) it passes "
+    "only K, so V would be lost. Turn dynamic KV scales off (unset VLLM_DYNAMIC_KV_QUANT, or use static scales "
+    "in QUANT_CONFIG: then (K, V) pairs arrive), or run without LMCache"
+)
+
+
+def _hpu_tensor_kind(t: torch.Tensor, use_mla: bool | None, seen: str) -> LayoutKind:
+    """A single tensor per layer on HPU: MLA only if vLLM's model config says so (use_mla), never
+    from the shape: vllm-gaudi's K-only fp8 cache with one KV head per rank looks like MLA."""
+    if use_mla is False:
+        raise _fail(seen, HPU_SINGLE_TENSOR)
+    if t.dim() == 3:
+        return LayoutKind.HPU_MLA  # vllm-gaudi's MLA form; its K-only caches are 4-D
+    if t.dim() == 4 and t.shape[2] == 1:
+        if use_mla:
+            return LayoutKind.HPU_MLA
+        raise _fail(seen, "a 4-D single tensor with one head on HPU is either MLA or vllm-gaudi's K-only fp8 "
+                    "cache with one KV head per rank; pass use_mla (vLLM's model_config.use_mla) to "
+                    "create_gpu_connector. If the model is not MLA: " + HPU_SINGLE_TENSOR)
+    raise _fail(seen, "on HPU a single tensor per layer must be MLA [num_blocks, block_size, C] (or [.., 1, C]); "
+                "standard attention comes as (K, V) pairs. " + HPU_SINGLE_TENSOR)
 
 
 def _build(kind: LayoutKind, names: list[str], entries: list[Any], seen: str,
@@ -357,7 +381,7 @@ def _strided_addresses(block_size: int, heads: int, head_size: int, token_stride
 
 def _cpu_attn_addresses(t: torch.Tensor, seen: str, isa: str | None,
                         model_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], Any]:
-    from lmcache.v1.gpu_connector.cpu_attn_packing import CpuAttnProbeError, probe_cpu_attn_packing
+    from lmcache.v1.gpu_connector.cpu.attn_packing import CpuAttnProbeError, probe_cpu_attn_packing
 
     num_blocks, heads, block_size, width = t.shape
     head_size = width // 2

@@ -39,22 +39,8 @@ class ObjectPart:
         return 0 if self.lead_blocks is None else int(self.lead_blocks.numel()) * self._block_size
 
     _block_size: int = 0
-    _numpy: dict = field(default_factory=dict, repr=False)
-
-    def numpy_units(self, itemsize: int):
-        """The object's bytes as a flat numpy array of unsigned `itemsize`-byte units (cached, no copy)."""
-        found = self._numpy.get(itemsize)
-        if found is None:
-            from lmcache.v1.gpu_connector.cpu_attn_detile import flat_unsigned
-
-            found = self._numpy[itemsize] = flat_unsigned(self.tensor, itemsize)
-        return found
-
-    def lead_blocks_numpy(self):
-        found = self._numpy.get("blocks")
-        if found is None and self.lead_blocks is not None:
-            found = self._numpy["blocks"] = self.lead_blocks.numpy()
-        return found
+    # per-part values a device's fast paths compute once (e.g. numpy views on CPU)
+    scratch: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lmcache.v1.gpu_connector.cpu_threads import run_threaded
+from lmcache.v1.gpu_connector.cpu.threads import run_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MIN_BYTES_PER_THREAD = 1 << 20   # below this a batch is not worth a hand-off to
 def load_kernel():
     """memcpy_kernel.copy_blocks, or None where numba is missing or fails to compile."""
     try:
-        from lmcache.v1.gpu_connector.memcpy_kernel import copy_blocks
+        from lmcache.v1.gpu_connector.cpu.memcpy_kernel import copy_blocks
 
         probe = np.arange(4, dtype=np.uint8)
         one = np.ones(3, dtype=np.int64)

