@@ -1,9 +1,13 @@
 """User-facing device helpers, as users of vLLM on Gaudi call them.
 
     from lmcache.utils import get_device_type, is_hpu_available
+
+`init_logger(name)` is the logger factory vLLM's LMCache modules import from here.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -36,3 +40,12 @@ def get_device(local_rank: int | None = None) -> torch.device:
         return platform.device
     count = max(platform.device_count(), 1)
     return torch.device(platform.device_type, local_rank % count)
+
+
+def init_logger(name: str) -> logging.Logger:
+    """`logging.getLogger(name)`; also makes sure LMCache's own log lines are shown
+    inside vLLM processes (level from LMCACHE_LOG_LEVEL, default INFO)."""
+    from lmcache.integration.vllm.utils import ensure_log_handler
+
+    ensure_log_handler()
+    return logging.getLogger(name)

@@ -29,7 +29,7 @@ VLLM_PREFIX = "lmcache."
 # LMCACHE_* variables that are not config keys (read elsewhere, or upstream
 # switches with no meaning here): never warned about.
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
-                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "HPU_PIN_MEMORY"})  # read by the vLLM integration
+                            "FORCE_SKIP_SAVE", "TEST_HOOKS", "TEST_CORRUPT_FILE", "HPU_PIN_MEMORY"})  # read by the vLLM integration
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)
@@ -70,6 +70,8 @@ class LMCacheEngineConfig:
     # seconds a chunk found by a scheduler lookup stays held for that request's load
     # (a lost request must not pin host memory forever)
     lookup_lease_ttl: float = 60.0
+    # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
+    enable_nixl: bool = False
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -232,6 +234,24 @@ def _serde(value: Any) -> str | None:
     raise _Bad
 
 
+NO_NIXL = (
+    "this package has no NIXL transport. Share KV between prefill and decode instances through "
+    "a common tier instead: remote_url: lm://HOST:PORT (server: python -m lmcache.v1.server HOST PORT) "
+    "or redis://HOST:PORT, with kv_role kv_producer (prefill) and kv_consumer (decode); "
+    "see docs/examples/. Remove enable_nixl and the nixl_* keys"
+)
+
+
+def _nixl_off(value: Any) -> bool:
+    if _parse_bool(value):
+        raise _Bad
+    return False
+
+
+def _refuse_nixl(key: str, source: str) -> None:
+    raise ConfigError(f"lmcache config: {key} (from {source}) asks for NIXL transfers, but {NO_NIXL}")
+
+
 def _extra(value: Any) -> dict | None:
     if value is None:
         return None
@@ -291,6 +311,7 @@ KEYS: dict[str, _Key] = {
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
     "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
+    "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
 }
 
 
@@ -307,6 +328,8 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
 
 
 def _warn_unknown(key: str, source: str) -> None:
+    if key.startswith("nixl_"):
+        _refuse_nixl(key, source)
     close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
     logger.warning("lmcache config: unknown key %r (from %s) is ignored%s", key, source, hint)

@@ -4,7 +4,8 @@
 
 Each engine runs in its own process (vLLM spawns its workers; LLM(...) must be
 created under `if __name__ == "__main__"`). The spec names the model, the connector
-("LMCacheConnectorV1", "lmcache" or null), LMCache settings and the steps; the
+("LMCacheConnectorV1", "lmcache" or null), its "kv_role" (default kv_both), LMCache
+settings and the steps; the
 results (outputs with log-probabilities, TTFTs, LMCache counters) go to OUT.json.
 
 Steps:
@@ -35,7 +36,7 @@ def build_llm(spec: dict):
         extra.update(spec.get("extra_config") or {})
         kv_transfer_config = {
             "kv_connector": spec["connector"],
-            "kv_role": "kv_both",
+            "kv_role": spec.get("kv_role", "kv_both"),
             "engine_id": spec.get("engine_id") or str(uuid.uuid4()),
             "kv_connector_extra_config": extra,
             "kv_load_failure_policy": spec.get("kv_load_failure_policy", "recompute"),
@@ -106,7 +107,8 @@ def main(spec_path: str, out_path: str) -> int:
     started = time.perf_counter()
     llm = build_llm(spec)
     results["engine_start_s"] = time.perf_counter() - started
-    with_lmcache = bool(spec.get("connector"))
+    # "with_lmcache": LMCache chosen another way (e.g. kv_offloading_backend in "llm")
+    with_lmcache = bool(spec.get("connector") or spec.get("with_lmcache"))
     for i, step in enumerate(spec["steps"]):
         name = step.get("name", f"step{i}")
         op = step["op"]

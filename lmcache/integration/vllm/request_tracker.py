@@ -34,7 +34,8 @@ class SchedulerPolicy:
     save_unfull_chunk: bool = False
     save_decode_cache: bool = False
     min_retrieve_tokens: int = 0
-    skip_all_saves: bool = False
+    skip_all_saves: bool = False  # kv_consumer, LMCACHE_FORCE_SKIP_SAVE
+    load_enabled: bool = True  # False for kv_producer: it stores and never loads
 
     def __post_init__(self):
         if self.chunk_size <= 0 or self.block_size <= 0:
@@ -155,6 +156,8 @@ class SchedulerPlanner:
     def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
         """Tokens beyond `num_computed_tokens` that LMCache can load. No side effects
         on vLLM; remembers the answer for `after_alloc`."""
+        if not self.policy.load_enabled:
+            return 0
         reason = uncacheable_reason(request)
         if reason is not None:
             if reason not in self._warned_reasons:

@@ -19,7 +19,10 @@ from lmcache.integration.vllm.utils import (
     DEFAULT_LOOKUP_TIMEOUT_MS,
     LOOKUP_TIMEOUT_KEY,
     force_skip_save,
+    kv_role_of,
+    note_ignored_extra_keys,
     parallel_rank_and_size,
+    save_unfull_chunk_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class SchedulerSide:
         self._lookup_client = LookupClient(
             [socket_address(self._engine_id, r) for r in range(world_size)], timeout_ms
         )
+        role = kv_role_of(vllm_config)
         self._leases = SchedulerLeases()
         self._lookup_lease: str | None = None  # the lease id of the lookup in progress
         self._lookup_hold_from = 0  # ... and vLLM's own prefix hit (not held by the workers)
@@ -57,14 +61,19 @@ class SchedulerSide:
         skip_saves = force_skip_save()
         if skip_saves:
             logger.info("LMCache: saving is off (LMCACHE_FORCE_SKIP_SAVE)")
+        if role != "kv_both":
+            logger.info("LMCache: kv_role=%s: %s", role,
+                        "stores, never loads" if role == "kv_producer" else "loads, never stores")
+        note_ignored_extra_keys(extra)
         self._planner = SchedulerPlanner(
             SchedulerPolicy(
                 chunk_size=self.config.chunk_size,
                 block_size=self.block_size,
-                save_unfull_chunk=self.config.save_unfull_chunk,
+                save_unfull_chunk=save_unfull_chunk_of(self.config, extra),
                 save_decode_cache=self.config.save_decode_cache,
                 min_retrieve_tokens=self.config.min_retrieve_tokens,
-                skip_all_saves=skip_saves,
+                skip_all_saves=skip_saves or role == "kv_consumer",
+                load_enabled=role != "kv_producer",
             ),
             self._leased_lookup,
         )

@@ -3,7 +3,8 @@
 `ENGINE_NAME` is the name vLLM's examples pass to `LMCacheEngineBuilder.destroy`.
 Configuration comes from every source `lmcache.v1.config.load_config` knows:
 defaults < `LMCACHE_CONFIG_FILE` (YAML) < `LMCACHE_<KEY>` env vars <
-`"lmcache.<key>"` entries of vLLM's `kv_connector_extra_config`.
+`"lmcache.<key>"` entries of vLLM's `kv_connector_extra_config`; with
+`--kv-offloading-backend lmcache --kv-offloading-size N`, the host tier is N GiB.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ENGINE_NAME = "vllm-instance"
 
@@ -23,6 +26,13 @@ SKIP_SAVE_PARAM = "lmcache.skip_save"
 ASYNC_SAVE_KEY = "async_save"
 LOOKUP_TIMEOUT_KEY = "lookup_timeout_ms"
 DEFAULT_LOOKUP_TIMEOUT_MS = 5000
+# vllm-gaudi's examples: do not save a prompt's last partial chunk (combined with
+# save_unfull_chunk as upstream does: saved only if save_unfull_chunk and not this).
+DISCARD_PARTIAL_CHUNKS_KEY = "discard_partial_chunks"
+# vllm-gaudi's examples: upstream's per-instance RPC port name; nothing here uses it.
+RPC_PORT_KEY = "lmcache_rpc_port"
+
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 
 _FALSY = {"", "0", "false", "no", "off"}
 
@@ -46,9 +56,50 @@ def extra_config_of(vllm_config) -> dict:
 
 def lmcache_config_from_vllm(vllm_config):
     """The engine config for this vLLM instance (see the module docstring)."""
-    from lmcache.v1.config import load_config
+    from lmcache.v1.config import apply_overrides, load_config
 
-    return load_config(extra_config_of(vllm_config))
+    config = load_config(extra_config_of(vllm_config))
+    overrides = offloading_overrides(vllm_config)
+    if overrides:
+        source = "vLLM --kv-offloading-size (cache_config.kv_offloading_size)"
+        earlier = config.sources.get("max_local_cpu_size")
+        if earlier and config.max_local_cpu_size != overrides["max_local_cpu_size"]:
+            logger.info("LMCache: host tier %s GiB from %s replaces %s GiB from %s",
+                        overrides["max_local_cpu_size"], source, config.max_local_cpu_size, earlier)
+        config = apply_overrides(config, overrides, source=source)
+    return config
+
+
+def offloading_overrides(vllm_config) -> dict:
+    """The host tier vLLM's one-flag switch asks for: `--kv-offloading-backend lmcache
+    --kv-offloading-size N` means N GiB of host memory (vLLM does not forward N to
+    this backend's connector). Empty when the switch is not in use."""
+    cache_config = getattr(vllm_config, "cache_config", None)
+    size = getattr(cache_config, "kv_offloading_size", None)
+    if size is None or getattr(cache_config, "kv_offloading_backend", None) != "lmcache":
+        return {}
+    return {"local_cpu": True, "max_local_cpu_size": float(size)}
+
+
+def kv_role_of(vllm_config) -> str:
+    """kv_producer (stores, never loads), kv_consumer (loads, never stores) or kv_both."""
+    kv_transfer_config = getattr(vllm_config, "kv_transfer_config", None)
+    role = getattr(kv_transfer_config, "kv_role", None) or "kv_both"
+    if role not in KV_ROLES:
+        raise ValueError(f"LMCache: kv_role={role!r} is not valid; accepted: {', '.join(KV_ROLES)}")
+    return role
+
+
+def save_unfull_chunk_of(config, extra: dict) -> bool:
+    """Whether a prompt's last partial chunk is saved: save_unfull_chunk, unless the
+    extra config's discard_partial_chunks says not to."""
+    return bool(config.save_unfull_chunk) and not truthy(extra.get(DISCARD_PARTIAL_CHUNKS_KEY, False))
+
+
+def note_ignored_extra_keys(extra: dict) -> None:
+    if RPC_PORT_KEY in extra:
+        logger.debug("LMCache: kv_connector_extra_config[%r]=%r is accepted and has no effect here "
+                     "(no separate LMCache RPC server)", RPC_PORT_KEY, extra[RPC_PORT_KEY])
 
 
 def engine_id_of(vllm_config) -> str:

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 # Test hooks (corrupting loaded KV on purpose) answer only in processes started
 # with this variable set; see tests/e2e/.
 TEST_HOOKS_ENV = "LMCACHE_TEST_HOOKS"
+# With test hooks on: loads are corrupted while the file this names exists (for
+# processes the tests cannot reach through the lookup socket, e.g. `vllm serve`).
+CORRUPT_FILE_ENV = "LMCACHE_TEST_CORRUPT_FILE"
 
 
 class LoadIncompleteError(RuntimeError):
@@ -194,7 +197,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
                "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
-               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable"}
+               "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable",
+               "host_tier_gb": self.config.max_local_cpu_size if self.config.local_cpu else 0.0}
         leases = getattr(self.engine, "leases", None)
         if leases is not None:
             out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired}
@@ -297,7 +301,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                     "LMCache: request %s loaded %d of %d tokens; vLLM recomputes the rest",
                     r.req_id, good_to - r.load_from, r.load_to - r.load_from,
                 )
-            elif self._corrupt_loads:
+            elif self._corrupt_loads or self._corrupt_file_present():
                 self._corrupt(r)
         if short:
             raise LoadIncompleteError(
@@ -307,6 +311,10 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
                 "copy failed or the lease outlived lookup_lease_ttl (now "
                 f"{self.config.lookup_lease_ttl:g} s); see the log above and docs/gaudi.md."
             )
+
+    def _corrupt_file_present(self) -> bool:
+        path = os.environ.get(CORRUPT_FILE_ENV) if self._test_hooks_allowed else None
+        return bool(path) and os.path.exists(path)
 
     def _corrupt(self, r: ReqMeta) -> None:
         """Test hook: swap the K and V of what was just loaded, as a layout mix-up

@@ -1,0 +1,39 @@
+"""`LMCacheMPConnector`: what `vllm serve MODEL --kv-offloading-backend lmcache
+--kv-offloading-size N` runs with this package installed.
+
+vLLM maps that flag pair to kv_connector="LMCacheMPConnector" with kv_role "kv_both",
+and its connector module prefers this class over its built-in one. It is our
+`LMCacheConnectorV1Dynamic` (same engine, async saving, stats) running inside vLLM's
+own processes, NOT upstream's separate LMCache server: the host-memory tier is
+N GiB per worker (vLLM does not forward N for this backend; it is read from vLLM's
+cache config, see `lmcache.integration.vllm.utils.offloading_overrides`), and every
+other setting comes from the usual sources (LMCACHE_CONFIG_FILE, LMCACHE_* env vars,
+"lmcache.*" keys of kv_connector_extra_config). Upstream's `lmcache.mp.*` keys
+(server host/port) have no meaning here and are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
+from lmcache.integration.vllm.utils import offloading_overrides
+
+__all__ = ["LMCacheMPConnector"]
+
+logger = logging.getLogger(__name__)
+
+
+class LMCacheMPConnector(LMCacheConnectorV1Dynamic):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        # The one-flag switch leaves no way to choose the load-failure policy, and
+        # vLLM's default ("fail") fails a request whose cached chunk vanished between
+        # lookup and load. The scheduler reads the policy after building us.
+        if (role == KVConnectorRole.SCHEDULER and offloading_overrides(vllm_config)
+                and transfer.kv_load_failure_policy == "fail"):
+            transfer.kv_load_failure_policy = "recompute"
+            logger.info("LMCache: kv_load_failure_policy set to 'recompute' (a cache miss never fails a request)")

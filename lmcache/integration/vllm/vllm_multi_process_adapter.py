@@ -1,0 +1,57 @@
+"""The names vLLM's `lmcache_mp_connector` module imports from upstream's
+multi-process adapter, so that the module imports with this package installed.
+
+vLLM then prefers our `lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector`,
+which runs LMCache in vLLM's own processes. Upstream's separate LMCache server
+(`tcp://host:5555`, what vLLM's built-in `LMCacheMPConnectorUpstream` talks to, chosen
+with LMCACHE_USE_UPSTREAM_MP=1) is not part of this package: its adapters refuse to
+start with a message saying what to do instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNSUPPORTED = (
+    "upstream LMCache's multi-process server mode (vLLM's LMCacheMPConnectorUpstream, "
+    "selected by LMCACHE_USE_UPSTREAM_MP) is not provided by this lmcache package. "
+    "Unset LMCACHE_USE_UPSTREAM_MP: vLLM then uses lmcache.integration.vllm.lmcache_mp_connector."
+    "LMCacheMPConnector, which runs LMCache inside vLLM's processes (see docs/vllm.md). "
+    "To share KV between vLLM instances, give them a common remote_url (lm:// or redis://)."
+)
+
+
+@dataclass
+class ParallelStrategy:
+    use_mla: bool
+    kv_world_size: int
+    kv_worker_id: int
+    actual_world_size: int
+    actual_worker_id: int
+    tp_size: int
+    pp_size: int
+
+
+@dataclass
+class LoadStoreOp:
+    block_ids: list[int]
+    token_ids: list[int] | None = None
+    block_hashes: list[bytes] | None = None
+    start: int = 0
+    end: int = 0
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+
+class _Unsupported:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(UNSUPPORTED)
+
+
+class LMCacheMPSchedulerAdapter(_Unsupported):
+    pass
+
+
+class LMCacheMPWorkerAdapter(_Unsupported):
+    pass
