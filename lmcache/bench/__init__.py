@@ -5,4 +5,6 @@ BENCHES = {
     "lookup": "lmcache.bench.lookup",
     "connector": "lmcache.bench.connector",
     "e2e": "lmcache.bench.e2e",
+    "workload": "lmcache.bench.workload",
+    "soak": "lmcache.bench.soak",
 }
