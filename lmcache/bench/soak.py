@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -110,17 +109,14 @@ def run(args) -> dict:
     tally, totals, faults = Tally(), Totals(), []
     disk_hits_after_restart = 0
     try:
-        _say(f"machine: {machine_name()}; starting vLLM alone and vLLM with LMCache side by side ...")
-        starter = threading.Thread(target=alone.start)
-        starter.start()
-        server.start()
-        starter.join()
-        if alone.proc is None:
-            raise RuntimeError("the vLLM-alone server did not start; see its log in " + str(workdir))
+        _say(f"machine: {machine_name()}; starting vLLM alone (the reference) ...")
+        alone.start()
         _say(f"references from vLLM alone for {len(pool)} pool prompts and {len(probe_prompts)} probes ...")
         refs = references(alone, model, pool, 4)
         probe_refs = references(alone, model, probe_prompts, 4)
-        alone.stop()
+        alone.stop()  # one engine at a time on this machine
+        _say("starting vLLM with LMCache (host memory, disk, Redis) ...")
+        server.start()
         for i, p in enumerate(probe_prompts):  # lone cold runs: LMCache stores what a lone request computes
             probe(server, model, p, probe_refs[i], 3 * CHUNK, 4, tally, f"probe {i} (first)")
         rss_base = server.rss_bytes()

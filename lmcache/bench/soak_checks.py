@@ -16,12 +16,25 @@ BATCHED_TOLERANCE = 0.1
 EXACT_TOLERANCE = 1e-4
 
 
-def mismatches(reference: Completion, got: Completion, tolerance: float) -> list[str]:
-    """Differences in generated tokens and in the top log-probabilities both report."""
+def mismatches(reference: Completion, got: Completion, tolerance: float, near_ties: bool = False) -> list[str]:
+    """Differences in generated tokens and in the top log-probabilities both report.
+
+    `near_ties`: where the two pick different tokens whose log-probabilities (as the
+    reference saw them) lie within `tolerance`, rounding decided a tie: positions up to
+    there are compared, the rest (a different context from then on) are not."""
     problems = []
-    if reference.token_ids != got.token_ids:
-        problems.append(f"tokens {reference.token_ids} vs {got.token_ids}")
-    for pos, (ref, cand) in enumerate(zip(reference.logprobs, got.logprobs)):
+    upto = min(len(reference.token_ids), len(got.token_ids))
+    for pos, (a, b) in enumerate(zip(reference.token_ids, got.token_ids)):
+        if a != b:
+            ref_top = reference.logprobs[pos] if pos < len(reference.logprobs) else {}
+            tie = near_ties and a in ref_top and b in ref_top and abs(ref_top[a] - ref_top[b]) <= tolerance
+            if not tie:
+                problems.append(f"tokens {reference.token_ids} vs {got.token_ids}")
+            upto = pos + 1
+            break
+    if len(reference.token_ids) != len(got.token_ids):
+        problems.append(f"{len(reference.token_ids)} vs {len(got.token_ids)} tokens")
+    for pos, (ref, cand) in enumerate(zip(reference.logprobs[:upto], got.logprobs[:upto])):
         common = set(ref) & set(cand)
         if not common or len(common) < min(len(ref), len(cand)) - 1:  # a near-tie may swap the last
             problems.append(f"position {pos}: top tokens {sorted(ref)} vs {sorted(cand)}")

@@ -22,9 +22,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
+# through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
+CONNECTOR = "LMCacheConnectorV1"
 # vLLM on a CPU: 1 GiB for its KV cache before --num-gpu-blocks-override trims it, no
-# torch.compile (tens of seconds per start, for nothing at these sizes).
-CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# torch.compile (tens of seconds per start, for nothing at these sizes), and no automatic
+# thread binding: on a busy machine it gave one server one core and the next two, and
+# servers compared side by side must compute alike (same threads, same rounding).
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def free_port() -> int:
@@ -165,7 +171,7 @@ class VllmServer:
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
         if self.lmcache is not None:
             cmd += ["--kv-transfer-config", json.dumps({
-                "kv_connector": "lmcache", "kv_role": "kv_both", "engine_id": self.engine_id,
+                "kv_connector": CONNECTOR, "kv_role": "kv_both", "engine_id": self.engine_id,
                 "kv_connector_extra_config": {f"lmcache.{k}": v for k, v in self.lmcache.items()},
                 "kv_load_failure_policy": "recompute"})]
         return cmd
@@ -175,6 +181,7 @@ class VllmServer:
         env = {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
         env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
         started = time.perf_counter()
+        self.proc = None
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          env=_child_env(env), start_new_session=True, cwd=str(self.workdir))
