@@ -89,6 +89,8 @@ def test_workload_smoke_vllm_alone_vs_host_memory(tmp_path):
         assert cpu["lmcache_hit_rate"] > 0 and cpu["lmcache_bytes_moved"] > 0  # LMCache brought prefixes back
         key = scenario.replace("-", "_")
         assert f"{key}_cpu_ttft_p50_speedup_vs_vllm_alone" in result
-    # in long-doc-qa every measured question's document was read in the warm-up: LMCache holds it all
-    assert result["results"]["long-doc-qa"]["cpu"]["lmcache_hit_rate"] > 0.8
+    # in long-doc-qa every measured question's document was read in the warm-up: what vLLM's own
+    # prefix cache no longer holds, LMCache brings back (all but the questions' own tokens)
+    qa = result["results"]["long-doc-qa"]["cpu"]
+    assert qa["lmcache_hit_rate"] + qa["vllm_prefix_hit_rate"] > 0.9
     assert "LMCache host memory" in out and result["targets_met"] is False  # smoke sizes are not judged
