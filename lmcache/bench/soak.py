@@ -184,14 +184,7 @@ def _fresh_prompt_round_trip(server, model: str, tally) -> dict:
     prompt = TokenSource(model).tokens(PROMPT_TOKENS, "soak-final")
     before = Totals.read(server)
     first = complete(server.base_url, model, prompt, 4, stream=False)
-    server.worker_stats()
-    from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
-
-    client = LookupClient([socket_address(server.engine_id, 0)], 60000)
-    try:
-        client.control({"flush": 30})
-    finally:
-        client.close()
+    server.flush(30)
     server.reset_prefix_cache()
     second = complete(server.base_url, model, prompt, 4, stream=False)
     after = Totals.read(server)

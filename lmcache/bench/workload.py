@@ -92,7 +92,7 @@ def _service(stack: ExitStack, kind: str | None, workdir: Path):
 def run(args) -> dict:
     if args.scale <= 0 or (args.concurrency is not None and args.concurrency < 1):
         raise SystemExit("--scale must be > 0 and --concurrency >= 1")
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from lmcache.bench.workload_report import figures, print_results, ratios, targets_met
     from lmcache.bench.workload_runner import RUNNERS, warm_engine
@@ -144,7 +144,7 @@ def run(args) -> dict:
     print(f"\nmachine: {machine_name()}; model: {model_name}; engine starts (s): {starts}")
     return {
         "bench": "workload", "machine": machine_name(), "model": model_name, "smoke": bool(args.smoke),
-        "scale": args.scale, "sizes": vars(sizes) if hasattr(sizes, "__dict__") else str(sizes),
+        "scale": args.scale, "sizes": asdict(sizes),
         "device_kv_tokens": device_blocks * BLOCK_TOKENS, "working_set_tokens": sizes.working_set_tokens(),
         "tiers": [t.name for t in tiers], "results": results, **ratio_figures, "targets_met": met,
     }

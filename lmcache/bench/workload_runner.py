@@ -51,19 +51,6 @@ class Counters:
         phase.vllm_prefix_query_tokens, phase.vllm_prefix_hit_tokens = d[2], d[3]
 
 
-def _flush(server: VllmServer) -> None:
-    """Wait for LMCache's queued disk/remote writes, so the measured round can find them."""
-    if server.lmcache is None:
-        return
-    from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
-
-    client = LookupClient([socket_address(server.engine_id, 0)], 120000)
-    try:
-        client.control({"flush": 60})
-    finally:
-        client.close()
-
-
 def _send(server: VllmServer, sizes: Sizes, requests: list[Request]) -> list[Completion]:
     return run_in_flight([lambda r=r: complete(server.base_url, server.model, r.prompt, sizes.max_tokens)
                           for r in requests], sizes.concurrency)
@@ -74,7 +61,7 @@ def run_long_doc_qa(server: VllmServer, sizes: Sizes, source: TokenSource) -> Ph
     phase = Phase()
     start = time.perf_counter()
     warm = _send(server, sizes, warmup)
-    _flush(server)
+    server.flush()
     phase.warmup_s = time.perf_counter() - start
     counters = Counters(server)
     start = time.perf_counter()
@@ -93,7 +80,7 @@ def run_multi_round(server: VllmServer, sizes: Sizes, source: TokenSource) -> Ph
     for round_index in range(sizes.rounds):
         wave = chats.wave(round_index)
         if round_index == 1:
-            _flush(server)
+            server.flush()
             counters = Counters(server)
         start = time.perf_counter()
         done = _send(server, sizes, [r for _, r in wave])
@@ -121,5 +108,5 @@ def warm_engine(server: VllmServer, source: TokenSource) -> None:
     prompt = source.tokens(2 * 256 + 44, "engine-warmup")
     for _ in range(3):  # cold (LMCache stores), then hits from LMCache (loads)
         complete(server.base_url, server.model, prompt, 2)
-        _flush(server)
+        server.flush()
         server.reset_prefix_cache()

@@ -234,6 +234,18 @@ class VllmServer:
         finally:
             client.close()
 
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for LMCache's queued disk/remote writes (a later request may look for them)."""
+        if self.lmcache is None:
+            return
+        from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+
+        client = LookupClient([socket_address(self.engine_id, 0)], int(timeout * 2000))
+        try:
+            client.control({"flush": timeout})
+        finally:
+            client.close()
+
     def prefix_cache_counters(self) -> tuple[float, float]:
         """vLLM's own prefix cache: (queried tokens, hit tokens) from /metrics."""
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
