@@ -13,12 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from lmcache.v1.config_values import (  # the constants are re-exported
+    NO_NIXL,
+    REMOTE_SCHEMES,
+    REMOTE_SERDES,
+    UNSUPPORTED_SERDES,
+    _Bad,
+    _disk_path,
+    _extra,
+    _nixl_off,
+    _non_negative_float,
+    _non_negative_int,
+    _none_or,
+    _parse_bool,
+    _positive_float,
+    _positive_int,
+    _remote_url,
+    _serde,
+    _slot_buckets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +49,6 @@ VLLM_PREFIX = "lmcache."
 NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "LOG_LEVEL", "TRACK_USAGE",
                             "FORCE_SKIP_SAVE", "TEST_HOOKS", "TEST_CORRUPT_FILE", "HPU_PIN_MEMORY"})  # read by the vLLM integration
 
-REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
-REMOTE_SERDES = ("naive",)
-# Upstream serdes this implementation does not offer (named in the error).
-UNSUPPORTED_SERDES = ("cachegen", "kivi")
 
 GB = 1024**3
 
@@ -102,178 +116,6 @@ class LMCacheEngineConfig:
         return {name: getattr(self, name) for name in KEYS}
 
 
-# --- per-key parsing -------------------------------------------------------
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-class _Bad(Exception):
-    """Raised by a parser; carries the 'accepted' text of the key."""
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise _Bad
-
-
-def _parse_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise _Bad
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise _Bad from None
-    raise _Bad
-
-
-def _parse_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise _Bad
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            raise _Bad from None
-    raise _Bad
-
-
-def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse_optional(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-            return None
-        return parse(value)
-
-    return parse_optional
-
-
-def _positive_int(value: Any) -> int:
-    n = _parse_int(value)
-    if n <= 0:
-        raise _Bad
-    return n
-
-
-def _non_negative_int(value: Any) -> int:
-    n = _parse_int(value)
-    if n < 0:
-        raise _Bad
-    return n
-
-
-def _non_negative_float(value: Any) -> float:
-    x = _parse_float(value)
-    if not x >= 0 or x == float("inf"):
-        raise _Bad
-    return x
-
-
-def _positive_float(value: Any) -> float:
-    x = _parse_float(value)
-    if not x > 0 or x == float("inf"):
-        raise _Bad
-    return x
-
-
-def _disk_path(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Bad
-    value = value.strip()
-    if "://" in value:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
-            raise _Bad
-        value = urllib.parse.unquote(parts.path)
-    if os.path.exists(value) and not os.path.isdir(value):
-        raise _Bad
-    return value
-
-
-def _remote_url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Bad
-    value = value.strip()
-    try:
-        parts = urllib.parse.urlsplit(value)
-        parts.port  # raises ValueError on a bad port
-    except ValueError:
-        raise _Bad from None
-    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
-        raise _Bad
-    if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
-        raise _Bad  # lm://HOST:PORT, nothing else
-    db = parts.path.strip("/")
-    if db and not db.isdigit():
-        raise _Bad
-    return value
-
-
-def _serde(value: Any) -> str | None:
-    """naive, or null (YAML null or the string NULL/none, as production files write
-    it): None, which the tiers treat as naive."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        name = value.strip().lower()
-        if name in ("null", "none", ""):
-            return None
-        if name in REMOTE_SERDES:
-            return name
-    raise _Bad
-
-
-NO_NIXL = (
-    "this package has no NIXL transport. Share KV between prefill and decode instances through "
-    "a common tier instead: remote_url: lm://HOST:PORT (server: python -m lmcache.v1.server HOST PORT) "
-    "or redis://HOST:PORT, with kv_role kv_producer (prefill) and kv_consumer (decode); "
-    "see docs/examples/. Remove enable_nixl and the nixl_* keys"
-)
-
-
-def _nixl_off(value: Any) -> bool:
-    if _parse_bool(value):
-        raise _Bad
-    return False
-
-
-def _refuse_nixl(key: str, source: str) -> None:
-    raise ConfigError(f"lmcache config: {key} (from {source}) asks for NIXL transfers, but {NO_NIXL}")
-
-
-def _extra(value: Any) -> dict | None:
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, str):
-        if value.strip().lower() in ("", "none", "null"):
-            return None
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise _Bad from None
-        if isinstance(parsed, dict):
-            return parsed
-    raise _Bad
-
-
-def _slot_buckets(value: Any) -> Any:
-    from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
-    return parse_slot_buckets(value)
-
-
 @dataclass(frozen=True)
 class _Key:
     parse: Callable[[Any], Any]
@@ -325,6 +167,10 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
         ) from None
     setattr(config, key, parsed)
     config.sources[key] = source
+
+
+def _refuse_nixl(key: str, source: str) -> None:
+    raise ConfigError(f"lmcache config: {key} (from {source}) asks for NIXL transfers, but {NO_NIXL}")
 
 
 def _warn_unknown(key: str, source: str) -> None:

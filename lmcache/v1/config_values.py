@@ -1,0 +1,182 @@
+"""How each config value is read: one parser per kind of value (lmcache.v1.config).
+
+A parser returns the value in its Python form or raises `_Bad`; the caller turns that
+into a ConfigError naming the key, the value, its source and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from typing import Any, Callable, Mapping
+
+REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
+REMOTE_SERDES = ("naive",)
+# Upstream serdes this implementation does not offer (named in the error).
+UNSUPPORTED_SERDES = ("cachegen", "kivi")
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class _Bad(Exception):
+    """Raised by a parser; carries the 'accepted' text of the key."""
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _Bad
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Bad
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _Bad from None
+    raise _Bad
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Bad
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _Bad from None
+    raise _Bad
+
+
+def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+def _positive_int(value: Any) -> int:
+    n = _parse_int(value)
+    if n <= 0:
+        raise _Bad
+    return n
+
+
+def _non_negative_int(value: Any) -> int:
+    n = _parse_int(value)
+    if n < 0:
+        raise _Bad
+    return n
+
+
+def _non_negative_float(value: Any) -> float:
+    x = _parse_float(value)
+    if not x >= 0 or x == float("inf"):
+        raise _Bad
+    return x
+
+
+def _positive_float(value: Any) -> float:
+    x = _parse_float(value)
+    if not x > 0 or x == float("inf"):
+        raise _Bad
+    return x
+
+
+def _disk_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad
+    value = value.strip()
+    if "://" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
+            raise _Bad
+        value = urllib.parse.unquote(parts.path)
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise _Bad
+    return value
+
+
+def _remote_url(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad
+    value = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise _Bad from None
+    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
+        raise _Bad
+    if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
+        raise _Bad  # lm://HOST:PORT, nothing else
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise _Bad
+    return value
+
+
+def _serde(value: Any) -> str | None:
+    """naive, or null (YAML null or the string NULL/none, as production files write
+    it): None, which the tiers treat as naive."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in ("null", "none", ""):
+            return None
+        if name in REMOTE_SERDES:
+            return name
+    raise _Bad
+
+
+NO_NIXL = (
+    "this package has no NIXL transport. Share KV between prefill and decode instances through "
+    "a common tier instead: remote_url: lm://HOST:PORT (server: python -m lmcache.v1.server HOST PORT) "
+    "or redis://HOST:PORT, with kv_role kv_producer (prefill) and kv_consumer (decode); "
+    "see docs/examples/. Remove enable_nixl and the nixl_* keys"
+)
+
+
+def _nixl_off(value: Any) -> bool:
+    if _parse_bool(value):
+        raise _Bad
+    return False
+
+
+def _extra(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none", "null"):
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise _Bad from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise _Bad
+
+
+def _slot_buckets(value: Any) -> Any:
+    from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
+    return parse_slot_buckets(value)
