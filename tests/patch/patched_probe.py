@@ -68,27 +68,31 @@ class COpsTripwire:
 
 @contextlib.contextmanager
 def record_cuda_calls(calls: list[str]):
-    """Record calls of torch.cuda's device functions (is_available aside)."""
+    """Record uses of torch.cuda's device API (is_available aside). Classes are
+    replaced by recording subclasses, so that `torch.cuda.Stream | None` works."""
     import torch
 
     names = ["synchronize", "current_device", "set_device", "device_count", "Stream",
              "Event", "stream", "current_stream", "get_device_properties", "device"]  # fmt: skip
     saved = {n: getattr(torch.cuda, n) for n in names if hasattr(torch.cuda, n)}
 
-    def recorder(name, fn):
+    def recording(name, obj):
+        if isinstance(obj, type):
+            return type(name, (obj,), {"__new__": lambda cls, *a, **k: (calls.append(name), obj.__new__(cls))[1]})
+
         def wrapper(*args, **kwargs):
             calls.append(name)
-            return fn(*args, **kwargs)
+            return obj(*args, **kwargs)
 
         return wrapper
 
-    for name, fn in saved.items():
-        setattr(torch.cuda, name, recorder(name, fn))
+    for name, obj in saved.items():
+        setattr(torch.cuda, name, recording(name, obj))
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.cuda, name, fn)
+        for name, obj in saved.items():
+            setattr(torch.cuda, name, obj)
 
 
 def detection() -> dict:

@@ -11,7 +11,6 @@ one JSON object as the last line, one entry per section.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
@@ -20,7 +19,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patched_probe import OurPackage, ShapeRecorder, detection  # noqa: E402
+from patched_probe import OurPackage, ShapeRecorder, detection, record_cuda_calls  # noqa: E402
 from patched_probe import _transfer_worker  # noqa: E402
 from patched_probe import section as _section  # noqa: E402
 
@@ -39,37 +38,8 @@ class NoVllm:
         return None
 
 NUM_LAYERS, NUM_HEADS, HEAD_SIZE = 3, 2, 8
-CUDA_NAMES = ("synchronize", "current_device", "set_device", "device_count", "Stream", "Event", "stream",
-              "current_stream", "get_device_properties", "device")  # fmt: skip
 BLOCK_SIZE, NUM_BLOCKS, CHUNK_SIZE = 16, 160, 256
 _engines = 0
-
-
-@contextlib.contextmanager
-def record_cuda_calls(calls: list[str]):
-    """Record uses of torch.cuda's device API (is_available aside). Classes are
-    replaced by recording subclasses, so that `torch.cuda.Stream | None` works."""
-    import torch
-
-    saved = {n: getattr(torch.cuda, n) for n in CUDA_NAMES if hasattr(torch.cuda, n)}
-
-    def recording(name, obj):
-        if isinstance(obj, type):
-            return type(name, (obj,), {"__new__": lambda cls, *a, **k: (calls.append(name), obj.__new__(cls))[1]})
-
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return obj(*args, **kwargs)
-
-        return wrapper
-
-    for name, obj in saved.items():
-        setattr(torch.cuda, name, recording(name, obj))
-    try:
-        yield
-    finally:
-        for name, obj in saved.items():
-            setattr(torch.cuda, name, obj)
 
 
 def make_config(**overrides):

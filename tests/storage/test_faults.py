@@ -5,15 +5,13 @@ values in Redis; and a second process finds what the first stored."""
 import errno
 import logging
 import os
-import time
 
 import pytest
-import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend import chunk_file, serde
 from lmcache.v1.storage_backend.local_disk import file_name
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.storage.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
 
 CS, N = 16, 64  # 4 chunks per prompt
 
@@ -103,35 +101,7 @@ def test_full_disk_is_a_skipped_store(tmp_path, caplog, monkeypatch, where):
 @pytest.mark.redis
 def test_redis_killed_mid_run_then_back(redis_factory, caplog):
     server = redis_factory()
-    config = LMCacheEngineConfig.from_defaults(
-        chunk_size=CS, max_local_cpu_size=0.02, local_cpu=False, remote_url=server.url,
-        remote_retry_interval=0.3, remote_timeout=1.0,
-    )
-    engine, conn = make_engine(config, N)
-    store_prompt(engine, conn, 1, N)
-    assert engine.flush(10) and check_prompt(engine, conn, 1, N) == (N, True)
-
-    server.stop()
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="lmcache"):
-        for p in range(2, 6):  # the run goes on: stores and loads are misses
-            assert store_prompt(engine, conn, p, N) == N
-            assert engine.lookup(prompt_tokens(p, N)) == 0
-            assert check_prompt(engine, conn, 1, N)[0] == 0
-        assert engine.flush(10)
-    assert time.monotonic() - started < 5  # never stuck on the dead server
-    assert engine.stats.misses["tier_down"] > 0
-    assert caplog.text.count("unreachable") == 1, caplog.text
-
-    server.start()  # same port, empty (no persistence)
-    time.sleep(0.4)  # past the back-off
-    with caplog.at_level(logging.WARNING, logger="lmcache"):
-        store_prompt(engine, conn, 7, N)
-        assert engine.flush(10)
-    assert "reachable again" in caplog.text
-    assert engine.lookup(prompt_tokens(7, N)) == N
-    assert check_prompt(engine, conn, 7, N) == (N, True)
-    engine.close()
+    outage_then_recovery(server.url, server.stop, server.start, caplog, CS, N)
 
 
 @pytest.mark.redis

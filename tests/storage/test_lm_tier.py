@@ -5,7 +5,6 @@ do not describe a chunk, keys that do not fit upstream's shape, and config."""
 import logging
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from lmcache.v1.token_database import CacheEngineKey
 from tests.fixtures.redis import free_port
 from tests.storage.lm_peers import RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
 from tests.storage.test_tiers import CASES, IDS, MB, key, make_obj, same
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.storage.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
 
 CS, N = 16, 64
 
@@ -87,35 +86,7 @@ def test_engine_through_lm_tier_and_a_second_engine_finds_it(lm_server):
 
 def test_server_killed_mid_run_then_restarted(lm_factory, caplog):
     server = lm_factory("--max-size-gb", "0.1")
-    config = LMCacheEngineConfig.from_defaults(
-        chunk_size=CS, max_local_cpu_size=0.02, local_cpu=False, remote_url=server.url,
-        remote_retry_interval=0.3, remote_timeout=1.0,
-    )
-    engine, conn = make_engine(config, N)
-    store_prompt(engine, conn, 1, N)
-    assert engine.flush(10) and check_prompt(engine, conn, 1, N) == (N, True)
-
-    server.kill()
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="lmcache"):
-        for p in range(2, 6):  # the run goes on: stores and loads are misses
-            assert store_prompt(engine, conn, p, N) == N
-            assert engine.lookup(prompt_tokens(p, N)) == 0
-            assert check_prompt(engine, conn, 1, N)[0] == 0
-        assert engine.flush(10)
-    assert time.monotonic() - started < 5  # never stuck on the dead server
-    assert engine.stats.misses["tier_down"] > 0
-    assert caplog.text.count("unreachable") == 1, caplog.text
-
-    server.start()  # same port, empty (no persistence)
-    time.sleep(0.4)  # past the back-off
-    with caplog.at_level(logging.WARNING, logger="lmcache"):
-        store_prompt(engine, conn, 7, N)
-        assert engine.flush(10)
-    assert "reachable again" in caplog.text
-    assert engine.lookup(prompt_tokens(7, N)) == N
-    assert check_prompt(engine, conn, 7, N) == (N, True)
-    engine.close()
+    outage_then_recovery(server.url, server.kill, server.start, caplog, CS, N)
 
 
 def test_restart_between_requests_is_not_even_a_miss(lm_factory):

@@ -96,6 +96,45 @@ def check_remote(engine: LMCacheEngine, p: int, num_tokens: int) -> tuple[int, i
     return found, wrong
 
 
+def outage_then_recovery(url: str, stop, start, caplog, chunk_size: int, num_tokens: int) -> None:
+    """A remote server stopped mid-run and started again: while it is down every store
+    and load is a miss (never stuck, one log line); once back, new chunks are stored and
+    loaded bit-exact again."""
+    import logging
+    import time
+
+    config = LMCacheEngineConfig.from_defaults(
+        chunk_size=chunk_size, max_local_cpu_size=0.02, local_cpu=False, remote_url=url,
+        remote_retry_interval=0.3, remote_timeout=1.0,
+    )
+    n = num_tokens
+    engine, conn = make_engine(config, n)
+    store_prompt(engine, conn, 1, n)
+    assert engine.flush(10) and check_prompt(engine, conn, 1, n) == (n, True)
+
+    stop()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        for p in range(2, 6):  # the run goes on: stores and loads are misses
+            assert store_prompt(engine, conn, p, n) == n
+            assert engine.lookup(prompt_tokens(p, n)) == 0
+            assert check_prompt(engine, conn, 1, n)[0] == 0
+        assert engine.flush(10)
+    assert time.monotonic() - started < 5  # never stuck on the dead server
+    assert engine.stats.misses["tier_down"] > 0
+    assert caplog.text.count("unreachable") == 1, caplog.text
+
+    start()  # same port, empty (no persistence)
+    time.sleep(0.4)  # past the back-off
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        store_prompt(engine, conn, 7, n)
+        assert engine.flush(10)
+    assert "reachable again" in caplog.text
+    assert engine.lookup(prompt_tokens(7, n)) == n
+    assert check_prompt(engine, conn, 7, n) == (n, True)
+    engine.close()
+
+
 def child_main(argv: list[str]) -> None:
     """python -m tests.storage.workload '{"config": {...}, "mode": "store"|"rewrite"|"check",
     "prompts": [...], "tokens": N, "rounds": R}' -> prints one JSON line."""
