@@ -9,7 +9,8 @@ probe requests check outputs exactly (soak_load.py). Checked throughout and at t
 request failed, every output matched vLLM alone's, resident memory of the serving processes
 stayed within the host budget plus a fixed overhead, the disk tier never held more bytes
 than its budget, vLLM could empty its prefix cache at the end (no blocks held), a fresh
-prompt could still be stored and loaded at the end (no host memory left pinned), and after
+prompt could still be stored and loaded at the end, the worker then holds no pinned host
+chunks and no chunks for lookup leases (its stats say so), and after
 the restart (Redis emptied, host tier empty) the disk tier served hits.
 """
 
@@ -166,6 +167,7 @@ def run(args) -> dict:
         samples = sampler.stop()
         blocks_free = server.reset_prefix_cache()
         leak_probe = _fresh_prompt_round_trip(server, model, tally)
+        leak_probe.update(_pins_left(server))
         final = totals.now(server)
     finally:
         for s in (alone, server):
@@ -197,6 +199,17 @@ def _fresh_prompt_round_trip(server, model: str, tally) -> dict:
             "dropped": after["misses_dropped"] - before["misses_dropped"]}
 
 
+def _pins_left(server) -> dict:
+    """What the worker still holds once every request is done and every write flushed:
+    chunks held by lookup leases and host chunks pinned by readers (both must be 0)."""
+    server.flush(30)
+    stats = server.worker_stats() or {}
+    leases = stats.get("leases") or {}
+    pins = stats.get("host_pins") or {}
+    return {"lease_held_chunks": leases.get("held_chunks", -1), "leases_expired": leases.get("expired", -1),
+            "pinned_chunks": sum(pins.values()) if pins else -1}
+
+
 def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_free, leak_probe,
             disk_hits_after_restart, workdir, cleanup) -> dict:
     disk_budget = int(DISK_BUDGET_GB * 1024**3)
@@ -208,6 +221,7 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "disk_filled_to_budget": samples.peak_disk >= disk_budget - 2 * 512 * 1024,
         "no_blocks_held_at_end": bool(blocks_free),
         "host_memory_not_leaked": leak_probe["loaded_tokens"] >= 3 * CHUNK and leak_probe["dropped"] == 0,
+        "no_pins_or_leases_left": leak_probe["pinned_chunks"] == 0 and leak_probe["lease_held_chunks"] == 0,
         "disk_hits_after_restart": disk_hits_after_restart > 0,
         "host_tier_evicted": final["misses_evicted"] > 0,
         "faults_survived": len(faults) == 3,
@@ -225,8 +239,8 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
           f"host budget {HOST_BUDGET_GB * 1024:.0f} MiB + fixed {FIXED_OVERHEAD_BYTES >> 20} MiB); peak disk "
           f"{samples.peak_disk / 1e6:.2f} MB vs budget {disk_budget / 1e6:.2f} MB ({samples.samples} samples)")
     print("checks: " + ", ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in checks.items()))
-    print("not checked: MemoryObj reader pins and leases are not exposed by the worker stats "
-          "(the fresh-prompt round trip above is the proxy)")
+    print(f"left at the end: {leak_probe['pinned_chunks']} pinned host chunks, {leak_probe['lease_held_chunks']} "
+          f"chunks held by leases ({leak_probe['leases_expired']} leases expired unused in the last lifetime)")
     print(f"machine: {machine_name()}")
     if cleanup:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -237,5 +251,6 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "lmcache_loaded_tokens": final["loaded_tokens"], "misses_evicted": final["misses_evicted"],
         "misses_tier_down": final["misses_tier_down"], "disk_hit_tokens_after_restart": disk_hits_after_restart,
         "peak_rss_bytes": samples.peak_rss, "rss_limit_bytes": rss_limit, "peak_disk_bytes": samples.peak_disk,
-        "disk_budget_bytes": disk_budget, "checks": checks, "targets_met": all(checks.values()),
+        "disk_budget_bytes": disk_budget, "pinned_chunks_left": leak_probe["pinned_chunks"],
+        "lease_held_chunks_left": leak_probe["lease_held_chunks"], "checks": checks, "targets_met": all(checks.values()),
     }
