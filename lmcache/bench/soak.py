@@ -1,6 +1,8 @@
 """`python -m lmcache bench soak --minutes N`: the OpenAI server under load and faults.
 
-One vLLM server with LMCache (host memory, disk, Redis), on the small random Llama, is
+One vLLM server with LMCache (our connector class "lmcache": background saves,
+asynchronous loads from disk and Redis; host memory, disk, Redis tiers), on the small
+random Llama, is
 driven by concurrent clients for the whole run while: the host-memory tier evicts all the
 time (its budget holds a fraction of the prompts), the disk tier fills to its budget,
 redis-server is killed (SIGKILL: all it held is lost) and restarted twice, and the vLLM
@@ -63,14 +65,16 @@ def _servers(model: str, workdir: Path, redis_url: str):
     lmcache = {"chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": HOST_BUDGET_GB,
                "local_disk": str(workdir / "disk-tier"), "max_local_disk_size": DISK_BUDGET_GB,
                "remote_url": redis_url, "remote_retry_interval": 1.0}
+    # our connector class: background saves and asynchronous loads from disk and Redis, under the faults
     return (VllmServer(model, workdir, lmcache=None, name="soak-alone", **common),
-            VllmServer(model, workdir, lmcache=lmcache, name="soak-lmcache", **common))
+            VllmServer(model, workdir, lmcache=lmcache, name="soak-lmcache", connector="lmcache", **common))
 
 
 class Totals:
     """LMCache counters summed over the server's lifetimes (a restart starts them at zero)."""
 
-    KEYS = ("loaded_tokens", "stored_bytes", "misses_evicted", "misses_tier_down", "misses_dropped", "hit_tokens")
+    ADAPTER_KEYS = ("loaded_tokens", "load_failed_tokens", "async_loads")
+    KEYS = ADAPTER_KEYS + ("stored_bytes", "misses_evicted", "misses_tier_down", "misses_dropped", "hit_tokens")
 
     def __init__(self):
         self.done = dict.fromkeys(self.KEYS, 0)
@@ -80,7 +84,8 @@ class Totals:
         s = server.worker_stats()
         engine = dict(s["engine"])
         engine.update({f"misses_{cause}": n for cause, n in (engine.pop("misses", None) or {}).items()})
-        return {"loaded_tokens": s["adapter"]["loaded_tokens"], **{k: engine[k] for k in Totals.KEYS[1:]}}
+        adapter = {k: s["adapter"][k] for k in Totals.ADAPTER_KEYS}
+        return {**adapter, **{k: engine[k] for k in Totals.KEYS[len(Totals.ADAPTER_KEYS):]}}
 
     def close_lifetime(self, server) -> None:
         for k, v in self.read(server).items():
@@ -225,12 +230,14 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "disk_hits_after_restart": disk_hits_after_restart > 0,
         "host_tier_evicted": final["misses_evicted"] > 0,
         "faults_survived": len(faults) == 3,
+        "async_loads_ran": final["async_loads"] > 0,
     }
     for line in (tally.failed + tally.wrong)[:20]:
         print("  problem:", line)
     print(f"requests served {tally.requests} ({tally.probes} lone probes, {tally.probes_exact} compared exactly), "
           f"failed {len(tally.failed)}, outputs differing {len(tally.wrong)}")
-    print(f"LMCache: {final['loaded_tokens']} tokens loaded, {final['hit_tokens']} hit tokens at lookup, "
+    print(f"LMCache: {final['loaded_tokens']} tokens loaded ({final['async_loads']} asynchronous loads from disk/"
+          f"Redis; {final['load_failed_tokens']} tokens short, recomputed), {final['hit_tokens']} hit tokens at lookup, "
           f"{final['stored_bytes'] / 1e6:.0f} MB stored; misses: evicted {final['misses_evicted']}, "
           f"tier down {final['misses_tier_down']}, dropped {final['misses_dropped']}")
     print(f"faults survived: {len(faults)} ({'; '.join(faults)}); disk tier after restart served "
@@ -248,7 +255,8 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "bench": "soak", "machine": machine_name(), "minutes": args.minutes, "concurrency": args.concurrency,
         "requests": tally.requests, "failed": len(tally.failed), "outputs_differing": len(tally.wrong),
         "probes": tally.probes, "probes_exact": tally.probes_exact, "faults_survived": len(faults),
-        "lmcache_loaded_tokens": final["loaded_tokens"], "misses_evicted": final["misses_evicted"],
+        "lmcache_loaded_tokens": final["loaded_tokens"], "async_loads": final["async_loads"],
+        "load_failed_tokens": final["load_failed_tokens"], "misses_evicted": final["misses_evicted"],
         "misses_tier_down": final["misses_tier_down"], "disk_hit_tokens_after_restart": disk_hits_after_restart,
         "peak_rss_bytes": samples.peak_rss, "rss_limit_bytes": rss_limit, "peak_disk_bytes": samples.peak_disk,
         "disk_budget_bytes": disk_budget, "pinned_chunks_left": leak_probe["pinned_chunks"],

@@ -142,8 +142,10 @@ class VllmServer:
     """One OpenAI-compatible vLLM server; `lmcache` None runs vLLM alone (no connector)."""
 
     def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
-                 block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str):
+                 block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str,
+                 connector: str = CONNECTOR):
         self.model = model
+        self.connector = connector
         self.workdir = Path(workdir)
         self.lmcache = lmcache
         self.device_blocks = device_blocks
@@ -171,7 +173,7 @@ class VllmServer:
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
         if self.lmcache is not None:
             cmd += ["--kv-transfer-config", json.dumps({
-                "kv_connector": CONNECTOR, "kv_role": "kv_both", "engine_id": self.engine_id,
+                "kv_connector": self.connector, "kv_role": "kv_both", "engine_id": self.engine_id,
                 "kv_connector_extra_config": {f"lmcache.{k}": v for k, v in self.lmcache.items()},
                 "kv_load_failure_policy": "recompute"})]
         return cmd
