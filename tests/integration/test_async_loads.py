@@ -194,3 +194,23 @@ def test_needs_slow_tier_looks_only_at_the_part_vllm_loads():
     assert needs_slow_tier(runs, 0, 96) and needs_slow_tier(runs, 16, 32)
     assert not needs_slow_tier(runs, 32, 64)  # vLLM holds the disk part itself
     assert not needs_slow_tier(None, 0, 96) and not needs_slow_tier([["cpu", 96]], 0, 96)
+
+
+def _connector_config(device_type: str, policy: str = "fail", **extra):
+    return SimpleNamespace(device_config=SimpleNamespace(device_type=device_type),
+                           kv_transfer_config=SimpleNamespace(kv_load_failure_policy=policy))
+
+
+@pytest.mark.parametrize("device, extra, expected", [
+    ("cpu", {}, True), ("cuda", {}, True), ("cpu", {"async_load": False}, False),
+    ("hpu", {}, False), ("hpu", {"async_load": True}, False), ("cpu", {"use_layerwise": True}, False),
+])
+def test_async_loads_only_where_a_short_load_can_be_reported(device, extra, expected, caplog):
+    from lmcache.integration.vllm.lmcache_connector_v1 import _async_load
+
+    config = _connector_config(device)
+    assert _async_load(config, extra, KVConnectorRole.SCHEDULER) is expected
+    # async loads need vLLM to recompute what a load could not bring; "fail" is left alone otherwise
+    assert config.kv_transfer_config.kv_load_failure_policy == ("recompute" if expected else "fail")
+    if device == "hpu" and extra:
+        assert "not available on Gaudi" in caplog.text
