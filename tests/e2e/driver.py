@@ -50,6 +50,9 @@ def build_llm(spec: dict):
         enforce_eager=True,
         gpu_memory_utilization=0.2,
         seed=0,
+        # the workers in processes of their own, as vLLM's CPU backend runs them, also
+        # with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        distributed_executor_backend="mp",
     )
     args.update(spec.get("llm") or {})
     return LLM(kv_transfer_config=kv_transfer_config, **args)
@@ -66,13 +69,31 @@ def lmcache_stats(llm) -> list:
     return worker_stats(llm)
 
 
+def reset_prefix_cache(llm, with_lmcache: bool, timeout: float = 10.0) -> bool:
+    from lmcache.integration.vllm.worker_stats import reset_vllm_prefix_cache
+
+    from vllm.v1.engine.core_client import InprocClient
+
+    if not with_lmcache:
+        return llm.reset_prefix_cache()
+    # With the engine core in this process (harness.ENGINE_CORE_IN_PROCESS) nothing
+    # steps it between requests: the workers could not report the saves that finished,
+    # and vLLM would keep those requests' blocks. Its own process steps while such
+    # requests remain; this does the same.
+    in_process = isinstance(llm.llm_engine.engine_core, InprocClient)
+    deadline = time.monotonic() + timeout
+    while not reset_vllm_prefix_cache(llm, timeout=0.2):
+        if time.monotonic() > deadline:
+            return False
+        if in_process:
+            llm.llm_engine.step()
+    return True
+
+
 def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
     from vllm import SamplingParams
 
-    from lmcache.integration.vllm.worker_stats import reset_vllm_prefix_cache
-
-    reset_ok = (reset_vllm_prefix_cache(llm) if with_lmcache else llm.reset_prefix_cache()) \
-        if step.get("reset_prefix_cache", True) else None
+    reset_ok = reset_prefix_cache(llm, with_lmcache) if step.get("reset_prefix_cache", True) else None
     params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 4), logprobs=step.get("logprobs", 5),
                             extra_args=step.get("extra_args"))
     before = lmcache_stats(llm) if with_lmcache else None

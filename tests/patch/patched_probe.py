@@ -372,13 +372,18 @@ def run_emulated(ours: OurPackage) -> dict:
         section(results, "vllm_cached", lambda: keeps_vllm_cached(emu))
     finally:
         ours.stop(emu)
+    detection_after_lazy_migration(ours, results, section)
+    return results
+
+
+def detection_after_lazy_migration(ours: OurPackage, results: dict, section: Callable = section) -> None:
+    """Device detection again on an eager HPU without GPU migration, then with no HPU at all."""
     emu = ours.emulate(lazy=False, gpu_migration=False)
     try:
         section(results, "detection_plain_hpu", detection)
     finally:
         ours.stop(emu)
     section(results, "detection_after_emulation", detection)
-    return results
 
 
 def main() -> None:

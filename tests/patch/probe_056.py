@@ -19,7 +19,8 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patched_probe import OurPackage, ShapeRecorder, detection, record_cuda_calls  # noqa: E402
+from patched_probe import OurPackage, ShapeRecorder, detection, detection_after_lazy_migration  # noqa: E402
+from patched_probe import record_cuda_calls  # noqa: E402
 from patched_probe import _transfer_worker  # noqa: E402
 from patched_probe import section as _section  # noqa: E402
 
@@ -287,12 +288,7 @@ def run(ours: OurPackage, patched: bool) -> dict:
     finally:
         ours.stop(emu)
     if patched:
-        emu = ours.emulate(lazy=False, gpu_migration=False)
-        try:
-            section(results, "detection_plain_hpu", detection)
-        finally:
-            ours.stop(emu)
-        section(results, "detection_after_emulation", detection)
+        detection_after_lazy_migration(ours, results, section)
     return results
 
 

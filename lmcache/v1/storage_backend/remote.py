@@ -3,18 +3,18 @@
 Values are serde blobs (binary, never pickled). The server being down or slow
 is never a failed request: the operation is a miss, ONE warning is logged for
 the outage, and the tier is not asked again until `retry_interval` seconds have
-passed (so requests do not wait on a dead server). Timeouts come from config.
+passed (so requests do not wait on a dead server; outage.py, at a fixed interval
+here). Timeouts come from config.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import urllib.parse
 
 from lmcache.v1.memory import MemoryObj
 from lmcache.v1.storage_backend import serde
+from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
@@ -72,37 +72,15 @@ class RemoteBackend:
             health_check_interval=0,
         )
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
-        self._down_until = 0.0
-        self._down = False
-        self._lock = threading.Lock()
+        # a fixed interval: the first retry waits as long as every later one
+        self._outage = Outage(redacted(url), logger, self._stats, retry_interval, first_retry=retry_interval,
+                              tier=self.name)
         self._logged_errors: set[str] = set()
 
     # -- health ---------------------------------------------------------------
     @property
     def is_down(self) -> bool:
-        return self._down
-
-    def _usable(self) -> bool:
-        if self._down and time.monotonic() < self._down_until:
-            self._stats.miss("tier_down", tier=self.name)
-            return False
-        return True
-
-    def _failed(self, exc: Exception) -> None:
-        self._stats.miss("tier_down", tier=self.name)
-        with self._lock:
-            self._down_until = time.monotonic() + self.retry_interval
-            if self._down:
-                return
-            self._down = True
-        self._stats.chunk_event(self.name, False, None)  # what it held is out of reach
-        logger.warning(
-            "remote tier %s unreachable (%s: %s): treated as misses, retrying every %.1fs",
-            redacted(self.url),
-            type(exc).__name__,
-            exc,
-            self.retry_interval,
-        )
+        return self._outage.is_down
 
     def _server_error(self, op: str, exc: Exception) -> None:
         """An error reply (not an outage), e.g. maxmemory reached: logged once per kind."""
@@ -112,20 +90,13 @@ class RemoteBackend:
             logger.warning("remote tier %s: %s failed: %s (further such errors are not logged)",
                            redacted(self.url), op, exc)
 
-    def _worked(self) -> None:
-        if self._down:
-            with self._lock:
-                was_down, self._down = self._down, False
-            if was_down:
-                logger.warning("remote tier %s reachable again", redacted(self.url))
-
     # -- the tier -------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
         return self.prefix_count([key]) == 1
 
     def prefix_count(self, keys: list[CacheEngineKey]) -> int:
         """How many of `keys`, from the first, the server holds (one round trip)."""
-        if not keys or not self._usable():
+        if not keys or not self._outage.usable():
             return 0
         try:
             pipe = self._client.pipeline(transaction=False)
@@ -133,12 +104,12 @@ class RemoteBackend:
                 pipe.exists(key.to_string())
             found = pipe.execute()
         except self._errors as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             return 0
         except self._redis.RedisError as exc:
             self._server_error("EXISTS", exc)
             return 0
-        self._worked()
+        self._outage.worked()
         n = 0
         for hit in found:
             if not hit:
@@ -147,18 +118,18 @@ class RemoteBackend:
         return n
 
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
-        if not self._usable():
+        if not self._outage.usable():
             return None
         name = key.to_string()
         try:
             blob = self._client.get(name)
         except self._errors as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             return None
         except self._redis.RedisError as exc:
             self._server_error("GET", exc)
             return None
-        self._worked()
+        self._outage.worked()
         if blob is None:
             self._stats.miss("absent")
             return None
@@ -185,20 +156,20 @@ class RemoteBackend:
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """SET the chunk's blob; False (counted as dropped) if the server is down or
         refuses it. `checksum`: shared with the other tiers written in the same store."""
-        if not self._usable():
+        if not self._outage.usable():
             self._stats.miss("dropped", tier=self.name)
             return False
         try:
             self._set_blob(key.to_string(), obj, checksum)
         except self._errors as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             self._stats.miss("dropped", tier=self.name)
             return False
         except self._redis.RedisError as exc:  # e.g. the server's maxmemory is reached
             self._server_error("SET", exc)
             self._stats.miss("dropped", tier=self.name)
             return False
-        self._worked()
+        self._outage.worked()
         self._stats.chunk_event(self.name, True, key)
         return True
 
