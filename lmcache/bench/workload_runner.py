@@ -21,6 +21,7 @@ from lmcache.bench.workload_scenarios import Chats, Sizes, TokenSource, long_doc
 from lmcache.bench.workload_services import VllmServer
 
 WARM_PARALLEL = 2  # servers warmed at once (2 cores, one compute thread each)
+FLOOR_ROUNDS = 3
 
 
 @dataclass
@@ -36,10 +37,12 @@ class Phase:
     vllm_prefix_hit_tokens: float = 0.0
     vllm_prefix_query_tokens: float = 0.0
     warmup_errors: list[str] = field(default_factory=list)
+    # TTFT of short fresh prompts (question-sized, nothing to load): the serving path's floor
+    floor: list[Completion] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
-        return self.warmup_errors + [c.error for c in self.completions if c.error]
+        return self.warmup_errors + [c.error for c in (*self.completions, *self.floor) if c.error]
 
 
 class Counters:
@@ -118,7 +121,18 @@ def run_long_doc_qa(servers: Servers, sizes: Sizes, source: TokenSource) -> dict
             _timed_round(servers[name], sizes, [r.prompt for r in batch], phases[name])
     for name, c in counters.items():
         c.into(phases[name])
+    _measure_floor(servers, sizes, source, phases)
     return phases
+
+
+def _measure_floor(servers: Servers, sizes: Sizes, source: TokenSource, phases: dict[str, Phase]) -> None:
+    """Rounds of C short fresh prompts, alternated like the measured rounds: what a request
+    costs with (almost) nothing to compute or load."""
+    names = list(servers)
+    for k in range(FLOOR_ROUNDS):
+        prompts = [source.tokens(sizes.question_tokens, "floor", k, i) for i in range(sizes.concurrency)]
+        for name in rotated(names, k):
+            phases[name].floor += _send(servers[name], sizes, prompts)
 
 
 def run_multi_round(servers: Servers, sizes: Sizes, source: TokenSource) -> dict[str, Phase]:

@@ -30,24 +30,27 @@ class Sizes:
     doc_tokens: int = 1536
     questions: int = 2
     question_tokens: int = 32
-    users: int = 6
-    rounds: int = 3
+    users: int = 10
+    rounds: int = 2
     context_tokens: int = 1024
     turn_tokens: int = 64
-    max_tokens: int = 4
+    max_tokens: int = 2
     concurrency: int = 2
     stall_prefix_tokens: int = 3072
     stall_streams: int = 2
     stall_stream_prompt_tokens: int = 64
-    stall_stream_tokens: int = 40
+    stall_stream_tokens: int = 32
     stall_reps: int = 2
 
     def scaled(self, scale: float) -> "Sizes":
         return replace(self, docs=max(1, round(self.docs * scale)), users=max(1, round(self.users * scale)))
 
+    def chat_tokens(self) -> int:
+        """A user's last prompt: the context, every turn, every answer but the last."""
+        return self.context_tokens + self.rounds * self.turn_tokens + (self.rounds - 1) * self.max_tokens
+
     def longest_prompt(self) -> int:
-        chat = self.context_tokens + self.rounds * self.turn_tokens + (self.rounds - 1) * self.max_tokens
-        return max(self.doc_tokens + self.question_tokens, chat)
+        return max(self.doc_tokens + self.question_tokens, self.chat_tokens())
 
     def stall_tokens(self) -> int:
         """Device tokens the stall scenario has in use at once (the loader and the streams)."""
@@ -56,7 +59,7 @@ class Sizes:
 
     def working_set_tokens(self) -> int:
         """Tokens of distinct context the measured requests come back to (the larger scenario)."""
-        return max(self.docs * self.doc_tokens, self.users * self.longest_prompt())
+        return max(self.docs * self.doc_tokens, self.users * self.chat_tokens())
 
 
 STALL_SUFFIX_TOKENS = 16  # the loading request's own tokens after its long prefix
@@ -64,7 +67,7 @@ STALL_LOADER_TOKENS = 2  # tokens it generates
 
 DEFAULT = Sizes()
 SMOKE = Sizes(docs=4, doc_tokens=512, questions=2, question_tokens=16, users=5, rounds=2,
-              context_tokens=384, turn_tokens=64, max_tokens=4, concurrency=2, stall_prefix_tokens=1024,
+              context_tokens=384, turn_tokens=64, max_tokens=2, concurrency=2, stall_prefix_tokens=1024,
               stall_streams=1, stall_stream_prompt_tokens=32, stall_stream_tokens=24, stall_reps=1)
 
 
