@@ -1,6 +1,8 @@
 """`python -m lmcache bench soak --minutes N`: the OpenAI server under load and faults.
 
-One vLLM server with LMCache (host memory, disk, Redis), on the small random Llama, is
+One vLLM server with LMCache (our connector class "lmcache": background saves,
+asynchronous loads from disk and Redis; host memory, disk, Redis tiers), on the small
+random Llama, is
 driven by concurrent clients for the whole run while: the host-memory tier evicts all the
 time (its budget holds a fraction of the prompts), the disk tier fills to its budget,
 redis-server is killed (SIGKILL: all it held is lost) and restarted twice, and the vLLM
@@ -9,7 +11,8 @@ probe requests check outputs exactly (soak_load.py). Checked throughout and at t
 request failed, every output matched vLLM alone's, resident memory of the serving processes
 stayed within the host budget plus a fixed overhead, the disk tier never held more bytes
 than its budget, vLLM could empty its prefix cache at the end (no blocks held), a fresh
-prompt could still be stored and loaded at the end (no host memory left pinned), and after
+prompt could still be stored and loaded at the end, the worker then holds no pinned host
+chunks and no chunks for lookup leases (its stats say so), and after
 the restart (Redis emptied, host tier empty) the disk tier served hits.
 """
 
@@ -62,14 +65,16 @@ def _servers(model: str, workdir: Path, redis_url: str):
     lmcache = {"chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": HOST_BUDGET_GB,
                "local_disk": str(workdir / "disk-tier"), "max_local_disk_size": DISK_BUDGET_GB,
                "remote_url": redis_url, "remote_retry_interval": 1.0}
+    # our connector class: background saves and asynchronous loads from disk and Redis, under the faults
     return (VllmServer(model, workdir, lmcache=None, name="soak-alone", **common),
-            VllmServer(model, workdir, lmcache=lmcache, name="soak-lmcache", **common))
+            VllmServer(model, workdir, lmcache=lmcache, name="soak-lmcache", connector="lmcache", **common))
 
 
 class Totals:
     """LMCache counters summed over the server's lifetimes (a restart starts them at zero)."""
 
-    KEYS = ("loaded_tokens", "stored_bytes", "misses_evicted", "misses_tier_down", "misses_dropped", "hit_tokens")
+    ADAPTER_KEYS = ("loaded_tokens", "load_failed_tokens", "async_loads")
+    KEYS = ADAPTER_KEYS + ("stored_bytes", "misses_evicted", "misses_tier_down", "misses_dropped", "hit_tokens")
 
     def __init__(self):
         self.done = dict.fromkeys(self.KEYS, 0)
@@ -79,7 +84,8 @@ class Totals:
         s = server.worker_stats()
         engine = dict(s["engine"])
         engine.update({f"misses_{cause}": n for cause, n in (engine.pop("misses", None) or {}).items()})
-        return {"loaded_tokens": s["adapter"]["loaded_tokens"], **{k: engine[k] for k in Totals.KEYS[1:]}}
+        adapter = {k: s["adapter"][k] for k in Totals.ADAPTER_KEYS}
+        return {**adapter, **{k: engine[k] for k in Totals.KEYS[len(Totals.ADAPTER_KEYS):]}}
 
     def close_lifetime(self, server) -> None:
         for k, v in self.read(server).items():
@@ -166,6 +172,7 @@ def run(args) -> dict:
         samples = sampler.stop()
         blocks_free = server.reset_prefix_cache()
         leak_probe = _fresh_prompt_round_trip(server, model, tally)
+        leak_probe.update(_pins_left(server))
         final = totals.now(server)
     finally:
         for s in (alone, server):
@@ -197,6 +204,17 @@ def _fresh_prompt_round_trip(server, model: str, tally) -> dict:
             "dropped": after["misses_dropped"] - before["misses_dropped"]}
 
 
+def _pins_left(server) -> dict:
+    """What the worker still holds once every request is done and every write flushed:
+    chunks held by lookup leases and host chunks pinned by readers (both must be 0)."""
+    server.flush(30)
+    stats = server.worker_stats() or {}
+    leases = stats.get("leases") or {}
+    pins = stats.get("host_pins") or {}
+    return {"lease_held_chunks": leases.get("held_chunks", -1), "leases_expired": leases.get("expired", -1),
+            "pinned_chunks": sum(pins.values()) if pins else -1}
+
+
 def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_free, leak_probe,
             disk_hits_after_restart, workdir, cleanup) -> dict:
     disk_budget = int(DISK_BUDGET_GB * 1024**3)
@@ -208,15 +226,18 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "disk_filled_to_budget": samples.peak_disk >= disk_budget - 2 * 512 * 1024,
         "no_blocks_held_at_end": bool(blocks_free),
         "host_memory_not_leaked": leak_probe["loaded_tokens"] >= 3 * CHUNK and leak_probe["dropped"] == 0,
+        "no_pins_or_leases_left": leak_probe["pinned_chunks"] == 0 and leak_probe["lease_held_chunks"] == 0,
         "disk_hits_after_restart": disk_hits_after_restart > 0,
         "host_tier_evicted": final["misses_evicted"] > 0,
         "faults_survived": len(faults) == 3,
+        "async_loads_ran": final["async_loads"] > 0,
     }
     for line in (tally.failed + tally.wrong)[:20]:
         print("  problem:", line)
     print(f"requests served {tally.requests} ({tally.probes} lone probes, {tally.probes_exact} compared exactly), "
           f"failed {len(tally.failed)}, outputs differing {len(tally.wrong)}")
-    print(f"LMCache: {final['loaded_tokens']} tokens loaded, {final['hit_tokens']} hit tokens at lookup, "
+    print(f"LMCache: {final['loaded_tokens']} tokens loaded ({final['async_loads']} asynchronous loads from disk/"
+          f"Redis; {final['load_failed_tokens']} tokens short, recomputed), {final['hit_tokens']} hit tokens at lookup, "
           f"{final['stored_bytes'] / 1e6:.0f} MB stored; misses: evicted {final['misses_evicted']}, "
           f"tier down {final['misses_tier_down']}, dropped {final['misses_dropped']}")
     print(f"faults survived: {len(faults)} ({'; '.join(faults)}); disk tier after restart served "
@@ -225,8 +246,8 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
           f"host budget {HOST_BUDGET_GB * 1024:.0f} MiB + fixed {FIXED_OVERHEAD_BYTES >> 20} MiB); peak disk "
           f"{samples.peak_disk / 1e6:.2f} MB vs budget {disk_budget / 1e6:.2f} MB ({samples.samples} samples)")
     print("checks: " + ", ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in checks.items()))
-    print("not checked: MemoryObj reader pins and leases are not exposed by the worker stats "
-          "(the fresh-prompt round trip above is the proxy)")
+    print(f"left at the end: {leak_probe['pinned_chunks']} pinned host chunks, {leak_probe['lease_held_chunks']} "
+          f"chunks held by leases ({leak_probe['leases_expired']} leases expired unused in the last lifetime)")
     print(f"machine: {machine_name()}")
     if cleanup:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -234,8 +255,10 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "bench": "soak", "machine": machine_name(), "minutes": args.minutes, "concurrency": args.concurrency,
         "requests": tally.requests, "failed": len(tally.failed), "outputs_differing": len(tally.wrong),
         "probes": tally.probes, "probes_exact": tally.probes_exact, "faults_survived": len(faults),
-        "lmcache_loaded_tokens": final["loaded_tokens"], "misses_evicted": final["misses_evicted"],
+        "lmcache_loaded_tokens": final["loaded_tokens"], "async_loads": final["async_loads"],
+        "load_failed_tokens": final["load_failed_tokens"], "misses_evicted": final["misses_evicted"],
         "misses_tier_down": final["misses_tier_down"], "disk_hit_tokens_after_restart": disk_hits_after_restart,
         "peak_rss_bytes": samples.peak_rss, "rss_limit_bytes": rss_limit, "peak_disk_bytes": samples.peak_disk,
-        "disk_budget_bytes": disk_budget, "checks": checks, "targets_met": all(checks.values()),
+        "disk_budget_bytes": disk_budget, "pinned_chunks_left": leak_probe["pinned_chunks"],
+        "lease_held_chunks_left": leak_probe["lease_held_chunks"], "checks": checks, "targets_met": all(checks.values()),
     }

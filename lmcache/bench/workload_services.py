@@ -146,10 +146,11 @@ class VllmServer:
 
     def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
                  block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str,
-                 connector_extra: dict | None = None):
-        """`connector_extra` None: vLLM's built-in LMCacheConnectorV1 name; a dict: our
-        LMCacheConnectorV1Dynamic class with these plain kv_connector_extra_config keys."""
+                 connector: str = CONNECTOR, connector_extra: dict | None = None):
+        """`connector`: the kv_connector name vLLM is given; `connector_extra` a dict: our
+        LMCacheConnectorV1Dynamic class by module path, with these plain kv_connector_extra_config keys."""
         self.model = model
+        self.connector = connector
         self.connector_extra = connector_extra
         self.workdir = Path(workdir)
         self.lmcache = lmcache
@@ -179,7 +180,7 @@ class VllmServer:
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
         if self.lmcache is not None:
             extra = {f"lmcache.{k}": v for k, v in self.lmcache.items()}
-            named = {"kv_connector": CONNECTOR}
+            named = {"kv_connector": self.connector}
             if self.connector_extra is not None:
                 named, extra = dict(DYNAMIC_CONNECTOR), {**extra, **self.connector_extra}
             cmd += ["--kv-transfer-config", json.dumps({

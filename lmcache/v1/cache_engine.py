@@ -1,5 +1,5 @@
-"""LMCacheEngine: lookup / store / retrieve of KV chunks, and the builder that
-keeps one engine per name.
+"""LMCacheEngine: lookup / store / retrieve of KV chunks (the builder that keeps one
+engine per name is engine_builder.py, re-exported here).
 
 The engine knows tokens, keys and tiers; it does not know device layouts. Moving
 KV between the paged cache and host memory objects is the GPU connector's job
@@ -10,7 +10,6 @@ ONE batched connector call per step, for all chunks of all requests.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
@@ -107,10 +106,12 @@ class LMCacheEngine:
         return self.gpu_connector
 
     # -- lookup -------------------------------------------------------------
-    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0) -> int:
+    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False) -> int:
         """How many tokens, from the first, the cache holds (chunk granularity).
         With `lease_id`: what could be held for that lease (lmcache.v1.leases);
-        chunks ending by the chunk-aligned `hold_from` (the caller's own) are only checked."""
+        chunks ending by the chunk-aligned `hold_from` (the caller's own) are only checked.
+        With `prefetch` too: chunks not in host memory are read in the background (the
+        retrieve naming the lease waits for them) instead of before answering."""
         chunks = self.token_db.chunks(tokens)
         keys = [c.key for c in chunks]
         found = self.storage.lookup_prefix(keys)
@@ -118,7 +119,8 @@ class LMCacheEngine:
             aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
             unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
             usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
-            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable)
+            resident = self.storage.in_host_memory if prefetch else None
+            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable, resident)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit
@@ -243,6 +245,7 @@ class LMCacheEngine:
         loaded = [0] * len(specs)
         slot_parts = []
         offset = 0
+        self.leases.wait_all(spec.lease_id for spec in specs)  # prefetching lookups' chunks
         try:
             for index, spec in enumerate(specs):
                 num_tokens, skip = self._check_spec(spec)
@@ -353,42 +356,6 @@ class LMCacheEngine:
         self.storage.close(timeout)
 
 
-class LMCacheEngineBuilder:
-    """One engine per name in the process (vLLM uses ENGINE_NAME)."""
-
-    _engines: dict[str, LMCacheEngine] = {}
-    _lock = threading.Lock()
-
-    @classmethod
-    def get_or_create(
-        cls,
-        instance_id: str,
-        config: LMCacheEngineConfig,
-        metadata: LMCacheEngineMetadata,
-        gpu_connector=None,
-    ) -> LMCacheEngine:
-        with cls._lock:
-            engine = cls._engines.get(instance_id)
-            if engine is None:
-                engine = LMCacheEngine(config, metadata, gpu_connector)
-                cls._engines[instance_id] = engine
-            elif gpu_connector is not None and engine.gpu_connector is None:
-                engine.set_gpu_connector(gpu_connector)
-            return engine
-
-    @classmethod
-    def get(cls, instance_id: str) -> LMCacheEngine | None:
-        with cls._lock:
-            return cls._engines.get(instance_id)
-
-    @classmethod
-    def destroy(cls, instance_id: str) -> None:
-        with cls._lock:
-            engine = cls._engines.pop(instance_id, None)
-        if engine is not None:
-            engine.close()
-
-
 def _drive_layers(steps: Generator | None, num_layers: int) -> Generator:
     """Yield once per layer, advancing the connector's layerwise generator (if any)
     by one layer each time, then run its final step (the synchronize)."""
@@ -398,3 +365,7 @@ def _drive_layers(steps: Generator | None, num_layers: int) -> Generator:
         yield None
     if steps is not None:
         next(steps, None)
+
+
+# The builder lives in its own module; this is the name vLLM's examples import.
+from lmcache.v1.engine_builder import LMCacheEngineBuilder  # noqa: E402,F401

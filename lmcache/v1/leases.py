@@ -11,11 +11,19 @@ prefix it could hold, so a tier fault or a full budget shortens the answer, neve
 load. The retrieve takes the chunks from here; the lease ends when the retrieve has
 planned its copies, when the scheduler says the request went away, or after `ttl`
 seconds (a lost request must not pin memory forever).
+
+A prefetching lookup (`acquire(..., resident=...)`, used where vLLM loads asynchronously)
+holds only what is already in host memory at once and hands the rest to one background
+thread that reads it from the disk or remote tier; the lookup answers at once with what
+the tiers hold, and the load waits for the prefetch (`wait`). A chunk the prefetch cannot
+read ends the lease's prefix there: the load comes up short and reports it (vLLM then
+recomputes those tokens), which is why only runners that read load errors prefetch.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +39,8 @@ logger = logging.getLogger(__name__)
 class _Lease:
     deadline: float
     keys: list[CacheEngineKey] = field(default_factory=list)
+    # set once every key the lease will ever hold is held (at once unless it prefetches)
+    settled: threading.Event = field(default_factory=threading.Event)
 
 
 class LeaseTable:
@@ -53,6 +63,9 @@ class LeaseTable:
         self._held: dict[CacheEngineKey, list] = {}  # key -> [obj, number of leases holding it]
         self._lock = threading.RLock()
         self.expired = 0  # leases dropped by their ttl (requests the scheduler lost)
+        self.prefetched = 0  # chunks the prefetch thread brought into host memory
+        self.prefetch_stopped = 0  # prefetches that ended early (a chunk could not be read)
+        self._prefetch_queue: queue.SimpleQueue | None = None
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -62,19 +75,26 @@ class LeaseTable:
         return len(self._held)
 
     def acquire(self, lease_id: str, keys: list[CacheEngineKey],
-                usable: Callable[[int, MemoryObj], bool] | None = None) -> int:
+                usable: Callable[[int, MemoryObj], bool] | None = None,
+                resident: Callable[[CacheEngineKey], bool] | None = None) -> int:
         """Hold `keys` from the first for `lease_id`; returns how many are held (a
         prefix). `usable(i, obj)` may refuse the object read for keys[i] (e.g. a
         wrong shape): the prefix ends there. A lease id asked again is renewed:
-        the new prefix replaces the old."""
+        the new prefix replaces the old. With `resident` (prefetch): keys from the
+        first one `resident` says is not in host memory are read by the prefetch
+        thread, and the answer counts them all (see the module doc)."""
         with self._lock:
             self._sweep()
             lease = _Lease(self._clock() + self.ttl)
+            later = len(keys)
             for index, key in enumerate(keys):
                 entry = self._held.get(key)
                 if entry is not None:
                     entry[1] += 1
                 else:
+                    if resident is not None and not resident(key):
+                        later = index
+                        break
                     obj = self._get(key)
                     if obj is None:
                         break
@@ -87,7 +107,74 @@ class LeaseTable:
             self._leases[lease_id] = lease
             if old is not None:
                 self._drop(old)
-            return len(lease.keys)
+            if later >= len(keys) or resident is None:
+                lease.settled.set()
+                return len(lease.keys)
+            self._prefetch(lease_id, lease, keys, later, usable)
+            return len(keys)
+
+    def wait(self, lease_id: str, timeout: float | None = None) -> bool:
+        """Wait until the lease's prefetch is done (True at once for other leases and
+        unknown ids); False on timeout."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+        return True if lease is None else lease.settled.wait(timeout)
+
+    def wait_all(self, lease_ids) -> None:
+        """Wait for the prefetches of these leases (None entries are skipped), at most ttl each."""
+        for lease_id in lease_ids:
+            if lease_id is not None and not self.wait(lease_id, self.ttl):
+                logger.warning("LMCache: the prefetch for lease %s took over %.0f s; loading what arrived",
+                               lease_id, self.ttl)
+
+    # -- the prefetch thread ----------------------------------------------------------
+    def _prefetch(self, lease_id: str, lease: _Lease, keys: list, start: int, usable) -> None:
+        if self._prefetch_queue is None:
+            self._prefetch_queue = queue.SimpleQueue()
+            threading.Thread(target=self._prefetch_loop, args=(self._prefetch_queue,),
+                             name="lmcache-prefetch", daemon=True).start()
+        self._prefetch_queue.put((lease_id, lease, keys, start, usable))
+
+    def _prefetch_loop(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            lease_id, lease, keys, start, usable = jobs.get()
+            try:
+                self._fetch_into(lease_id, lease, keys, start, usable)
+            except Exception:  # noqa: BLE001 - a tier fault shortens the lease, never kills the thread
+                logger.warning("LMCache: prefetch for %s failed; its load comes up short", lease_id, exc_info=True)
+                self.prefetch_stopped += 1
+            finally:
+                lease.settled.set()
+
+    def _fetch_into(self, lease_id: str, lease: _Lease, keys: list, start: int, usable) -> None:
+        for index in range(start, len(keys)):
+            key = keys[index]
+            with self._lock:
+                if self._leases.get(lease_id) is not lease:
+                    return  # released, renewed or expired meanwhile
+                entry = self._held.get(key)
+                if entry is not None:
+                    entry[1] += 1
+                    lease.keys.append(key)
+                    continue
+            obj = self._get(key)  # the slow read, outside the lock
+            if obj is None or (usable is not None and not usable(index, obj)):
+                if obj is not None:
+                    self._release(obj)
+                self.prefetch_stopped += 1
+                return
+            with self._lock:
+                if self._leases.get(lease_id) is not lease:
+                    self._release(obj)
+                    return
+                entry = self._held.get(key)
+                if entry is not None:  # another lease read it meanwhile
+                    entry[1] += 1
+                    self._release(obj)
+                else:
+                    self._held[key] = [obj, 1]
+                lease.keys.append(key)
+                self.prefetched += 1
 
     def take(self, key: CacheEngineKey) -> MemoryObj | None:
         """A leased chunk with one more reader reference (give it back to the

@@ -15,6 +15,7 @@ Steps:
   {"op": "flush"}                                wait for queued disk/remote writes
   {"op": "stats"}                                LMCache counters of every rank
   {"op": "kill", "pid": P}                       SIGKILL a process (a Redis server)
+  {"op": "remove_files", "dir": D}               delete every file in D (a disk tier's chunks)
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def main(spec_path: str, out_path: str) -> int:
         elif op == "kill":
             os.kill(int(step["pid"]), signal.SIGKILL)
             results["steps"][name] = {"killed": step["pid"]}
+        elif op == "remove_files":
+            names = sorted(os.listdir(step["dir"]))
+            for file_name in names:
+                os.unlink(os.path.join(step["dir"], file_name))
+            results["steps"][name] = {"removed": len(names)}
         else:
             raise ValueError(f"unknown step op {op!r}")
         print(f"driver: {name} done", file=sys.stderr, flush=True)

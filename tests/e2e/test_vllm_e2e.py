@@ -7,6 +7,7 @@ Engines (one process each, several scenarios per engine, 7 starts in all):
              corrupted loads (must be caught), a prompt larger than the CPU tier
   writer     kv_connector="lmcache" (our class, async saving), CPU + disk + Redis
   disk_reader / redis_reader   fresh processes that hit what `writer` stored;
+             the disk reader's hits load asynchronously (and one comes up short),
              the Redis reader loses its server mid-run
   layerwise  use_layerwise: per-layer loads and saves from the attention hooks
   tp2        tensor_parallel_size=2
@@ -19,6 +20,8 @@ computation on the identical KV.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
@@ -186,8 +189,17 @@ def writer(tiny_llama, prompts, workdir, redis, disk_dir):
 # The readers' first request is a hit: a freshly started server serving from a shared tier.
 @pytest.fixture(scope="module")
 def disk_reader(tiny_llama, prompts, workdir, writer, disk_dir):
-    return run_engine(engine_spec(tiny_llama, "lmcache", {"local_disk": disk_dir, "max_local_disk_size": 1.0}, [
+    """Our connector on a copy of the writer's disk tier: its disk hits load asynchronously
+    (vLLM parks the request while the chunks are read). Then the chunk files vanish
+    under it: the tier still lists them, so the next hit is a load that comes up short."""
+    copy = workdir / "disk-tier-copy"
+    shutil.copytree(disk_dir, copy)
+    return run_engine(engine_spec(tiny_llama, "lmcache", {"local_disk": str(copy), "max_local_disk_size": 1.0}, [
         gen("p3", prompts["p3"]),
+        {"op": "stats", "name": "stats"},
+        {"op": "remove_files", "name": "files_gone", "dir": str(copy)},
+        gen("warmup_files_gone", prompts["warmup"]),
+        {"op": "stats", "name": "stats_after"},
     ]), workdir, "disk_reader")["steps"]
 
 
@@ -214,11 +226,23 @@ def test_short_name_lmcache_with_async_saving(baseline, writer):
     assert stats["adapter"]["held_requests_released"] == 2  # warmup and p3_cold saved
 
 
-def test_second_process_hits_the_disk_tier(writer, disk_reader):
+def test_second_process_hits_the_disk_tier_with_an_async_load(writer, disk_reader):
     step = disk_reader["p3"]
     assert loaded(step) == 768
     # the KV the writer computed, read back from disk by another process
     assert_identical_outputs(writer["p3_vllm_hit"], step)
+    (stats,) = disk_reader["stats"]
+    assert stats["async_load"] is True and stats["adapter"]["async_loads"] == 1
+    assert stats["leases"]["prefetched"] == 3  # the lookup started reading p3's 3 chunks
+
+
+def test_an_async_load_whose_chunks_vanished_is_recomputed(baseline, disk_reader):
+    assert disk_reader["files_gone"]["removed"] > 0
+    step = disk_reader["warmup_files_gone"]
+    assert step["loaded_tokens"] == [0] and step["load_failed_tokens"] == [256]  # offered, then short
+    assert_same_outputs(baseline["warmup"], step)  # vLLM recomputed it: nothing wrong was served
+    (stats,) = disk_reader["stats_after"]
+    assert stats["adapter"]["async_loads"] == 2 and stats["leases"]["prefetch_stopped"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,7 @@ def test_scheduler_holds_blocks_only_for_async_saves():
         from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
 
         impl._leases = SchedulerLeases()
+        impl.async_load, impl._async_requests = False, set()
         saved, unsaved = make_request("s", list(range(64))), make_request("u", list(range(10)))
         for req in (saved, unsaved):
             impl.get_num_new_matched_tokens(req, 0)

@@ -27,7 +27,8 @@ class RecordingClient:
         self.calls.append((len(tokens), lease_id, hold_from))
         return self.hit
 
-    def lookup_with_sources(self, tokens, lease_id=None, hold_from=0):
+    def lookup_with_sources(self, tokens, lease_id=None, hold_from=0, prefetch=False):
+        assert not prefetch  # vLLM's wrapper (these tests' connector) never loads asynchronously
         return self.lookup(tokens, lease_id, hold_from), None
 
     def close(self):

@@ -7,12 +7,21 @@ or by module path,
      "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1", ...}
 
 It drives the same `LMCacheConnectorV1Impl` as vLLM's built-in `LMCacheConnectorV1`,
-with what that wrapper cannot offer: asynchronous saving (on by default; turn it off
-with kv_connector_extra_config {"async_save": false}). A step then only hands its
-stores to a background thread; a finished request keeps its blocks
-(`request_finished` returns True) until every worker reports its saves done through
-`get_finished`, and a preempted request's pending saves are awaited before its blocks
-are reused (`handle_preemptions`).
+with what that wrapper cannot offer:
+- asynchronous saving (on by default; turn it off with kv_connector_extra_config
+  {"async_save": false}). A step then only hands its stores to a background thread; a
+  finished request keeps its blocks (`request_finished` returns True) until every
+  worker reports its saves done through `get_finished`, and a preempted request's
+  pending saves are awaited before its blocks are reused (`handle_preemptions`).
+- asynchronous loads from the slower tiers (on by default; {"async_load": false} turns
+  it off). A hit that is all in host memory loads inside the step (a memcpy); one that
+  needs the disk or remote tier is answered as asynchronous: the lookup starts reading
+  those chunks into host memory in the background, vLLM parks the request
+  (WAITING_FOR_REMOTE_KVS) while the others run, the worker copies the KV into its
+  blocks off the step and reports it through `get_finished`; a load that came up
+  short reports its blocks as load errors (vLLM recomputes them), which is why this
+  sets kv_load_failure_policy to "recompute". Never on Gaudi: vllm-gaudi's runner
+  never reads load errors (docs/gaudi.md).
 
 It also speaks vLLM's metrics and events protocols (connector_stats.py,
 prom_metrics.py, kv_events.py): LMCache's figures appear on vLLM's /metrics and in its
@@ -34,7 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from lmcache.integration.vllm.utils import ASYNC_SAVE_KEY, truthy
+from lmcache.integration.vllm.utils import ASYNC_LOAD_KEY, ASYNC_SAVE_KEY, truthy
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
 
 logger = logging.getLogger(__name__)
@@ -51,6 +60,29 @@ def _async_save(vllm_config, extra: dict) -> bool:
             logger.warning("LMCache: async_save is not available on Gaudi (HPU); saving inside the step")
         return False
     return wanted
+
+
+def _async_load(vllm_config, extra: dict, role) -> bool:
+    """Asynchronous loads unless turned off, layerwise (loads follow the forward layer
+    by layer) or on Gaudi (its runner never reads load errors, so a short async load
+    could not be reported). Sets the load-failure policy they need."""
+    wanted = truthy(extra.get(ASYNC_LOAD_KEY, True))
+    if not wanted:
+        return False
+    device_config = getattr(vllm_config, "device_config", None)
+    layerwise = truthy(extra.get("use_layerwise", False)) or truthy(extra.get("lmcache.use_layerwise", False))
+    if getattr(device_config, "device_type", None) == "hpu" or layerwise:
+        if ASYNC_LOAD_KEY in extra:
+            logger.warning("LMCache: async_load is not available %s; loading inside the step",
+                           "with use_layerwise" if layerwise else "on Gaudi (HPU)")
+        return False
+    transfer = vllm_config.kv_transfer_config
+    # The scheduler reads the policy after building its connector.
+    if role == KVConnectorRole.SCHEDULER and getattr(transfer, "kv_load_failure_policy", "recompute") == "fail":
+        transfer.kv_load_failure_policy = "recompute"
+        logger.info("LMCache: kv_load_failure_policy set to 'recompute' for async loads (a chunk that cannot "
+                    "be read is recomputed, never a failed request; {\"async_load\": false} keeps 'fail')")
+    return True
 
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
@@ -78,7 +110,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self, async_save=_async_save(vllm_config, extra))
+        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self, async_save=_async_save(vllm_config, extra),
+                                            async_load=_async_load(vllm_config, extra, role))
         self._blocks_held: set[str] = set()  # scheduler: finished requests awaiting saves
 
     @property
@@ -123,10 +156,11 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     # -- scheduler side --------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._impl.get_num_new_matched_tokens(request, num_computed_tokens), False
+        matched = self._impl.get_num_new_matched_tokens(request, num_computed_tokens)
+        return matched, bool(matched) and self._impl.load_is_async(request.request_id)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        self._impl.update_state_after_alloc(request, num_external_tokens)
+        self._impl.update_state_after_alloc(request, num_external_tokens, blocks)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return self._impl.build_connector_meta(scheduler_output)

@@ -13,6 +13,8 @@ names the operation.
       tokens], and the worker holds what it counted for that lease (lmcache.v1.leases)
       until the load that names it, a release in a later step's metadata, or the lease's
       ttl; chunks that end at or before hold_from (vLLM holds them) are only checked
+  [b"lookup", token ids, lease id, int64 hold_from, b"prefetch"] -> the same, but chunks
+      not in host memory are read in the background (lmcache.v1.leases: the load waits)
   [b"lookup", ...] replies may carry a second frame, JSON [[tier, tokens], ...]: which
       tier holds the hit, in order; only where the worker has more than one tier
   [b"stats"]                                 -> [JSON object]
@@ -134,7 +136,7 @@ class LookupServer:
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         op = frames[0] if frames else b""
         try:
-            if op == b"lookup" and len(frames) in (2, 3, 4):
+            if op == b"lookup" and len(frames) in (2, 3, 4, 5):
                 tokens = decode_tokens(frames[1])
                 if len(frames) == 2:
                     answer = self._lookup(tokens)
@@ -144,7 +146,10 @@ class LookupServer:
                     hold_from = decode_tokens(frames[3])
                     if hold_from.shape != (1,):
                         raise ValueError("hold_from must be one int64")
-                    answer = self._lookup(tokens, decode_lease_id(frames[2]), int(hold_from[0]))
+                    if len(frames) == 5 and frames[4] != b"prefetch":
+                        raise ValueError(f"the fifth lookup frame must be b'prefetch', got {frames[4][:32]!r}")
+                    args = (tokens, decode_lease_id(frames[2]), int(hold_from[0]))
+                    answer = self._lookup(*args, True) if len(frames) == 5 else self._lookup(*args)
                 runs = None
                 if isinstance(answer, tuple):
                     answer, runs = answer
@@ -229,25 +234,29 @@ class LookupClient:
             self._warned.add(address)
             logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
 
-    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0) -> int:
-        return self.lookup_with_sources(tokens, lease_id, hold_from)[0]
+    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
+               prefetch: bool = False) -> int:
+        return self.lookup_with_sources(tokens, lease_id, hold_from, prefetch)[0]
 
     def lookup_with_sources(
-        self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0
+        self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False
     ) -> tuple[int, list | None]:
         """The prefix every rank holds, and [[tier, tokens], ...] in prefix order as the
         rank with the shortest hit reported it (None: that rank has a single tier, the
         CPU tier). With `lease_id`, each rank holds what it counted until the load naming
         that lease (or its release): send the release even when the hit is 0, since some
         ranks may hold a lease. Chunks ending at or before `hold_from` (vLLM's own prefix
-        hit) are checked but not held."""
+        hit) are checked but not held. `prefetch` (with a lease): chunks outside host
+        memory are read in the background rather than before the answer."""
         if not tokens:
             return 0, None
         frames = [b"lookup", encode_tokens(tokens)]
         if lease_id is not None:
             frames.append(lease_id.encode("utf-8"))
-            if hold_from > 0:
+            if hold_from > 0 or prefetch:
                 frames.append(encode_tokens([int(hold_from)]))
+            if prefetch:
+                frames.append(b"prefetch")
         hit, runs = len(tokens), None
         with self._lock:
             replies = self._ask_all(self.addresses, frames)

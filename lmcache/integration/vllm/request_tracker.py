@@ -72,6 +72,9 @@ class ReqMeta:
     load_from: int = 0
     load_to: int = 0
     lease_id: str | None = None  # the lookup lease the load uses (set by scheduler_side)
+    # vLLM parked the request for this load (WAITING_FOR_REMOTE_KVS): the worker runs it
+    # off the step and reports it through get_finished
+    async_load: bool = False
 
 
 @dataclass
@@ -150,6 +153,7 @@ class SchedulerPlanner:
         self._lookup = lookup
         self._trackers: dict[str, RequestTracker] = {}
         self._lookups: dict[str, _LookupResult] = {}
+        self._async_loads: list[str] = []  # parked requests whose load the next build plans
         self._warned_reasons: set[str] = set()
 
     # -- admission ------------------------------------------------------------
@@ -175,7 +179,9 @@ class SchedulerPlanner:
         self._lookups[request.request_id] = _LookupResult(hit, num_computed_tokens, num_external)
         return num_external
 
-    def after_alloc(self, request, num_external_tokens: int) -> None:
+    def after_alloc(self, request, num_external_tokens: int, async_block_ids: Sequence[int] | None = None) -> None:
+        """`async_block_ids`: vLLM parked the request to load asynchronously; these are its
+        blocks (it is not in the next scheduler output's batch)."""
         req_id = request.request_id
         tracker = self._trackers.get(req_id)
         if tracker is None:
@@ -203,6 +209,9 @@ class SchedulerPlanner:
         if num_external_tokens > 0:
             end = min(looked.vllm_cached + num_external_tokens, looked.lmcache_hit)
             tracker.pending_load = _PendingLoad(looked.lmcache_hit, looked.vllm_cached, end)
+            if async_block_ids is not None:
+                tracker.block_ids = list(async_block_ids)
+                self._async_loads.append(req_id)
 
     # -- each step --------------------------------------------------------------
     def build(self, scheduler_output) -> list[ReqMeta]:
@@ -211,6 +220,16 @@ class SchedulerPlanner:
             self._trackers.pop(req_id, None)
             self._lookups.pop(req_id, None)
         spec_tokens = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+        parked, self._async_loads = self._async_loads, []
+        for req_id in parked:
+            tracker = self._trackers.get(req_id)
+            pending = tracker.pending_load if tracker is not None else None
+            if pending is None or pending.end <= pending.start:
+                continue
+            tracker.pending_load = None
+            meta = ReqMeta(req_id, load=self._load_plan(tracker, tracker.token_ids(), pending),
+                           load_from=pending.start, load_to=pending.end, async_load=True)
+            metas.append(meta)
 
         for new in scheduler_output.scheduled_new_reqs:
             tracker = self._trackers.get(new.req_id)

@@ -66,9 +66,10 @@ class SchedulerMetrics:
         self.last_runs: list | None = None
 
     # -- lookups ----------------------------------------------------------------------
-    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0) -> int:
+    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
+               prefetch: bool = False) -> int:
         start = time.perf_counter()
-        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from)
+        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch)
         self._pending.observe("lookup_seconds", [time.perf_counter() - start])
         self._pending.inc("lookup_requests", 1)
         self._pending.inc("lookup_tokens", len(tokens))

@@ -28,6 +28,17 @@ from lmcache.integration.vllm.utils import (
 logger = logging.getLogger(__name__)
 
 
+def needs_slow_tier(runs: list | None, start: int, count: int) -> bool:
+    """Whether tokens [start, start + count) of a hit lie partly outside host memory,
+    by the lookup's tier runs ([[tier, tokens], ...]; None: the CPU tier only)."""
+    pos, end = 0, start + count
+    for tier, n in runs or ():
+        if tier != "cpu" and pos < end and pos + int(n) > start:
+            return True
+        pos += int(n)
+    return False
+
+
 class SchedulerSide:
     """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in the scheduler process."""
 
@@ -44,6 +55,7 @@ class SchedulerSide:
         )
         role = kv_role_of(vllm_config)
         self._leases = SchedulerLeases()
+        self._async_requests: set[str] = set()  # looked up, and their hit needs a slow tier
         self._lookup_lease: str | None = None  # the lease id of the lookup in progress
         self._lookup_hold_from = 0  # ... and vLLM's own prefix hit (not held by the workers)
         from lmcache.integration.vllm.prom_metrics import StandaloneProm, is_our_connector
@@ -79,7 +91,7 @@ class SchedulerSide:
         )
 
     def _leased_lookup(self, tokens) -> int:
-        return self._metrics.lookup(tokens, self._lookup_lease, self._lookup_hold_from)
+        return self._metrics.lookup(tokens, self._lookup_lease, self._lookup_hold_from, self.async_load)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
         # The workers hold what they answer until this request's load (or its release).
@@ -92,12 +104,26 @@ class SchedulerSide:
             matched = self._planner.num_new_matched_tokens(request, num_computed_tokens)
         finally:
             self._lookup_lease = None
+        self._async_requests.discard(request.request_id)
         if matched and metrics is not None:
             metrics.remember_sources(request.request_id, num_computed_tokens)
+            if self.async_load and needs_slow_tier(metrics.last_runs, num_computed_tokens, matched):
+                self._async_requests.add(request.request_id)
         return matched
 
-    def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
-        self._planner.after_alloc(request, num_external_tokens)
+    def load_is_async(self, req_id: str) -> bool:
+        """Whether the last lookup of `req_id` is loaded asynchronously (a part of the hit
+        is outside host memory: the workers are reading it in the background)."""
+        return req_id in self._async_requests
+
+    def update_state_after_alloc(self, request, num_external_tokens: int, blocks=None) -> None:
+        is_async = request.request_id in self._async_requests
+        self._async_requests.discard(request.request_id)
+        if is_async and num_external_tokens > 0 and blocks is not None:
+            # vLLM parks the request; its load is planned now, off the scheduled batch.
+            self._planner.after_alloc(request, num_external_tokens, async_block_ids=blocks.get_block_ids()[0])
+        else:
+            self._planner.after_alloc(request, num_external_tokens)
         if num_external_tokens <= 0:
             self._leases.release(request.request_id)
         if self._events is not None:
@@ -145,6 +171,7 @@ class SchedulerSide:
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._leases.release(request.request_id)
+        self._async_requests.discard(request.request_id)
         if self._metrics is not None:
             self._metrics.note_activity()
             self._metrics.forget(request.request_id)

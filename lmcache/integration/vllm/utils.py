@@ -24,6 +24,7 @@ SKIP_SAVE_PARAM = "lmcache.skip_save"
 
 # Plain (unprefixed) kv_connector_extra_config keys this integration reads itself.
 ASYNC_SAVE_KEY = "async_save"
+ASYNC_LOAD_KEY = "async_load"
 LOOKUP_TIMEOUT_KEY = "lookup_timeout_ms"
 DEFAULT_LOOKUP_TIMEOUT_MS = 5000
 # vllm-gaudi's examples: do not save a prompt's last partial chunk (combined with

@@ -13,9 +13,10 @@ scheduler process (role SCHEDULER) and once in every worker (role WORKER), and c
 The two halves read top to bottom in their own modules: scheduler_side.py (planning,
 lookups over the workers' sockets) and worker_side.py (the engine, one batched
 retrieve and one batched store per step; worker_saves.py, worker_layerwise.py).
-Saves run synchronously unless `async_save=True` (our own connector class turns that
-on: stores then run on a background thread, and finished requests keep their blocks
-until their saves are done).
+Saves run synchronously unless `async_save=True`, loads unless `async_load=True` (our
+own connector class turns both on: stores then run on a background thread, and
+finished requests keep their blocks until their saves are done; loads that need the
+disk or remote tier run off the step, see lmcache_connector_v1.py and worker_loads.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1Impl"]
 
 
 class LMCacheConnectorV1Impl(SchedulerSide, WorkerSide):
-    def __init__(self, vllm_config, role, parent=None, *, async_save: bool = False):
+    def __init__(self, vllm_config, role, parent=None, *, async_save: bool = False, async_load: bool = False):
         ensure_log_handler()
         self._vllm_config = vllm_config
         self._parent = parent
@@ -48,6 +49,7 @@ class LMCacheConnectorV1Impl(SchedulerSide, WorkerSide):
         self.use_layerwise = bool(self.config.use_layerwise or truthy(extra.get("use_layerwise", False)))
         # Layerwise saves happen inside the forward (save_kv_layer), never in the background.
         self.async_save = bool(async_save) and not self.use_layerwise
+        self.async_load = bool(async_load) and not self.use_layerwise
         self._engine_id = engine_id_of(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(vllm_config, extra)

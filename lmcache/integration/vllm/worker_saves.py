@@ -58,8 +58,7 @@ class WorkerSaves:
         specs = transfer_specs(r.save for r in saves)
         start = time.perf_counter()
         try:
-            with self._engine_lock:
-                stored = self.engine.batched_store(specs)
+            stored = self.engine.batched_store(specs)
         except Exception:  # noqa: BLE001 - a failed save loses cache, never a request
             logger.exception("LMCache: batched store of %d request(s) failed", len(saves))
             self.counters.save_failures += 1
@@ -76,9 +75,10 @@ class WorkerSaves:
             for future in self._saves_in_flight.pop(req_id, []):
                 future.result()
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+    def _finished_saves(self, finished_req_ids: set[str]) -> set[str] | None:
+        """Finished requests whose saves are all done (their blocks may be freed)."""
         if self._save_pool is None:
-            return None, None
+            return None
         self._awaiting_report.update(i for i in finished_req_ids if i in self._requests_with_saves)
         done = set()
         for req_id in list(self._awaiting_report):
@@ -93,7 +93,7 @@ class WorkerSaves:
             self._saves_in_flight[req_id] = [f for f in self._saves_in_flight[req_id] if not f.done()]
             if not self._saves_in_flight[req_id]:
                 del self._saves_in_flight[req_id]
-        return (done or None), None
+        return done or None
 
     def _stop_save_pool(self) -> None:
         if self._save_pool is not None:

@@ -2,7 +2,10 @@
 
 Each worker owns an LMCacheEngine over its own KV shard and answers the scheduler's
 lookups on a local socket (lookup_channel). A step moves everything with one batched
-retrieve (`start_load_kv`) and one batched store (`wait_for_save`, worker_saves.py).
+retrieve (`start_load_kv`; loads vLLM parked run off the step, worker_loads.py) and
+one batched store (`wait_for_save`, worker_saves.py). The engine is safe to use from
+several threads (its tiers and leases lock themselves), so lookups, loads and
+background saves do not wait for each other (re-registration waits for them first).
 A lookup holds what it counted for the request's load (lmcache.v1.leases), so a load
 is short only on a fault: on CUDA/CPU the positions vLLM was promised but did not get
 become load errors (vLLM recomputes them); on Gaudi, whose runner never reads load
@@ -16,13 +19,12 @@ import atexit
 import logging
 import os
 import threading
-import time
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import torch
 
-from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata, transfer_specs
+from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.gaudi_checks import refuse_online_defragmenter
 from lmcache.integration.vllm.kv_events import kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupServer, socket_address
@@ -35,6 +37,7 @@ from lmcache.integration.vllm.utils import (
     truthy,
 )
 from lmcache.integration.vllm.worker_layerwise import WorkerLayerwise
+from lmcache.integration.vllm.worker_loads import WorkerLoads
 from lmcache.integration.vllm.worker_metrics import WorkerMetrics, clip_runs, hit_runs
 from lmcache.integration.vllm.worker_saves import WorkerSaves
 
@@ -64,12 +67,13 @@ class WorkerCounters:
         self.saved_tokens = 0
         self.save_failures = 0
         self.held_requests_released = 0  # async saving: finished requests whose blocks we held
+        self.async_loads = 0  # loads run off the step (vLLM parked their requests)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
 
 
-class WorkerSide(WorkerSaves, WorkerLayerwise):
+class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
     """Mixin of LMCacheConnectorV1Impl: everything vLLM calls in a worker process."""
 
     def _init_worker(self, vllm_config) -> None:
@@ -89,6 +93,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         self._corrupt_loads = False
         self._init_layerwise()
         self._init_saves()
+        self._init_loads()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         from lmcache.platforms import current_platform
@@ -109,8 +114,9 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         reregistering = self.engine is not None
         if reregistering:
             # Sleep / wake-up: vLLM hands over new tensors and frees the old ones, which
-            # queued async saves would still read.
+            # queued async saves and loads would still touch.
             self._wait_saves()
+            self._wait_loads()
         backend = attention_backend_name(self._vllm_config, layer_names)
         with self._engine_lock:
             self.gpu_connector = create_gpu_connector(
@@ -179,29 +185,35 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> int:
-        return self._lookup_with_sources(tokens, lease_id, hold_from)[0]
+    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False) -> int:
+        return self._lookup_with_sources(tokens, lease_id, hold_from, prefetch)[0]
 
-    def _lookup_with_sources(self, tokens, lease_id: str | None = None, hold_from: int = 0) -> tuple[int, list | None]:
+    def _lookup_with_sources(self, tokens, lease_id: str | None = None, hold_from: int = 0,
+                             prefetch: bool = False) -> tuple[int, list | None]:
         """The hit, and which tier holds which part of it (worker_metrics.hit_runs)."""
-        if self.engine is None:
+        engine = self.engine
+        if engine is None:
             return 0, None
-        with self._engine_lock:
-            # A lease reads disk/remote chunks into host memory: say where they were found.
-            found_in = hit_runs(self.engine, tokens, len(tokens)) if lease_id is not None else None
-            hit = int(self.engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from))
-            if not hit:
-                return 0, None
-            return hit, (clip_runs(found_in, hit) if lease_id is not None else hit_runs(self.engine, tokens, hit))
+        # A lease reads disk/remote chunks into host memory: say where they were found.
+        found_in = hit_runs(engine, tokens, len(tokens)) if lease_id is not None else None
+        hit = int(engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from, prefetch=prefetch))
+        if not hit:
+            return 0, None
+        return hit, (clip_runs(found_in, hit) if lease_id is not None else hit_runs(engine, tokens, hit))
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
-               "async_save": self._save_pool is not None, "adapter": self.counters.to_dict(),
+               "async_save": self._save_pool is not None, "async_load": self.async_load,
+               "adapter": self.counters.to_dict(),
                "host_format": getattr(self.gpu_connector, "host_format_tag", "") or "portable",
                "host_tier_gb": self.config.max_local_cpu_size if self.config.local_cpu else 0.0}
         leases = getattr(self.engine, "leases", None)
         if leases is not None:
-            out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired}
+            out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired,
+                             "prefetched": leases.prefetched, "prefetch_stopped": leases.prefetch_stopped}
+        storage = getattr(self.engine, "storage", None)
+        if storage is not None and hasattr(storage, "pins"):
+            out["host_pins"] = storage.pins()
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):
@@ -263,21 +275,12 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         if self.use_layerwise:
             self._start_layerwise_loads(loads)
             return
-        specs = transfer_specs(r.load for r in loads)
-        for spec, r in zip(specs, loads):
-            spec.lease_id = r.lease_id
-        start = time.perf_counter()
-        try:
-            with self._engine_lock:
-                loaded = list(self.engine.batched_retrieve(specs))
-        except Exception:  # noqa: BLE001 - a cache fault is a miss, never a failed step
-            logger.exception("LMCache: batched retrieve failed; %d request(s) will recompute", len(loads))
-            loaded = [0] * len(loads)
-        seconds = time.perf_counter() - start
-        self.worker_metrics.timing("load_seconds", seconds)
-        logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms", loaded, len(loads), seconds * 1000)
-        # the engine counts tokens loaded from skip_tokens on
-        self._account_loads(loads, [r.load.skip_tokens + n for r, n in zip(loads, loaded)])
+        parked = [r for r in loads if r.async_load]
+        if parked:
+            self._start_async_loads(parked)
+        now = [r for r in loads if not r.async_load]
+        if now:
+            self._account_loads(now, self._retrieve(now))
 
     def _account_loads(self, loads: list[ReqMeta], loaded_ends: list[int]) -> None:
         """`loaded_ends[i]`: the end of the prefix of request i now valid in the paged
@@ -333,6 +336,11 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
         connector.batched_to_gpu([obj], [0], [n], slot_mapping=slots)
         logger.warning("LMCache TEST HOOK: corrupted %d loaded tokens of %s", n, r.req_id)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose saves are done, requests whose asynchronous load is done)."""
+        received = self._finished_loads() if self._loads_in_flight else set()
+        return self._finished_saves(finished_req_ids), (received or None)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
@@ -345,6 +353,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise):
             self._lookup_server.close()
             self._lookup_server = None
         self._stop_save_pool()
+        self._stop_load_pool()
         if self.engine is not None:
             try:
                 self.engine.flush(10.0)

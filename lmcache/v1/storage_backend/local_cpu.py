@@ -40,6 +40,11 @@ class LocalCPUBackend:
     def contains(self, key: CacheEngineKey) -> bool:
         return key in self._objs
 
+    def pinned_count(self) -> int:
+        """Objects a reader holds right now (a load, a lease, a queued disk/remote write)."""
+        with self._lock:
+            return sum(1 for obj in self._objs.values() if obj.in_use)
+
     def prefix_count(self, keys) -> int:
         """How many of `keys`, from the first, the tier holds (no side effects)."""
         held = self._objs

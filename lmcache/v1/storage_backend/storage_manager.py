@@ -89,6 +89,16 @@ class StorageManager:
             return True
         return self.disk is not None and self.disk.contains(key)
 
+    def pins(self) -> dict[str, int]:
+        """Host chunks held by readers now: in the CPU tier, and outside any tier (read from
+        disk/remote with no room to promote them). Both are 0 when nothing is in flight."""
+        with self._lock:
+            transient = len(self._transient)
+        return {"cpu_tier": self.cpu.pinned_count() if self.cpu is not None else 0, "transient": transient}
+
+    def in_host_memory(self, key: CacheEngineKey) -> bool:
+        return self.cpu is not None and self.cpu.contains(key)
+
     def lookup_prefix(self, keys: list[CacheEngineKey]) -> int:
         """How many of `keys`, from the first, some tier holds. No side effects on
         what is cached (a scheduler may ask again and again)."""
