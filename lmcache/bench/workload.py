@@ -1,13 +1,17 @@
 """`python -m lmcache bench workload`: real vLLM serving workloads, with and without LMCache.
 
-Each configuration (vLLM alone, LMCache host memory, disk, Redis, lm:// where it exists;
-see workload_tiers.py) gets one OpenAI-compatible vLLM server, started once and driven
-through both scenarios (workload_scenarios.py) by concurrent streaming HTTP clients. vLLM's
-own KV cache is trimmed (`--num-gpu-blocks-override`) to a third of the working set, so its
-prefix cache must evict and a request that comes back to a context finds it only if
-LMCache brings it back. Printed per scenario and configuration: TTFT p50/p90, end-to-end
-latency, output tokens/s, LMCache hit rate (tokens loaded / prompt tokens) and bytes moved,
-vLLM's own prefix-cache hit rate; the last line is JSON with `*_vs_vllm_alone` ratios.
+Each configuration (vLLM alone, LMCache host memory, disk (sync and async loads), Redis,
+lm://; see workload_tiers.py) gets one OpenAI-compatible vLLM server; all are started at
+once and kept up for the whole run, and the measured requests alternate between them
+(workload_runner.py), so the ratios are side by side in time. vLLM's own KV cache is
+trimmed (`--num-gpu-blocks-override`) to hold C+1 of the longest requests, less than the
+working set, so its prefix cache must evict and a request that comes back to a context
+finds it only if LMCache brings it back. Scenarios: workload_scenarios.py and
+workload_stall.py. Printed per scenario and configuration: TTFT p50/p90, end-to-end
+latency, output tokens/s, LMCache hit rate (tokens loaded / prompt tokens) and bytes
+moved, vLLM's own prefix-cache hit rate; for `stall`, decode tokens/s of running streams
+during a long disk load vs before it. The last line is JSON with `*_vs_vllm_alone` ratios
+and `stall_*_async_vs_sync`.
 
 Targets (default sizes): host-memory tier TTFT p50 >= 5x lower than vLLM alone and output
 throughput >= 2x; disk and Redis tiers TTFT p50 >= 3x lower.
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from lmcache.bench.common import machine_name
 from lmcache.bench.workload_scenarios import DEFAULT, SCENARIOS, SMOKE, TokenSource
-from lmcache.bench.workload_tiers import TIER_NAMES, TIERS, TierContext, select_tiers
+from lmcache.bench.workload_tiers import STALL_TIERS, TIER_NAMES, TIERS, TierContext, select_tiers
 
 BLOCK_TOKENS = 128  # vLLM CPU's default block size
 
@@ -46,10 +50,10 @@ def _progress(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _tiers(arg: str) -> list:
+def _tiers(arg: str, with_stall: bool) -> list:
     if arg == "all":
         return [t for t in TIERS if t.unavailable() is None]
-    tiers = select_tiers(arg)
+    tiers = select_tiers(arg, with_stall)
     for t in tiers:
         if t.unavailable():
             raise SystemExit(f"--tiers {t.name}: {t.unavailable()}")
@@ -89,62 +93,124 @@ def _service(stack: ExitStack, kind: str | None, workdir: Path):
     return server.url
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown cpu"
+
+
+def _machine() -> str:
+    import os
+
+    return f"{machine_name()}, {os.cpu_count()} x {_cpu_model()}"
+
+
+def _load() -> str:
+    import os
+
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _device_sizes(sizes) -> tuple[int, int]:
+    """(vLLM KV blocks, max model length): C+1 of the longest requests, and the stall
+    scenario's loader with its streams; vLLM keeps one block back (its null block)."""
+    from lmcache.bench.workload_scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS
+
+    request = sizes.longest_prompt() + sizes.max_tokens
+    loader = sizes.stall_prefix_tokens + STALL_SUFFIX_TOKENS + STALL_LOADER_TOKENS
+    max_model_len = -(-max(request, loader) // BLOCK_TOKENS) * BLOCK_TOKENS
+    tokens = max((sizes.concurrency + 1) * request, sizes.stall_tokens(), max_model_len)
+    return -(-tokens // BLOCK_TOKENS) + 1, max_model_len
+
+
+def _start_servers(stack: ExitStack, tiers, model: str, workdir: Path, sizes, host_gb: float) -> dict:
+    from lmcache.bench.workload_services import VllmServer
+
+    device_blocks, max_model_len = _device_sizes(sizes)
+    servers = {}
+    for tier in tiers:
+        ctx = TierContext(workdir, host_gb=host_gb, disk_gb=host_gb, service_url=_service(stack, tier.service, workdir))
+        lmcache = tier.settings(ctx)
+        servers[tier.name] = VllmServer(model, workdir, lmcache=lmcache, device_blocks=device_blocks,
+                                        block_size=BLOCK_TOKENS, max_model_len=max_model_len,
+                                        max_num_batched_tokens=max_model_len, name=tier.name,
+                                        connector_extra=tier.connector_extra if lmcache is not None else None)
+    _progress(f"starting {len(servers)} vLLM servers side by side: {', '.join(servers)} (load {_load()}) ...")
+    for server in servers.values():
+        stack.callback(server.stop)
+        server.launch()
+    for server in servers.values():
+        server.wait_ready()
+        _progress(f"[{server.name}] ready after {server.start_seconds:.0f} s, RSS {server.rss_bytes() / 2**20:.0f} MiB")
+    return servers
+
+
 def run(args) -> dict:
     if args.scale <= 0 or (args.concurrency is not None and args.concurrency < 1):
         raise SystemExit("--scale must be > 0 and --concurrency >= 1")
     from dataclasses import asdict, replace
 
-    from lmcache.bench.workload_report import figures, print_results, ratios, targets_met
-    from lmcache.bench.workload_runner import RUNNERS, warm_engine
-    from lmcache.bench.workload_services import VllmServer
+    from lmcache.bench.workload_report import figures, print_results, print_stall, ratios, targets_met
+    from lmcache.bench.workload_runner import RUNNERS, each_server, warm_engine
+    from lmcache.bench.workload_stall import run_stall, stall_ratios
 
-    tiers, scenarios = _tiers(args.tiers), _scenarios(args.scenarios)
+    began = time.perf_counter()
+    scenarios = _scenarios(args.scenarios)
+    tiers = _tiers(args.tiers, "stall" in scenarios)
     sizes = (SMOKE if args.smoke else DEFAULT).scaled(args.scale)
     if args.concurrency:
         sizes = replace(sizes, concurrency=args.concurrency)
     model, model_name = _model(args)
     source = TokenSource(model)
-    max_model_len = -(-(sizes.longest_prompt() + sizes.max_tokens) // BLOCK_TOKENS) * BLOCK_TOKENS
-    # a third of the working set, never less than one longest request; vLLM keeps one block back (its null block)
-    device_blocks = max(max_model_len, sizes.working_set_tokens() // 3) // BLOCK_TOKENS + 1
-    host_gb = 2.0 * args.scale
-    _progress(f"machine: {machine_name()}; model: {model_name}; sizes: {sizes}")
+    device_blocks, max_model_len = _device_sizes(sizes)
+    host_gb = 1.0 * args.scale
+    _progress(f"machine: {_machine()}; load average {_load()}; model: {model_name}; sizes: {sizes}")
     _progress(f"vLLM KV cache: {device_blocks} blocks of {BLOCK_TOKENS} = {device_blocks * BLOCK_TOKENS} tokens "
-              f"(working set {sizes.working_set_tokens()} tokens)")
-    results: dict[str, dict[str, dict]] = {s: {} for s in scenarios}
-    starts = {}
+              f"(working set {sizes.working_set_tokens()} tokens; max model length {max_model_len})")
+    results: dict[str, dict[str, dict]] = {s: {} for s in scenarios if s in RUNNERS}
+    stall: dict[str, dict] = {}
+    loads = [_load()]
     with ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmcache-workload-"))
         if not args.workdir:
             stack.callback(shutil.rmtree, workdir, True)
-        for tier in tiers:
-            ctx = TierContext(workdir, host_gb=host_gb, disk_gb=host_gb, service_url=_service(stack, tier.service, workdir))
-            server = VllmServer(model, workdir, lmcache=tier.settings(ctx), device_blocks=device_blocks,
-                                block_size=BLOCK_TOKENS, max_model_len=max_model_len,
-                                max_num_batched_tokens=max_model_len, name=tier.name)
-            _progress(f"[{tier.name}] starting vLLM: {tier.label} ...")
-            server.start()
-            try:
-                starts[tier.name] = round(server.start_seconds, 1)
-                warm_engine(server, source)
-                for scenario in scenarios:
-                    began = time.perf_counter()
-                    fig = figures(RUNNERS[scenario](server, sizes, source))
-                    results[scenario][tier.name] = fig
-                    _progress(f"[{tier.name}] {scenario}: TTFT p50 {fig['ttft_p50_s'] * 1000:.0f} ms, "
-                              f"{fig['output_tokens_per_s']:.1f} tok/s, LMCache hit {fig['lmcache_hit_rate']:.0%}, "
-                              f"{fig['failed']} failed ({time.perf_counter() - began:.0f} s)")
-                    server.reset_prefix_cache()
-            finally:
-                server.stop()
+        servers = _start_servers(stack, tiers, model, workdir, sizes, host_gb)
+        starts = {n: round(s.start_seconds, 1) for n, s in servers.items()}
+        each_server(servers, lambda n, s: warm_engine(s, source))
+        for scenario in results:
+            t0 = time.perf_counter()
+            phases = RUNNERS[scenario](servers, sizes, source)
+            for name, phase in phases.items():
+                fig = results[scenario][name] = figures(phase)
+                _progress(f"[{name}] {scenario}: TTFT p50 {fig['ttft_p50_s'] * 1000:.0f} ms, "
+                          f"{fig['output_tokens_per_s']:.1f} tok/s, LMCache hit {fig['lmcache_hit_rate']:.0%}, "
+                          f"vLLM prefix hit {fig['vllm_prefix_hit_rate']:.0%}, {fig['failed']} failed")
+            _progress(f"{scenario}: {time.perf_counter() - t0:.0f} s (load {_load()})")
+            loads.append(_load())
+            each_server(servers, lambda n, s: s.reset_prefix_cache())
+        if "stall" in scenarios:
+            t0 = time.perf_counter()
+            stall = run_stall({n: servers[n] for n in STALL_TIERS}, sizes, source)
+            _progress(f"stall: {time.perf_counter() - t0:.0f} s (load {_load()})")
+            loads.append(_load())
+        rss = {n: round(s.rss_bytes() / 2**20) for n, s in servers.items()}
     labels = {t.name: t.label for t in tiers}
     print_results(results, labels)
-    ratio_figures = ratios(results)
-    met = targets_met(results, ratio_figures) and not args.smoke
-    print(f"\nmachine: {machine_name()}; model: {model_name}; engine starts (s): {starts}")
+    if stall:
+        print_stall(stall, labels)
+    ratio_figures = {**ratios(results), **stall_ratios(stall)}
+    met = targets_met(results, ratio_figures, stall) and not args.smoke
+    wall = time.perf_counter() - began
+    print(f"\nmachine: {_machine()}; model: {model_name}; engine starts (s): {starts}; RSS at the end (MiB): {rss}")
+    print(f"load average (1/5/15 min) at start and after each scenario: {'; '.join(loads)}; wall time {wall / 60:.1f} min")
     return {
-        "bench": "workload", "machine": machine_name(), "model": model_name, "smoke": bool(args.smoke),
-        "scale": args.scale, "sizes": asdict(sizes),
+        "bench": "workload", "machine": _machine(), "model": model_name, "smoke": bool(args.smoke),
+        "scale": args.scale, "sizes": asdict(sizes), "wall_s": round(wall, 1), "load_average": loads,
         "device_kv_tokens": device_blocks * BLOCK_TOKENS, "working_set_tokens": sizes.working_set_tokens(),
-        "tiers": [t.name for t in tiers], "results": results, **ratio_figures, "targets_met": met,
+        "tiers": [t.name for t in tiers], "engine_start_s": starts, "rss_mib": rss, "results": results,
+        "stall": stall, **ratio_figures, "targets_met": met,
     }

@@ -23,6 +23,8 @@ class Completion:
     logprobs: list[dict[int, float]] = field(default_factory=list)  # top tokens per position
     ttft: float = 0.0  # seconds to the first generated token
     latency: float = 0.0  # seconds to the last
+    sent_at: float = 0.0  # time.perf_counter() when the request went out
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each token's arrival
     error: str | None = None
 
 
@@ -40,15 +42,16 @@ def _absorb(out: Completion, choice: dict) -> None:
 
 
 def complete(base_url: str, model: str, prompt: Sequence[int], max_tokens: int, *, logprobs: int = 5,
-             stream: bool = True, timeout: float = 600.0) -> Completion:
-    """One request; faults come back in `.error` (the caller counts them), never raised."""
+             stream: bool = True, timeout: float = 600.0, out: Completion | None = None) -> Completion:
+    """One request; faults come back in `.error` (the caller counts them), never raised.
+    `out`: a Completion to fill as tokens arrive (another thread may watch it)."""
     parts = urlsplit(base_url)
     body = json.dumps({
         "model": model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0.0,
         "ignore_eos": True, "logprobs": logprobs, "return_tokens_as_token_ids": True, "stream": stream,
     }).encode()
-    out = Completion()
-    start = time.perf_counter()
+    out = Completion() if out is None else out
+    start = out.sent_at = time.perf_counter()
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -71,8 +74,10 @@ def complete(base_url: str, model: str, prompt: Sequence[int], max_tokens: int, 
                 before = len(out.token_ids)
                 for choice in json.loads(data).get("choices", []):
                     _absorb(out, choice)
+                now = time.perf_counter()
+                out.token_times.extend([now] * (len(out.token_ids) - before))
                 if before == 0 and out.token_ids:
-                    out.ttft = time.perf_counter() - start
+                    out.ttft = now - start
             out.latency = time.perf_counter() - start
         if len(out.token_ids) != max_tokens:
             out.error = f"{len(out.token_ids)} tokens generated, {max_tokens} asked"

@@ -1,13 +1,27 @@
-"""Drives one running server through the scenarios and measures the measured phases."""
+"""Drives every configuration's server through a scenario side by side.
+
+Warm-ups (not timed) run on two servers at a time: each vLLM CPU worker computes on one
+thread, so two keep both cores busy. The measured requests go in rounds of C (the
+concurrency): round k is sent to every configuration in turn, C in flight on one server
+while the others are idle, the order of configurations rotating from round to round, so
+the machine's noise (other jobs on it) falls on all of them alike. A round's time on a
+server includes waiting for that server's queued LMCache writes (`flush`), so background
+stores never run into another configuration's round and are charged to their own.
+"""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lmcache.bench.workload_clients import Completion, complete, run_in_flight
-from lmcache.bench.workload_scenarios import Chats, Request, Sizes, TokenSource, long_doc_qa
+from lmcache.bench.workload_scenarios import Chats, Sizes, TokenSource, long_doc_qa
 from lmcache.bench.workload_services import VllmServer
+
+WARM_PARALLEL = 2  # servers warmed at once (2 cores, one compute thread each)
+FLOOR_ROUNDS = 3
 
 
 @dataclass
@@ -23,10 +37,12 @@ class Phase:
     vllm_prefix_hit_tokens: float = 0.0
     vllm_prefix_query_tokens: float = 0.0
     warmup_errors: list[str] = field(default_factory=list)
+    # TTFT of short fresh prompts (question-sized, nothing to load): the serving path's floor
+    floor: list[Completion] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
-        return self.warmup_errors + [c.error for c in self.completions if c.error]
+        return self.warmup_errors + [c.error for c in (*self.completions, *self.floor) if c.error]
 
 
 class Counters:
@@ -51,52 +67,101 @@ class Counters:
         phase.vllm_prefix_query_tokens, phase.vllm_prefix_hit_tokens = d[2], d[3]
 
 
-def _send(server: VllmServer, sizes: Sizes, requests: list[Request]) -> list[Completion]:
-    return run_in_flight([lambda r=r: complete(server.base_url, server.model, r.prompt, sizes.max_tokens)
-                          for r in requests], sizes.concurrency)
+Servers = dict[str, VllmServer]
 
 
-def run_long_doc_qa(server: VllmServer, sizes: Sizes, source: TokenSource) -> Phase:
-    warmup, queries = long_doc_qa(sizes, source)
-    phase = Phase()
+def each_server(servers: Servers, job: Callable[[str, VllmServer], object], parallel: int = WARM_PARALLEL) -> dict:
+    """`job(name, server)` for every server, `parallel` at a time (untimed work)."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {name: pool.submit(job, name, server) for name, server in servers.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def _send(server: VllmServer, sizes: Sizes, prompts: list[list[int]]) -> list[Completion]:
+    return run_in_flight([lambda p=p: complete(server.base_url, server.model, p, sizes.max_tokens)
+                          for p in prompts], sizes.concurrency)
+
+
+def _timed_round(server: VllmServer, sizes: Sizes, prompts: list[list[int]], phase: Phase) -> list[Completion]:
     start = time.perf_counter()
-    warm = _send(server, sizes, warmup)
+    done = _send(server, sizes, prompts)
+    server.flush()
+    phase.wall_s += time.perf_counter() - start
+    phase.completions += done
+    phase.prompt_tokens += sum(len(p) for p in prompts)
+    return done
+
+
+def _warm(server: VllmServer, sizes: Sizes, prompts: list[list[int]], phase: Phase) -> list[Completion]:
+    start = time.perf_counter()
+    done = _send(server, sizes, prompts)
     server.flush()
     phase.warmup_s = time.perf_counter() - start
-    counters = Counters(server)
-    start = time.perf_counter()
-    phase.completions = _send(server, sizes, queries)
-    phase.wall_s = time.perf_counter() - start
-    counters.into(phase)
-    phase.warmup_errors = [c.error for c in warm if c.error]
-    phase.prompt_tokens = sum(len(r.prompt) for r in queries)
-    return phase
+    phase.warmup_errors = [c.error for c in done if c.error]
+    return done
 
 
-def run_multi_round(server: VllmServer, sizes: Sizes, source: TokenSource) -> Phase:
-    chats = Chats(sizes, source)
-    phase = Phase()
-    counters = None
-    for round_index in range(sizes.rounds):
-        wave = chats.wave(round_index)
-        if round_index == 1:
-            server.flush()
-            counters = Counters(server)
-        start = time.perf_counter()
-        done = _send(server, sizes, [r for _, r in wave])
-        seconds = time.perf_counter() - start
+def run_long_doc_qa(servers: Servers, sizes: Sizes, source: TokenSource) -> dict[str, Phase]:
+    warmup, queries = long_doc_qa(sizes, source)
+    phases = {name: Phase() for name in servers}
+    each_server(servers, lambda n, s: _warm(s, sizes, [r.prompt for r in warmup], phases[n]))
+    counters = {name: Counters(s) for name, s in servers.items()}
+    names = list(servers)
+    for k, batch in enumerate(batches(queries, sizes.concurrency)):
+        for name in rotated(names, k):
+            _timed_round(servers[name], sizes, [r.prompt for r in batch], phases[name])
+    for name, c in counters.items():
+        c.into(phases[name])
+    _measure_floor(servers, sizes, source, phases)
+    return phases
+
+
+def _measure_floor(servers: Servers, sizes: Sizes, source: TokenSource, phases: dict[str, Phase]) -> None:
+    """Rounds of C short fresh prompts, alternated like the measured rounds: what a request
+    costs with (almost) nothing to compute or load."""
+    names = list(servers)
+    for k in range(FLOOR_ROUNDS):
+        prompts = [source.tokens(sizes.question_tokens, "floor", k, i) for i in range(sizes.concurrency)]
+        for name in rotated(names, k):
+            phases[name].floor += _send(servers[name], sizes, prompts)
+
+
+def run_multi_round(servers: Servers, sizes: Sizes, source: TokenSource) -> dict[str, Phase]:
+    # one Chats per server (the same seed: the same users in the same order everywhere);
+    # each server's histories hold its own answers
+    chats = {name: Chats(sizes, source) for name in servers}
+    phases = {name: Phase() for name in servers}
+
+    def first_round(name: str, server: VllmServer) -> None:
+        wave = chats[name].wave(0)
+        done = _warm(server, sizes, [r.prompt for _, r in wave], phases[name])
         for (user, request), completion in zip(wave, done):
-            chats.answered(user, request, completion.token_ids)
-        if round_index == 0:
-            phase.warmup_s = seconds
-            phase.warmup_errors = [c.error for c in done if c.error]
-            continue
-        phase.wall_s += seconds
-        phase.completions += done
-        phase.prompt_tokens += sum(len(r.prompt) for _, r in wave)
-    if counters is not None:
-        counters.into(phase)
-    return phase
+            chats[name].answered(user, request, completion.token_ids)
+
+    each_server(servers, first_round)
+    counters = {name: Counters(s) for name, s in servers.items()}
+    names, k = list(servers), 0
+    for round_index in range(1, sizes.rounds):
+        waves = {name: chats[name].wave(round_index) for name in servers}
+        for part in batches(list(range(sizes.users)), sizes.concurrency):
+            for name in rotated(names, k):
+                batch = [waves[name][i] for i in part]
+                done = _timed_round(servers[name], sizes, [r.prompt for _, r in batch], phases[name])
+                for (user, request), completion in zip(batch, done):
+                    chats[name].answered(user, request, completion.token_ids)
+            k += 1
+    for name, c in counters.items():
+        c.into(phases[name])
+    return phases
 
 
 RUNNERS = {"long-doc-qa": run_long_doc_qa, "multi-round": run_multi_round}

@@ -7,6 +7,8 @@ multi-round   U users, each a chat of R rounds: a private context, then per roun
               user turn; the history (earlier turns and the model's own answers) grows
               every round. Rounds go in waves over all users (shuffled within a wave), C in
               flight. Round 1 reads each context for the first time: it is the warm-up.
+stall         S streams decode while one more request's long prefix (P tokens, stored
+              before, now only on LMCache's disk tier) is loaded: see workload_stall.py.
 
 Every first sight of a context is warm-up for every configuration alike; the figures are
 the measured requests, on which vLLM's prefix cache can only help for what it still holds.
@@ -19,37 +21,54 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SCENARIOS = ("long-doc-qa", "multi-round")
+SCENARIOS = ("long-doc-qa", "multi-round", "stall")
 
 
 @dataclass(frozen=True)
 class Sizes:
-    docs: int = 6
-    doc_tokens: int = 2048
-    questions: int = 3
+    docs: int = 8
+    doc_tokens: int = 1536
+    questions: int = 2
     question_tokens: int = 32
-    users: int = 4
-    rounds: int = 3
+    users: int = 10
+    rounds: int = 2
     context_tokens: int = 1024
-    turn_tokens: int = 256
-    max_tokens: int = 16
-    concurrency: int = 4
+    turn_tokens: int = 64
+    max_tokens: int = 2
+    concurrency: int = 2
+    stall_prefix_tokens: int = 3072
+    stall_streams: int = 2
+    stall_stream_prompt_tokens: int = 64
+    stall_stream_tokens: int = 32
+    stall_reps: int = 2
 
     def scaled(self, scale: float) -> "Sizes":
         return replace(self, docs=max(1, round(self.docs * scale)), users=max(1, round(self.users * scale)))
 
+    def chat_tokens(self) -> int:
+        """A user's last prompt: the context, every turn, every answer but the last."""
+        return self.context_tokens + self.rounds * self.turn_tokens + (self.rounds - 1) * self.max_tokens
+
     def longest_prompt(self) -> int:
-        chat = self.context_tokens + self.rounds * self.turn_tokens + (self.rounds - 1) * self.max_tokens
-        return max(self.doc_tokens + self.question_tokens, chat)
+        return max(self.doc_tokens + self.question_tokens, self.chat_tokens())
+
+    def stall_tokens(self) -> int:
+        """Device tokens the stall scenario has in use at once (the loader and the streams)."""
+        streams = self.stall_streams * (self.stall_stream_prompt_tokens + self.stall_stream_tokens)
+        return self.stall_prefix_tokens + STALL_SUFFIX_TOKENS + STALL_LOADER_TOKENS + streams
 
     def working_set_tokens(self) -> int:
         """Tokens of distinct context the measured requests come back to (the larger scenario)."""
-        return max(self.docs * self.doc_tokens, self.users * self.longest_prompt())
+        return max(self.docs * self.doc_tokens, self.users * self.chat_tokens())
 
+
+STALL_SUFFIX_TOKENS = 16  # the loading request's own tokens after its long prefix
+STALL_LOADER_TOKENS = 2  # tokens it generates
 
 DEFAULT = Sizes()
-SMOKE = Sizes(docs=3, doc_tokens=512, questions=2, question_tokens=16, users=2, rounds=2,
-              context_tokens=256, turn_tokens=128, max_tokens=4, concurrency=2)
+SMOKE = Sizes(docs=4, doc_tokens=512, questions=2, question_tokens=16, users=5, rounds=2,
+              context_tokens=384, turn_tokens=64, max_tokens=2, concurrency=2, stall_prefix_tokens=1024,
+              stall_streams=1, stall_stream_prompt_tokens=32, stall_stream_tokens=24, stall_reps=1)
 
 
 class TokenSource:

