@@ -62,6 +62,10 @@ def _async_save(vllm_config, extra: dict) -> bool:
     return wanted
 
 
+def _layerwise_in(extra: dict) -> bool:
+    return truthy(extra.get("use_layerwise", False)) or truthy(extra.get("lmcache.use_layerwise", False))
+
+
 def _async_load(vllm_config, extra: dict, role) -> bool:
     """Asynchronous loads unless turned off, layerwise (loads follow the forward layer
     by layer) or on Gaudi (its runner never reads load errors, so a short async load
@@ -70,7 +74,7 @@ def _async_load(vllm_config, extra: dict, role) -> bool:
     if not wanted:
         return False
     device_config = getattr(vllm_config, "device_config", None)
-    layerwise = truthy(extra.get("use_layerwise", False)) or truthy(extra.get("lmcache.use_layerwise", False))
+    layerwise = _layerwise_in(extra)
     if getattr(device_config, "device_type", None) == "hpu" or layerwise:
         if ASYNC_LOAD_KEY in extra:
             logger.warning("LMCache: async_load is not available %s; loading inside the step",
@@ -103,9 +107,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        return truthy(extra_config.get("use_layerwise", False)) or truthy(
-            extra_config.get("lmcache.use_layerwise", False)
-        )
+        return _layerwise_in(extra_config)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)

@@ -85,9 +85,7 @@ class StorageManager:
     # -- lookup -------------------------------------------------------------
     def contains_local(self, key: CacheEngineKey) -> bool:
         """In the CPU tier, or on the local disk (no network round trip)."""
-        if self.cpu is not None and self.cpu.contains(key):
-            return True
-        return self.disk is not None and self.disk.contains(key)
+        return self.in_host_memory(key) or (self.disk is not None and self.disk.contains(key))
 
     def pins(self) -> dict[str, int]:
         """Host chunks held by readers now: in the CPU tier, and outside any tier (read from
