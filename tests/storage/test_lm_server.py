@@ -133,15 +133,24 @@ def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
             assert len(set(bytes(entry.data))) == 1  # nothing overwrote what a reader holds
 
 
+def wait_for_log_lines(server, text: str, count: int, timeout: float = 10.0) -> None:
+    """The server untracks a closed connection on its own thread; wait for it to say so."""
+    deadline = time.monotonic() + timeout
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, f"server never logged {text!r} {count} times:\n{server.log()}"
+        time.sleep(0.02)
+
+
 def test_max_clients_closes_the_extra_connection(lm_factory):
     server = lm_factory("--max-clients", "2")
+    wait_for_log_lines(server, "disconnected after", 1)  # the start-up probe's connection
     first, second = RawClient(server.port), RawClient(server.port)
     assert first.request(P.HEALTH, b"").code == P.SUCCESS and second.request(P.HEALTH, b"").code == P.SUCCESS
     third = RawClient(server.port)
     assert third.sock.recv(1) == b""  # closed at once
     third.close()
     first.close()
-    time.sleep(0.2)
+    wait_for_log_lines(server, "disconnected after", 2)  # the probe's and first's
     with RawClient(server.port) as fourth:  # room again
         assert fourth.request(P.HEALTH, b"").code == P.SUCCESS
     second.close()
