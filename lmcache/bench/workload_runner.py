@@ -2,9 +2,11 @@
 
 Warm-ups (not timed) run on two servers at a time: each vLLM CPU worker computes on one
 thread, so two keep both cores busy. The measured requests go in rounds of C (the
-concurrency): round k is sent to every configuration in turn, C in flight on one server
-while the others are idle, the order of configurations rotating from round to round, so
-the machine's noise (other jobs on it) falls on all of them alike. A round's time on a
+concurrency), ROUNDS_PER_TURN of them to one configuration, then the same ones to the next,
+C in flight on one server while the others are idle, the order of configurations rotating
+from turn to turn, so the machine's noise (other jobs on it) falls on all of them alike.
+After each turn the runner waits out vLLM's worker spin (`VllmServer.wait_idle`) so that no
+server is measured while the previous one still burns a core. A round's time on a
 server includes waiting for that server's queued LMCache writes (`flush`), so background
 stores never run into another configuration's round and are charged to their own.
 """
@@ -21,7 +23,10 @@ from lmcache.bench.workload_scenarios import Chats, Sizes, TokenSource, long_doc
 from lmcache.bench.workload_services import VllmServer
 
 WARM_PARALLEL = 2  # servers warmed at once (2 cores, one compute thread each)
-FLOOR_ROUNDS = 3
+FLOOR_ROUNDS = 1
+# Rounds of C sent to one server before the next one gets its turn: each turn ends with
+# waiting out vLLM's spin (about a second), so two rounds a turn halve that wait.
+ROUNDS_PER_TURN = 2
 
 
 @dataclass
@@ -107,6 +112,7 @@ def _warm(server: VllmServer, sizes: Sizes, prompts: list[list[int]], phase: Pha
     server.flush()
     phase.warmup_s = time.perf_counter() - start
     phase.warmup_errors = [c.error for c in done if c.error]
+    server.wait_idle()
     return done
 
 
@@ -116,9 +122,11 @@ def run_long_doc_qa(servers: Servers, sizes: Sizes, source: TokenSource) -> dict
     each_server(servers, lambda n, s: _warm(s, sizes, [r.prompt for r in warmup], phases[n]))
     counters = {name: Counters(s) for name, s in servers.items()}
     names = list(servers)
-    for k, batch in enumerate(batches(queries, sizes.concurrency)):
+    for k, turn in enumerate(batches(batches(queries, sizes.concurrency), ROUNDS_PER_TURN)):
         for name in rotated(names, k):
-            _timed_round(servers[name], sizes, [r.prompt for r in batch], phases[name])
+            for batch in turn:
+                _timed_round(servers[name], sizes, [r.prompt for r in batch], phases[name])
+            servers[name].wait_idle()
     for name, c in counters.items():
         c.into(phases[name])
     _measure_floor(servers, sizes, source, phases)
@@ -133,6 +141,7 @@ def _measure_floor(servers: Servers, sizes: Sizes, source: TokenSource, phases: 
         prompts = [source.tokens(sizes.question_tokens, "floor", k, i) for i in range(sizes.concurrency)]
         for name in rotated(names, k):
             phases[name].floor += _send(servers[name], sizes, prompts)
+            servers[name].wait_idle()
 
 
 def run_multi_round(servers: Servers, sizes: Sizes, source: TokenSource) -> dict[str, Phase]:
@@ -152,12 +161,14 @@ def run_multi_round(servers: Servers, sizes: Sizes, source: TokenSource) -> dict
     names, k = list(servers), 0
     for round_index in range(1, sizes.rounds):
         waves = {name: chats[name].wave(round_index) for name in servers}
-        for part in batches(list(range(sizes.users)), sizes.concurrency):
+        for turn in batches(batches(list(range(sizes.users)), sizes.concurrency), ROUNDS_PER_TURN):
             for name in rotated(names, k):
-                batch = [waves[name][i] for i in part]
-                done = _timed_round(servers[name], sizes, [r.prompt for _, r in batch], phases[name])
-                for (user, request), completion in zip(batch, done):
-                    chats[name].answered(user, request, completion.token_ids)
+                for part in turn:
+                    batch = [waves[name][i] for i in part]
+                    done = _timed_round(servers[name], sizes, [r.prompt for _, r in batch], phases[name])
+                    for (user, request), completion in zip(batch, done):
+                        chats[name].answered(user, request, completion.token_ids)
+                servers[name].wait_idle()
             k += 1
     for name, c in counters.items():
         c.into(phases[name])

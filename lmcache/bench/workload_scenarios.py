@@ -27,13 +27,15 @@ SCENARIOS = ("long-doc-qa", "multi-round", "stall")
 @dataclass(frozen=True)
 class Sizes:
     docs: int = 8
-    doc_tokens: int = 1536
+    doc_tokens: int = 2048
     questions: int = 2
     question_tokens: int = 32
-    users: int = 10
+    users: int = 8
     rounds: int = 2
-    context_tokens: int = 1024
-    turn_tokens: int = 64
+    # a chat's history is long next to a turn: what LMCache cannot hold of a measured
+    # prompt is the last partial chunk of the round before, the answer and the new turn
+    context_tokens: int = 2048
+    turn_tokens: int = 32
     max_tokens: int = 2
     concurrency: int = 2
     stall_prefix_tokens: int = 3072

@@ -36,6 +36,15 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TO
                   "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
+# vLLM's CPU platform always runs the model in a worker process (the multiproc executor), and
+# that worker busy-polls its shared-memory queue (sched_yield) for 1 s after every step, as
+# does the engine core on its reply queue (SpinCondition's busy_loop_s in
+# vllm/distributed/device_communicators/shm_broadcast.py). Side by side on two cores, a
+# server measured right after another shares the CPU with that spin: a fresh 32-token prompt
+# took ~0.6 s instead of ~0.09 s. Rounds wait it out (VllmServer.wait_idle).
+VLLM_WORKER_SPIN_S = 1.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -277,19 +286,51 @@ class VllmServer:
                     found[what] += float(line.rsplit(" ", 1)[1])
         return found["queries"], found["hits"]
 
+    def _processes(self) -> list:
+        import psutil
+
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _cpu_seconds(self, procs: list) -> float:
+        import psutil
+
+        total = 0.0
+        for p in procs:
+            try:
+                times = p.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def wait_idle(self, window_s: float = 0.1, busy_share: float = 0.1) -> float:
+        """Wait until this server's processes use less than `busy_share` of one core over
+        `window_s` (its worker and engine core stop spinning VLLM_WORKER_SPIN_S after their
+        last step), at most that spin plus one second; returns the seconds waited."""
+        start = time.perf_counter()
+        deadline = start + VLLM_WORKER_SPIN_S + 1.0
+        procs = self._processes()
+        used = self._cpu_seconds(procs)
+        while time.perf_counter() < deadline:
+            time.sleep(window_s)
+            now = self._cpu_seconds(procs)
+            if now - used < busy_share * window_s:
+                break
+            used = now
+        return time.perf_counter() - start
+
     def rss_bytes(self) -> int:
         """Resident memory of the server and all its processes (engine core, workers)."""
         import psutil
 
-        if self.proc is None:
-            return 0
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
         total = 0
-        for p in procs:
+        for p in self._processes():
             try:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:

@@ -112,6 +112,8 @@ def measure_once(server: VllmServer, sizes: Sizes, source: TokenSource, rep: int
 def run_stall(servers: dict[str, VllmServer], sizes: Sizes, source: TokenSource) -> dict[str, dict]:
     """Per configuration, the figures of `sizes.stall_reps` repetitions."""
     prep_errors = prepare(servers, sizes, source)
+    for server in servers.values():
+        server.wait_idle()
     runs: dict[str, list[StallRun]] = {name: [] for name in servers}
     names = list(servers)
     for rep in range(sizes.stall_reps):
@@ -119,6 +121,7 @@ def run_stall(servers: dict[str, VllmServer], sizes: Sizes, source: TokenSource)
             if rep:  # the last repetition left the prefix in vLLM's own cache
                 servers[name].reset_prefix_cache()
             runs[name].append(measure_once(servers[name], sizes, source, rep))
+            servers[name].wait_idle()
     return {name: _figures(runs[name], prep_errors[name], sizes) for name in servers}
 
 

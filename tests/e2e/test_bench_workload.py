@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,36 @@ def test_side_by_side_rounds_rotate_over_every_configuration():
     assert orders == [["vllm", "cpu", "disk"], ["cpu", "disk", "vllm"], ["disk", "vllm", "cpu"]]
     assert [o[0] for o in orders] == names  # each goes first once
     assert batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_rounds_wait_out_vllms_worker_spin():
+    """The settle between rounds must outlast the busy loop of the vLLM installed here."""
+    import inspect
+
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S
+
+    spin = inspect.signature(SpinCondition.__init__).parameters["busy_loop_s"].default
+    assert VLLM_WORKER_SPIN_S >= spin
+
+
+def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
+    """A stand-in server whose child process spins for 0.6 s, then sleeps."""
+    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S, VllmServer
+
+    spin = "import subprocess, sys; subprocess.run([sys.executable, '-c', " \
+           "'import time\\nt = time.time()\\nwhile time.time() - t < 0.6: pass\\ntime.sleep(30)'])"
+    server = VllmServer("m", tmp_path, lmcache=None, device_blocks=1, block_size=1, max_model_len=1,
+                        max_num_batched_tokens=1, name="spinner")
+    server.proc = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    try:
+        time.sleep(0.2)  # the child is up and spinning
+        waited = server.wait_idle()
+        assert 0.25 < waited < VLLM_WORKER_SPIN_S + 0.5, waited
+        assert server.wait_idle() < 0.3  # idle now: one window
+    finally:
+        server.stop()
 
 
 def test_stall_window_figures():
