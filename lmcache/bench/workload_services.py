@@ -45,6 +45,20 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TO
 VLLM_WORKER_SPIN_S = 1.0
 
 
+def _cpu_seconds(procs: list) -> float:
+    """User + system CPU time of these processes (those that have exited count nothing)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -297,18 +311,6 @@ class VllmServer:
         except psutil.NoSuchProcess:
             return []
 
-    def _cpu_seconds(self, procs: list) -> float:
-        import psutil
-
-        total = 0.0
-        for p in procs:
-            try:
-                times = p.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
     def wait_idle(self, window_s: float = 0.1, busy_share: float = 0.1) -> float:
         """Wait until this server's processes use less than `busy_share` of one core over
         `window_s` (its worker and engine core stop spinning VLLM_WORKER_SPIN_S after their
@@ -316,10 +318,10 @@ class VllmServer:
         start = time.perf_counter()
         deadline = start + VLLM_WORKER_SPIN_S + 1.0
         procs = self._processes()
-        used = self._cpu_seconds(procs)
+        used = _cpu_seconds(procs)
         while time.perf_counter() < deadline:
             time.sleep(window_s)
-            now = self._cpu_seconds(procs)
+            now = _cpu_seconds(procs)
             if now - used < busy_share * window_s:
                 break
             used = now

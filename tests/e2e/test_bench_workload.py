@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,16 +82,19 @@ def test_rounds_wait_out_vllms_worker_spin():
 
 
 def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
-    """A stand-in server whose child process spins for 0.6 s, then sleeps."""
+    """A stand-in server whose child process spins for 0.6 s (after saying it started), then sleeps."""
+    from lmcache.bench.soak_checks import wait_until
     from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S, VllmServer
 
-    spin = "import subprocess, sys; subprocess.run([sys.executable, '-c', " \
-           "'import time\\nt = time.time()\\nwhile time.time() - t < 0.6: pass\\ntime.sleep(30)'])"
+    started = tmp_path / "spinning"
+    child = (f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\nt = time.time()\n"
+             "while time.time() - t < 0.6: pass\ntime.sleep(30)")
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
     server = VllmServer("m", tmp_path, lmcache=None, device_blocks=1, block_size=1, max_model_len=1,
                         max_num_batched_tokens=1, name="spinner")
-    server.proc = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    server.proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
     try:
-        time.sleep(0.2)  # the child is up and spinning
+        assert wait_until(started.exists, timeout=30, interval=0.01)
         waited = server.wait_idle()
         assert 0.25 < waited < VLLM_WORKER_SPIN_S + 0.5, waited
         assert server.wait_idle() < 0.3  # idle now: one window

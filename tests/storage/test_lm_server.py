@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmcache.bench.soak_checks import wait_until
 from lmcache.v1.server import protocol as P
 from lmcache.v1.server.store import Entry, LRUByteStore
 from tests.storage.lm_peers import REPO, RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
@@ -133,24 +134,21 @@ def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
             assert len(set(bytes(entry.data))) == 1  # nothing overwrote what a reader holds
 
 
-def wait_for_log_lines(server, text: str, count: int, timeout: float = 10.0) -> None:
+def logged(server, text: str, count: int) -> bool:
     """The server untracks a closed connection on its own thread; wait for it to say so."""
-    deadline = time.monotonic() + timeout
-    while server.log().count(text) < count:
-        assert time.monotonic() < deadline, f"server never logged {text!r} {count} times:\n{server.log()}"
-        time.sleep(0.02)
+    return wait_until(lambda: server.log().count(text) >= count, timeout=10, interval=0.02)
 
 
 def test_max_clients_closes_the_extra_connection(lm_factory):
     server = lm_factory("--max-clients", "2")
-    wait_for_log_lines(server, "disconnected after", 1)  # the start-up probe's connection
+    assert logged(server, "disconnected after", 1), server.log()  # the start-up probe's connection
     first, second = RawClient(server.port), RawClient(server.port)
     assert first.request(P.HEALTH, b"").code == P.SUCCESS and second.request(P.HEALTH, b"").code == P.SUCCESS
     third = RawClient(server.port)
     assert third.sock.recv(1) == b""  # closed at once
     third.close()
     first.close()
-    wait_for_log_lines(server, "disconnected after", 2)  # the probe's and first's
+    assert logged(server, "disconnected after", 2), server.log()  # the probe's and first's
     with RawClient(server.port) as fourth:  # room again
         assert fourth.request(P.HEALTH, b"").code == P.SUCCESS
     second.close()
