@@ -1,6 +1,11 @@
 """LMCacheEngine: lookup / store / retrieve of KV chunks (the builder that keeps one
 engine per name is engine_builder.py, re-exported here).
 
+Units. `lookup` answers a position: the end of the cached prefix, from token 0.
+`batched_store` and `batched_retrieve` both answer, per request, a count: the tokens
+that call moved, never counting the `skip_tokens` prefix vLLM already holds. A caller
+that wants the end of the prefix now valid after a retrieve adds `skip_tokens` once.
+
 The engine knows tokens, keys and tiers; it does not know device layouts. Moving
 KV between the paged cache and host memory objects is the GPU connector's job
 (lmcache.v1.gpu_connector, contract in docs/architecture.md): the engine makes
@@ -213,8 +218,8 @@ class LMCacheEngine:
         """Load the cached prefix of `tokens` (after the part `mask` skips) into
         the paged cache; returns a bool mask of the tokens loaded."""
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
-        valid = self.batched_retrieve([TransferSpec(tokens, slot_mapping, skip)])[0]
-        return self._loaded_mask(len(tokens), skip, valid - skip)
+        loaded = self.batched_retrieve([TransferSpec(tokens, slot_mapping, skip)])[0]
+        return self._loaded_mask(len(tokens), skip, loaded)
 
     @staticmethod
     def _loaded_mask(num_tokens: int, skip: int, loaded: int) -> torch.Tensor:
@@ -224,9 +229,9 @@ class LMCacheEngine:
 
     def batched_retrieve(self, specs: Sequence[TransferSpec]) -> list[int]:
         """Load every request of a step with one connector call. Per request: the
-        length of the prefix of `tokens` that is now in the paged cache, i.e.
-        skip_tokens + the tokens loaded (a missing or bad chunk ends the request's
-        load: chunks after a gap would be useless)."""
+        number of tokens loaded after its skip_tokens (the unit batched_store answers
+        in), so [skip_tokens, skip_tokens + loaded) is now in the paged cache. A
+        missing or bad chunk ends the request's load: chunks after a gap would be useless."""
         plan, slot_mapping, loaded = self._plan_retrieve(specs)
         try:
             if plan:
@@ -237,7 +242,7 @@ class LMCacheEngine:
             for p in plan:
                 self.storage.release(p.obj)
         self._count_loaded(plan, loaded)
-        return [spec.skip_tokens + n for spec, n in zip(specs, loaded)]
+        return loaded
 
     def _plan_retrieve(self, specs: Sequence[TransferSpec]) -> tuple[list[_Planned], torch.Tensor | None, list[int]]:
         connector = self._connector()

@@ -16,12 +16,14 @@ Steps:
   {"op": "stats"}                                LMCache counters of every rank
   {"op": "kill", "pid": P}                       SIGKILL a process (a Redis server)
   {"op": "remove_files", "dir": D}               delete every file in D (a disk tier's chunks)
+  {"op": "copy_files", "src": S, "dir": D}       copy every file of S into D (put them back)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -154,6 +156,11 @@ def main(spec_path: str, out_path: str) -> int:
             for file_name in names:
                 os.unlink(os.path.join(step["dir"], file_name))
             results["steps"][name] = {"removed": len(names)}
+        elif op == "copy_files":
+            names = sorted(os.listdir(step["src"]))
+            for file_name in names:
+                shutil.copyfile(os.path.join(step["src"], file_name), os.path.join(step["dir"], file_name))
+            results["steps"][name] = {"copied": len(names)}
         else:
             raise ValueError(f"unknown step op {op!r}")
         print(f"driver: {name} done", file=sys.stderr, flush=True)

@@ -65,6 +65,8 @@ def prompts(tiny_llama) -> dict[str, list[int]]:
         "long": ids(6000, 11),  # 23 chunks: more than the CPU tier holds
         "p3": ids(769, 12),
         "p4": ids(769, 13),
+        "p5": ids(769, 14),
+        "filler": ids(1000, 15),
     }
 
 
@@ -184,6 +186,11 @@ def writer(tiny_llama, prompts, workdir, redis, disk_dir):
         gen("p3_hit", p["p3"]),
         {"op": "flush", "name": "flush"},
         {"op": "stats", "name": "stats"},
+        # p5's first two chunks from a 513-token prompt, then p5 whole: LMCache loads 512
+        # tokens and vLLM computes the rest (the reference for the disk reader's short load)
+        gen("p5_head", p["p5"][:513]),
+        gen("p5_split512", p["p5"]),
+        {"op": "flush", "name": "flush_p5"},
     ]), workdir, "writer")["steps"]
 
 
@@ -201,6 +208,15 @@ def disk_reader(tiny_llama, prompts, workdir, writer, disk_dir):
         {"op": "remove_files", "name": "files_gone", "dir": str(copy)},
         gen("warmup_files_gone", prompts["warmup"]),
         {"op": "stats", "name": "stats_after"},
+        # A short load while vLLM holds part of the prefix: p5's chunks 0-1 come into host
+        # memory, another prompt fills the blocks, vLLM keeps p5's chunk 0 itself, then the
+        # files vanish: chunk 1 loads from host memory, chunk 2 (listed on disk) is gone.
+        {"op": "copy_files", "name": "files_back", "src": disk_dir, "dir": str(copy)},
+        gen("p5_two_chunks", prompts["p5"][:600]),
+        gen("filler", prompts["filler"]),
+        gen("p5_head", prompts["p5"][:257]),
+        {"op": "remove_files", "name": "files_gone_again", "dir": str(copy)},
+        gen("p5_short", prompts["p5"], reset_prefix_cache=False),
     ]), workdir, "disk_reader")["steps"]
 
 
@@ -250,6 +266,17 @@ def test_an_async_load_whose_chunks_vanished_is_recomputed(baseline, disk_reader
     assert_same_outputs(baseline["warmup"], step)  # vLLM recomputed it: nothing wrong was served
     (stats,) = disk_reader["stats_after"]
     assert stats["adapter"]["async_loads"] == 2 and stats["leases"]["prefetch_stopped"] == 1
+
+
+def test_a_short_load_after_vllms_own_prefix_is_recomputed_from_where_it_stopped(writer, disk_reader):
+    assert loaded(writer["p5_split512"]) == 512
+    assert loaded(disk_reader["p5_two_chunks"]) == 512 and loaded(disk_reader["p5_head"]) == 256
+    step = disk_reader["p5_short"]
+    # vLLM held tokens 0..255; LMCache offered 256..767, loaded 256..511, chunk 2 was gone
+    assert step["loaded_tokens"] == [256] and step["load_failed_tokens"] == [256]
+    # the blocks of 512..767 held the filler's KV: vLLM must have recomputed them,
+    # exactly as the writer computed p5 after a 512-token LMCache hit
+    assert_identical_outputs(writer["p5_split512"], step)
 
 
 @pytest.fixture(scope="module")

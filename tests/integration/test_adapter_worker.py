@@ -1,6 +1,7 @@
-"""Worker half of LMCacheConnectorV1Impl: one batched call per step, load failures
-become block ids for vLLM to recompute, cache faults never fail a step, async saves
-hold a finished request's blocks until they are done."""
+"""Worker half of LMCacheConnectorV1Impl over the real engine and vLLM's CPU paged layout
+(tests/integration/worker_rig.py): one batched call per step, load failures become block
+ids for vLLM to recompute, cache faults never fail a step, async saves hold a finished
+request's blocks until they are done. Faults are injected into the real tier or copy."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from lmcache.integration.vllm.request_tracker import ReqMeta, TransferPlan, slot_mapping  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorMetadata, LMCacheConnectorV1Impl  # noqa: E402
+from tests.integration import worker_rig as rig  # noqa: E402
 
 BLOCK = 16
 
@@ -29,36 +31,6 @@ def vllm_config(**extra):
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
         model_config=SimpleNamespace(model="m"),
     )
-
-
-class FakeEngine:
-    """Records the batched calls; answers with preset loaded counts."""
-
-    def __init__(self, loaded=None, fail=False, store_gate: threading.Event | None = None):
-        self.retrieves, self.stores = [], []
-        self.loaded = loaded
-        self.fail = fail
-        self.store_gate = store_gate
-
-    def batched_retrieve(self, specs):
-        self.retrieves.append(specs)
-        if self.fail:
-            raise OSError("tier down")
-        return self.loaded if self.loaded is not None else [s.num_tokens - s.skip_tokens for s in specs]
-
-    def batched_store(self, specs):
-        if self.store_gate is not None:
-            self.store_gate.wait(5)
-        self.stores.append(specs)
-        if self.fail:
-            raise OSError("disk full")
-        return [s.num_tokens - s.skip_tokens for s in specs]
-
-
-def worker(engine, **kw) -> LMCacheConnectorV1Impl:
-    impl = LMCacheConnectorV1Impl(vllm_config(), KVConnectorRole.WORKER, None, **kw)
-    impl.engine = engine
-    return impl
 
 
 def load_meta(req_id, blocks, load_from, load_to, hit, chunk=32):
@@ -76,6 +48,54 @@ def save_meta(req_id, blocks, end, skip=0):
     return ReqMeta(req_id, save=plan)
 
 
+class CallCounter:
+    """Counts calls of a real engine method and passes them through (optionally after a gate)."""
+
+    def __init__(self, method, gate: threading.Event | None = None):
+        self.method, self.gate, self.calls = method, gate, []
+
+    def __call__(self, specs):
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.calls.append(specs)
+        return self.method(specs)
+
+
+@pytest.fixture
+def real_worker():
+    """A worker on the real engine over vLLM's CPU layout; yields (impl, paged cache)."""
+    made = []
+
+    def make(**kw):
+        cache = rig.paged_cache("cpu", seed=1)
+        impl = rig.worker(rig.vllm_config(), **kw)
+        impl.register_kv_caches(cache.kv_caches)
+        made.append(impl)
+        return impl, cache
+
+    yield make
+    for impl in made:
+        rig.close(impl)
+
+
+def stored(impl, *prompts) -> None:
+    """Prompts 0, 1, ... computed by vLLM into blocks 0.., 4.., and saved."""
+    rig.run_step(impl, [rig.save(f"s{p}", p, first_block=4 * i) for i, p in enumerate(prompts)])
+    impl._wait_saves()
+
+
+def drop_chunk(impl, p: int, index: int) -> None:
+    """Chunk `index` of prompt p leaves the CPU tier (evicted or lost)."""
+    key = impl.engine.token_db.chunks(rig.tokens_of(p))[index].key
+    assert impl.engine.storage.cpu.remove(key)
+
+
+def load_errors_once(impl) -> set[int]:
+    errors = impl.get_block_ids_with_load_errors()
+    assert impl.get_block_ids_with_load_errors() == set()  # reported once
+    return errors
+
+
 def test_metadata_is_the_picklable_type_vllm_gaudi_checks():
     md = LMCacheConnectorMetadata([load_meta("a", [3, 4, 5, 6], 0, 64, 64), save_meta("b", [1, 2], 32)], {"c"})
     assert isinstance(md, KVConnectorMetadata)
@@ -85,89 +105,125 @@ def test_metadata_is_the_picklable_type_vllm_gaudi_checks():
     assert torch.equal(copy.loads[0].load.slot_mapping, md.loads[0].load.slot_mapping)
 
 
-def test_nothing_to_load_makes_no_engine_call():
-    engine = FakeEngine()
-    impl = worker(engine)
+def test_nothing_to_load_makes_no_engine_call(real_worker):
+    impl, _ = real_worker()
+    impl.engine.batched_retrieve = spy = CallCounter(impl.engine.batched_retrieve)
     impl.start_load_kv(None)  # nothing bound yet
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([save_meta("b", [1, 2], 32)]))
+    impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("b", 0, first_block=0)]))
     impl.start_load_kv(None)
-    assert engine.retrieves == []
+    assert spy.calls == []
 
 
-def test_one_batched_retrieve_for_all_requests_of_a_step():
-    engine = FakeEngine()
-    impl = worker(engine)
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([
-        load_meta("a", [3, 4, 5, 6], 0, 63, 64), load_meta("b", [7, 8, 9, 10], 40, 64, 64),
-    ]))
-    impl.start_load_kv(None)
-    assert len(engine.retrieves) == 1 and len(engine.retrieves[0]) == 2
-    assert [s.skip_tokens for s in engine.retrieves[0]] == [0, 32]
+def test_one_batched_retrieve_for_all_requests_of_a_step(real_worker):
+    impl, cache = real_worker()
+    stored(impl, 0, 1)
+    impl.engine.batched_retrieve = spy = CallCounter(impl.engine.batched_retrieve)
+    # a: all 64 tokens from LMCache; b: vLLM holds 40 tokens, LMCache brings the other 24
+    rig.run_step(impl, [rig.load("a", 0, first_block=8), rig.load("b", 1, first_block=12, load_from=40)])
+    assert len(spy.calls) == 1 and len(spy.calls[0]) == 2
+    assert [s.skip_tokens for s in spy.calls[0]] == [0, 32]
     assert impl.get_block_ids_with_load_errors() == set()
-    assert impl.counters.loaded_tokens == 63 + 24
+    assert impl.counters.loaded_tokens == 64 + 24
+    assert rig.same_blocks(cache, rig.blocks_at(8), rig.blocks_at(0))
+    assert rig.same_blocks(cache, [15], [7])  # b's tokens 48..63 (32..39 are vLLM's: not written)
 
 
-def test_short_load_reports_the_blocks_vllm_must_recompute():
-    # request a: 64 tokens promised in blocks [3,4,5,6]; only the first 32 arrive
-    engine = FakeEngine(loaded=[32])
-    impl = worker(engine)
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([load_meta("a", [3, 4, 5, 6], 0, 64, 64)]))
-    impl.start_load_kv(None)
-    assert impl.get_block_ids_with_load_errors() == {5, 6}
-    assert impl.get_block_ids_with_load_errors() == set()  # reported once
-    assert impl.counters.load_failed_tokens == 32
+def test_short_load_reports_the_blocks_vllm_must_recompute(real_worker):
+    impl, cache = real_worker()
+    stored(impl, 0)
+    drop_chunk(impl, 0, 2)  # tokens 32..47 lost: the load stops there
+    rig.run_step(impl, [rig.load("a", 0, first_block=8)])
+    assert load_errors_once(impl) == {10, 11}
+    assert impl.counters.loaded_tokens == 32 and impl.counters.load_failed_tokens == 32
+    assert rig.same_blocks(cache, [8, 9], [0, 1])
 
 
-def test_failing_retrieve_fails_no_step():
-    impl = worker(FakeEngine(fail=True))
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([load_meta("a", [3, 4], 16, 32, 32)]))
-    impl.start_load_kv(None)  # no exception
-    assert impl.get_block_ids_with_load_errors() == {4}  # block 3 (tokens 0..15) was vLLM's own
+def test_short_load_after_a_prefix_vllm_holds_reports_every_missing_block(real_worker):
+    """vLLM holds chunk 0; LMCache loads chunk 1, chunk 2 is gone: tokens 32..63 must be
+    load errors. (Adding the skipped prefix twice reported tokens up to 48 as loaded.)"""
+    impl, cache = real_worker()
+    stored(impl, 0)
+    drop_chunk(impl, 0, 2)
+    before = rig.block_bytes(cache, [10, 11])
+    rig.run_step(impl, [rig.load("a", 0, first_block=8, load_from=16)])
+    assert load_errors_once(impl) == {10, 11}
+    assert impl.counters.loaded_tokens == 16 and impl.counters.load_failed_tokens == 32
+    assert rig.same_blocks(cache, [9], [1])
+    assert all(torch.equal(a, b) for a, b in zip(before, rig.block_bytes(cache, [10, 11])))  # untouched
 
 
-def test_one_batched_store_and_store_faults_are_swallowed():
-    engine = FakeEngine()
-    impl = worker(engine)
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([save_meta("a", [1, 2], 32), save_meta("b", [5, 6], 32)]))
-    impl.wait_for_save()
-    assert len(engine.stores) == 1 and len(engine.stores[0]) == 2
+def test_short_async_load_after_a_prefix_vllm_holds(real_worker):
+    """The same through the asynchronous path (a parked request's load off the step)."""
+    impl, _ = real_worker()
+    stored(impl, 0)
+    drop_chunk(impl, 0, 3)
+    meta = rig.load("a", 0, first_block=8, load_from=16)
+    meta.async_load = True
+    rig.run_step(impl, [meta])
+    impl._wait_loads()
+    assert impl.get_finished(set()) == (None, {"a"})
+    assert load_errors_once(impl) == {11}
+    assert impl.counters.loaded_tokens == 32 and impl.counters.load_failed_tokens == 16
+
+
+def test_failing_retrieve_fails_no_step(real_worker, monkeypatch):
+    impl, _ = real_worker()
+    stored(impl, 0)
+
+    def tier_down(key):
+        raise OSError("tier down")
+
+    monkeypatch.setattr(impl.engine.storage, "get", tier_down)
+    rig.run_step(impl, [rig.load("a", 0, first_block=8, hit=32, load_from=16)])  # no exception
+    assert impl.get_block_ids_with_load_errors() == {9}  # block 8 (tokens 0..15) was vLLM's own
+
+
+def test_one_batched_store_for_all_requests_of_a_step(real_worker):
+    impl, _ = real_worker()
+    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store)
+    rig.run_step(impl, [rig.save("a", 0, first_block=0), rig.save("b", 1, first_block=4)])
+    assert len(spy.calls) == 1 and len(spy.calls[0]) == 2
+    assert impl.counters.saved_tokens == 2 * rig.PROMPT
     assert impl.get_finished({"a"}) == (None, None)  # synchronous saving holds no blocks
 
-    failing = worker(FakeEngine(fail=True))
-    failing.bind_connector_metadata(LMCacheConnectorMetadata([save_meta("a", [1, 2], 32)]))
-    failing.wait_for_save()
+
+def test_a_failed_store_fails_no_step(real_worker, monkeypatch):
+    failing, _ = real_worker()
+
+    def copy_failed(*args, **kwargs):
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(failing.engine.gpu_connector, "batched_from_gpu", copy_failed)
+    rig.run_step(failing, [rig.save("a", 0, first_block=0)])
     assert failing.counters.save_failures == 1
+    assert failing.engine.lookup(rig.tokens_of(0)) == 0  # nothing half-stored
 
 
-def test_async_save_holds_blocks_until_the_save_is_done():
+def test_async_save_holds_blocks_until_the_save_is_done(real_worker):
     gate = threading.Event()
-    engine = FakeEngine(store_gate=gate)
-    impl = worker(engine, async_save=True)
-    from concurrent.futures import ThreadPoolExecutor
-
-    impl._save_pool = ThreadPoolExecutor(max_workers=1)  # register_kv_caches makes it
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([save_meta("a", [1, 2], 32)]))
+    impl, _ = real_worker(async_save=True)
+    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store, gate)
+    impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("a", 0, first_block=0)]))
     impl.wait_for_save()  # returns at once
-    assert engine.stores == []
+    assert spy.calls == []
     assert impl.get_finished({"a"}) == (None, None)  # save still running
     gate.set()
     impl._wait_saves()
     assert impl.get_finished(set()) == ({"a"}, None)  # reported on a later step
     assert impl.get_finished(set()) == (None, None)  # and only once
+    assert impl.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
 
 
-def test_preemption_waits_for_that_requests_saves():
+def test_preemption_waits_for_that_requests_saves(real_worker):
     gate = threading.Event()
-    engine = FakeEngine(store_gate=gate)
-    impl = worker(engine, async_save=True)
-    from concurrent.futures import ThreadPoolExecutor
-
-    impl._save_pool = ThreadPoolExecutor(max_workers=1)
-    impl.bind_connector_metadata(LMCacheConnectorMetadata([save_meta("a", [1, 2], 32)]))
+    impl, _ = real_worker(async_save=True)
+    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store, gate)
+    impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("a", 0, first_block=0)]))
     impl.wait_for_save()
     threading.Timer(0.2, gate.set).start()
     impl.handle_preemptions(LMCacheConnectorMetadata([], preempted_req_ids={"a"}))
-    assert len(engine.stores) == 1  # done before the blocks can be reused
+    assert len(spy.calls) == 1  # done before the blocks can be reused
+    assert impl.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
 
 
 def test_scheduler_holds_blocks_only_for_async_saves():

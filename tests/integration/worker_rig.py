@@ -82,10 +82,13 @@ def save(req_id: str, p: int, first_block: int, skip: int = 0, end: int = PROMPT
     return ReqMeta(req_id, save=plan)
 
 
-def load(req_id: str, p: int, first_block: int, lease_id: str | None = None, hit: int = PROMPT) -> ReqMeta:
-    """Load prompt p's first `hit` tokens (the lookup's answer) into the blocks from first_block on."""
-    plan = TransferPlan(tokens_of(p)[:hit], slot_mapping(blocks_at(first_block), BLOCK, 0, hit, hit), 0, hit)
-    return ReqMeta(req_id, load=plan, load_from=0, load_to=hit, lease_id=lease_id)
+def load(req_id: str, p: int, first_block: int, lease_id: str | None = None, hit: int = PROMPT,
+         load_from: int = 0) -> ReqMeta:
+    """Load prompt p's tokens [load_from, hit) (`hit`: the lookup's answer; before
+    load_from vLLM holds the prefix itself) into the blocks from first_block on."""
+    skip = load_from // CHUNK * CHUNK
+    plan = TransferPlan(tokens_of(p)[:hit], slot_mapping(blocks_at(first_block), BLOCK, load_from, hit, hit), skip, hit)
+    return ReqMeta(req_id, load=plan, load_from=load_from, load_to=hit, lease_id=lease_id)
 
 
 def run_step(impl, requests=(), released=()) -> None:

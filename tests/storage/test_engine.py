@@ -97,7 +97,8 @@ def test_batched_calls_move_everything_in_one_connector_call(engine):
     conn.cache.zero_()
     specs[0].skip_tokens = 32  # vLLM holds the first two chunks of request 0
     specs[2].num_tokens = 48
-    assert eng.batched_retrieve(specs) == [64, 32, 48]  # valid prefix per request
+    # tokens loaded after skip_tokens, per request (the unit batched_store answers in)
+    assert eng.batched_retrieve(specs) == [32, 32, 48]
     assert conn.calls["batched_to_gpu"] == 1
     assert not conn.cache[0:32].any()  # the skipped prefix was not touched
     assert torch.equal(bits(conn.cache[32:64]), bits(kvs[0][32:64]))
@@ -118,6 +119,19 @@ def test_retrieve_stops_at_a_missing_chunk(engine):
     assert eng.batched_retrieve([TransferSpec(tokens, slots)]) == [16]
     assert loaded_rows_equal(conn, slots, kv, 16) and not conn.cache[16:64].any()
     assert eng.stats.misses["absent"] == 1
+
+
+def test_store_and_retrieve_answer_tokens_moved_after_the_skip(engine):
+    """One unit for both: a short load after a skipped prefix counts only what it moved."""
+    eng, conn = engine
+    slots = torch.arange(64)
+    fill(conn, 4, slots)
+    tokens = prompt_tokens(4, 64)
+    assert eng.batched_store([TransferSpec(tokens, slots, skip_tokens=16)]) == [48]
+    eng.storage.cpu.remove(eng.token_db.chunks(tokens)[3].key)  # tokens 48..63 gone
+    # vLLM holds 16 tokens; chunks 16..48 load, the last one is missing: 32 moved, 48 valid
+    assert eng.batched_retrieve([TransferSpec(tokens, slots, skip_tokens=16)]) == [32]
+    assert eng.stats.loaded_tokens == 32
 
 
 def test_unfull_chunk_is_saved_when_configured():

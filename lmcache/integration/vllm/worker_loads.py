@@ -44,7 +44,7 @@ class WorkerLoads:
         seconds = time.perf_counter() - start
         self.worker_metrics.timing("load_seconds", seconds)
         logger.debug("LMCache: loaded %s tokens for %d request(s) in %.1f ms", loaded, len(loads), seconds * 1000)
-        # the engine counts tokens loaded from skip_tokens on
+        # the engine answers tokens loaded after skip_tokens (cache_engine.py, "Units")
         return [r.load.skip_tokens + n for r, n in zip(loads, loaded)]
 
     def _start_async_loads(self, loads: list[ReqMeta]) -> None:
