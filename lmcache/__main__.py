@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = 2 if known.command == "bench" else 1
     args = sub.parse_args(argv[skip:])
     if known.command == "bench":
-        from lmcache.bench.common import emit_result
+        from lmcache.console import emit_result
 
         emit_result(module.run(args))
         return 0

@@ -23,14 +23,11 @@ import time
 import uuid
 from pathlib import Path
 
-from lmcache.bench.common import Console, Phase, print_table, quiet_vllm
+from lmcache.console import Console, Phase, print_table, quiet_vllm
+from lmcache.testing.tiny_llama import DEMO_MODEL_DIR, make_prompt, model_cache_dir
+from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
+from lmcache.testing.vllm_env import prepare_platform
 
-# A prompt whose first part is loaded and the rest computed is computed in other
-# pieces than a cold prompt: bf16 rounding moves log-probabilities a little.
-LOGPROB_TOLERANCE = 0.1
-# vLLM's own prefix-cache hit on the same split with the same KV runs the very same
-# computation: its outputs and LMCache's must be identical.
-EXACT_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,29 +64,6 @@ def _aligned_prompt_tokens(requested: int, extra: dict) -> int:
 
     chunk = load_config(extra).chunk_size
     return max(requested - 1, chunk) // chunk * chunk + 1
-
-
-def model_cache_dir(name: str) -> Path:
-    """Where generated demo/bench models are kept between runs (~/.cache/lmcache/NAME)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmcache" / name
-
-
-# The demo's small model keeps outputs of cached and uncached runs bit-for-bit close
-# (`python -m lmcache bench e2e` times the larger reference model).
-DEMO_MODEL_DIR = "random-llama-4l-256"
-BENCH_MODEL_DIR = "random-llama-8l-1024"
-
-
-def prepare_platform(device_type: str) -> dict:
-    """Environment and engine arguments for the platform (set before vLLM starts)."""
-    llm_args: dict = {}
-    if device_type == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of host memory for vLLM's KV cache
-        # vLLM compiles its log-probability kernel with inductor on first use (tens of
-        # seconds on a small CPU); eager is as good for a demo.
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-        llm_args.update(enforce_eager=True, gpu_memory_utilization=0.2)
-    return llm_args
 
 
 def _top_logprobs(completion) -> list[dict[int, float]]:
@@ -219,19 +193,6 @@ def _run(args) -> int:
         f"(max |d logprob| {cold_gap:.4f}, tolerance {LOGPROB_TOLERANCE}: bf16 rounding of another split)")
     say("  result: " + ("OK, the prompt's KV came back from LMCache, with the same outputs" if ok else "FAILED"))
     return 0 if ok else 1
-
-
-def make_prompt(model: str, num_tokens: int, vocab_size: int | None, seed: int) -> list[int]:
-    if vocab_size is None:
-        from lmcache.testing.tiny_llama import prompt_token_ids
-
-        return prompt_token_ids(model, num_tokens, seed=seed)
-    import random
-
-    rng = random.Random(seed)
-    # Ordinary vocabulary ids (special tokens sit at the ends of most vocabularies).
-    low, high = min(1000, vocab_size // 4), max(vocab_size - 1000, vocab_size // 2)
-    return [rng.randrange(low, high) for _ in range(num_tokens)]
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from lmcache.bench.common import gbps, interleaved_best, machine_name, print_table
+from lmcache.bench.common import gbps, interleaved_best, machine_name
+from lmcache.console import print_table
 
 logger = logging.getLogger(__name__)
 

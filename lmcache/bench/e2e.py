@@ -24,7 +24,8 @@ import statistics
 import time
 import uuid
 
-from lmcache.bench.common import Console, Phase, eta_text, machine_name, print_table, quiet_vllm
+from lmcache.bench.common import machine_name
+from lmcache.console import Console, Phase, eta_text, print_table, quiet_vllm
 
 SPEEDUP_TARGET = 20.0  # miss / lmcache_hit
 FLOOR_TARGET = 1.3  # lmcache_hit / vllm_hit
@@ -73,7 +74,8 @@ def _start_vllm(args, model: str, llm_args: dict):
 
 
 def _run(args) -> dict:
-    from lmcache.demo import make_prompt, prepare_platform
+    from lmcache.testing.tiny_llama import make_prompt
+    from lmcache.testing.vllm_env import prepare_platform
     from lmcache.utils import get_device_type
 
     device_type = get_device_type()
@@ -86,8 +88,7 @@ def _run(args) -> dict:
     if args.model:
         model = args.model
     else:
-        from lmcache.demo import BENCH_MODEL_DIR, model_cache_dir
-        from lmcache.testing.tiny_llama import BENCH_SPEC, build_tiny_llama
+        from lmcache.testing.tiny_llama import BENCH_MODEL_DIR, BENCH_SPEC, build_tiny_llama, model_cache_dir
 
         with Phase(step(), total, "building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads)"):
             model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))

@@ -15,7 +15,8 @@ import argparse
 import numpy as np
 import torch
 
-from lmcache.bench.common import interleaved_best, machine_name, print_table
+from lmcache.bench.common import interleaved_best, machine_name
+from lmcache.console import print_table
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineMetadata
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat

@@ -77,7 +77,8 @@ def _run_worker(tree: Path, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lmcache.bench.common import gbps, machine_name, print_table
+    from lmcache.bench.common import gbps, machine_name
+    from lmcache.console import print_table
 
     if args.tokens <= 0 or args.repeat <= 0 or args.varied < 0:
         raise SystemExit(f"need --tokens, --repeat > 0, --varied >= 0; got {args.tokens}, {args.repeat}, {args.varied}")

@@ -104,8 +104,7 @@ def run(args) -> dict:
 
     model = args.model
     if not model:
-        from lmcache.demo import DEMO_MODEL_DIR, model_cache_dir
-        from lmcache.testing.tiny_llama import build_tiny_llama
+        from lmcache.testing.tiny_llama import DEMO_MODEL_DIR, build_tiny_llama, model_cache_dir
 
         model = str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR)))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmcache-soak-"))

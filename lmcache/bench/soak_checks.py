@@ -10,11 +10,6 @@ from pathlib import Path
 
 from lmcache.bench.workload_clients import Completion
 
-# bf16: the same prompt batched with others or split elsewhere moves a log-probability by
-# up to ~0.03 here; wrong KV moves it by far more (tests/e2e/harness.py measures both).
-BATCHED_TOLERANCE = 0.1
-EXACT_TOLERANCE = 1e-4
-
 
 def mismatches(reference: Completion, got: Completion, tolerance: float, near_ties: bool = False) -> list[str]:
     """Differences in generated tokens and in the top log-probabilities both report.

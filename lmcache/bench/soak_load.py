@@ -15,7 +15,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from lmcache.bench.soak_checks import BATCHED_TOLERANCE, EXACT_TOLERANCE, mismatches
+from lmcache.bench.soak_checks import mismatches
+from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
 from lmcache.bench.workload_clients import Completion, Gate, complete
 
 
@@ -73,7 +74,7 @@ class Clients:
                 self.tally.failed.append(f"prompt {index}: {got.error}")
                 return
             self.tally.recent.append(index)
-            problems = mismatches(self.references[index].cold, got, BATCHED_TOLERANCE, near_ties=True)
+            problems = mismatches(self.references[index].cold, got, LOGPROB_TOLERANCE, near_ties=True)
             if problems:
                 self.tally.wrong.append(f"prompt {index} (batched): {'; '.join(problems[:3])}")
 
@@ -99,7 +100,7 @@ def probe(server, model: str, prompt: list[int], reference: Reference, full_pref
             problems = mismatches(expected, got, EXACT_TOLERANCE)
             tally.probes_exact += 1
         else:  # part of the prefix was evicted: another split, bf16 rounding differs
-            problems = mismatches(reference.cold, got, BATCHED_TOLERANCE, near_ties=True)
+            problems = mismatches(reference.cold, got, LOGPROB_TOLERANCE, near_ties=True)
         if problems:
             tally.wrong.append(f"{label} (lone, {loaded} tokens loaded): {'; '.join(problems[:3])}")
     return loaded

@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from lmcache.bench.common import gbps, machine_name, print_table
+from lmcache.bench.common import gbps, machine_name
+from lmcache.console import print_table
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import HostMemoryPool, MemoryFormat
 from lmcache.v1.storage_backend import serde

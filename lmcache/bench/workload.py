@@ -73,8 +73,9 @@ def _model(args) -> tuple[str, str]:
         if not Path(args.model).is_dir():
             raise SystemExit(f"--model {args.model!r} is not a directory; accepted: a local model directory")
         return args.model, args.model
-    from lmcache.demo import BENCH_MODEL_DIR, DEMO_MODEL_DIR, model_cache_dir
-    from lmcache.testing.tiny_llama import BENCH_SPEC, TinyLlamaSpec, build_tiny_llama
+    from lmcache.testing.tiny_llama import (
+        BENCH_MODEL_DIR, BENCH_SPEC, DEMO_MODEL_DIR, TinyLlamaSpec, build_tiny_llama, model_cache_dir,
+    )
 
     if args.smoke:
         return str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR), TinyLlamaSpec())), "small random Llama 4x256"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from lmcache.bench.common import print_table
+from lmcache.console import print_table
 from lmcache.bench.workload_runner import Phase
 
 # Targets (issue 15), judged on every scenario: TTFT p50 of vLLM alone / the tier's.

@@ -8,7 +8,6 @@ pair `disk` / `disk-async` is what the stall scenario compares."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,18 +37,6 @@ class Tier:
     unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
     connector_extra: dict = field(default_factory=lambda: dict(SYNC_LOAD))  # plain extra-config keys
 
-    @property
-    def is_baseline(self) -> bool:
-        return self.name == "vllm"
-
-
-def _lm_missing() -> str | None:
-    try:
-        found = importlib.util.find_spec("lmcache.v1.server") is not None
-    except ModuleNotFoundError:
-        found = False
-    return None if found else "lmcache.v1.server does not exist in this tree yet"
-
 
 def _base(**keys) -> dict:
     return {"chunk_size": CHUNK_TOKENS, **keys}
@@ -68,7 +55,7 @@ TIERS: list[Tier] = [
     Tier("redis", "LMCache Redis", lambda c: _base(local_cpu=False, max_local_cpu_size=STAGING_GB,
                                                    remote_url=c.service_url), service="redis"),
     Tier("lm", "LMCache lm:// server", lambda c: _base(local_cpu=False, max_local_cpu_size=STAGING_GB,
-                                                       remote_url=c.service_url), service="lm", unavailable=_lm_missing),
+                                                       remote_url=c.service_url), service="lm"),
 ]
 TIER_NAMES = [t.name for t in TIERS]
 

@@ -222,9 +222,3 @@ class HpuEmulation:
 def _migrated_is_available() -> bool:
     """torch.cuda.is_available() under emulated Gaudi GPU migration: it lies."""
     return True
-
-
-def active_emulation() -> HpuEmulation | None:
-    """The HpuEmulation active in this process, if any."""
-    return _active
-

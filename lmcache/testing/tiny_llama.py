@@ -147,3 +147,26 @@ def prompt_text(model_path: str | Path, num_tokens: int, seed: int = 0) -> str:
     vocab = json.loads((Path(model_path) / "tokenizer.json").read_text())["model"]["vocab"]
     by_id = {i: w for w, i in vocab.items()}
     return " ".join(by_id[i] for i in prompt_token_ids(model_path, num_tokens, seed))
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where generated demo/bench models are kept between runs (~/.cache/lmcache/NAME)."""
+    from lmcache.console import cache_dir
+
+    return cache_dir() / name
+
+
+# The demo's small model keeps outputs of cached and uncached runs bit-for-bit close
+# (`python -m lmcache bench e2e` times the larger reference model).
+DEMO_MODEL_DIR = "random-llama-4l-256"
+BENCH_MODEL_DIR = "random-llama-8l-1024"
+
+
+def make_prompt(model: str, num_tokens: int, vocab_size: int | None, seed: int) -> list[int]:
+    """Token ids of a prompt: our tiny model's own words, or ordinary ids of another vocabulary."""
+    if vocab_size is None:
+        return prompt_token_ids(model, num_tokens, seed=seed)
+    rng = random.Random(seed)
+    # Ordinary vocabulary ids (special tokens sit at the ends of most vocabularies).
+    low, high = min(1000, vocab_size // 4), max(vocab_size - 1000, vocab_size // 2)
+    return [rng.randrange(low, high) for _ in range(num_tokens)]

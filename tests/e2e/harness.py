@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE  # noqa: F401 (re-exported to the tests)
+
 DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,11 +34,6 @@ ENGINE_ENV = {
 # their own, apart from its scheduler side, as in every deployment.
 ENGINE_CORE_IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
-# bf16 KV and bf16 matmuls: the same prompt split into other steps or batched with
-# other prompts moves a log-probability by up to ~0.03 here (kernels differ by CPU
-# instruction set). Wrong KV moves them by far more: the corruption test changes the
-# generated tokens, and a wrong prefix shifts top log-probabilities by > 1.
-LOGPROB_TOLERANCE = 0.1
 
 
 class EngineRunError(RuntimeError):
@@ -85,9 +82,6 @@ def logprob_mismatches(reference: dict, candidate: dict, tolerance: float = LOGP
     return problems
 
 
-# LMCache's hit and vLLM's own prefix-cache hit, split at the same token and fed the
-# same stored KV, run the very same computation: their outputs must be identical.
-EXACT_TOLERANCE = 1e-4
 
 
 def assert_same_outputs(reference_step: dict, candidate_step: dict, tolerance: float = LOGPROB_TOLERANCE) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.soak_checks import BATCHED_TOLERANCE, EXACT_TOLERANCE, dir_bytes, mismatches
+from lmcache.bench.soak_checks import dir_bytes, mismatches
+from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
 from lmcache.bench.workload_clients import Completion
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,23 +28,23 @@ REF = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: 
 def test_identical_outputs_pass_both_ways():
     same = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: -2.5}])
     assert mismatches(REF, same, EXACT_TOLERANCE) == []
-    assert mismatches(REF, same, BATCHED_TOLERANCE, near_ties=True) == []
+    assert mismatches(REF, same, LOGPROB_TOLERANCE, near_ties=True) == []
 
 
 def test_corrupted_outputs_are_caught():
     shifted = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.3, 2: -2.0, 3: -2.5}])
-    assert mismatches(REF, shifted, BATCHED_TOLERANCE, near_ties=True)  # 0.3 off: wrong KV, not rounding
+    assert mismatches(REF, shifted, LOGPROB_TOLERANCE, near_ties=True)  # 0.3 off: wrong KV, not rounding
     rounding = _completion([5, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.01, 2: -2.0, 3: -2.5}])
-    assert mismatches(REF, rounding, BATCHED_TOLERANCE) == []
+    assert mismatches(REF, rounding, LOGPROB_TOLERANCE) == []
     assert mismatches(REF, rounding, EXACT_TOLERANCE)  # lone requests at the same split: bit for bit
     other_token = _completion([7, 9], [{5: -0.50, 6: -0.52, 7: -3.0}, {9: -1.0, 2: -2.0, 3: -2.5}])
-    assert mismatches(REF, other_token, BATCHED_TOLERANCE, near_ties=True)  # 7 was 2.5 below 5: no tie
+    assert mismatches(REF, other_token, LOGPROB_TOLERANCE, near_ties=True)  # 7 was 2.5 below 5: no tie
 
 
 def test_a_near_tie_may_flip_only_when_batched():
     flipped = _completion([6, 4], [{5: -0.51, 6: -0.505, 7: -3.0}, {4: -0.1, 1: -2.0, 8: -2.5}])
-    assert mismatches(REF, flipped, BATCHED_TOLERANCE, near_ties=True) == []  # later positions: other context
-    assert mismatches(REF, flipped, BATCHED_TOLERANCE)
+    assert mismatches(REF, flipped, LOGPROB_TOLERANCE, near_ties=True) == []  # later positions: other context
+    assert mismatches(REF, flipped, LOGPROB_TOLERANCE)
 
 
 def test_dir_bytes_counts_files(tmp_path):

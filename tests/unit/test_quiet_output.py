@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from lmcache.bench import common
+from lmcache import console
 
 SCRIPT = r"""
 import os, subprocess, sys
-from lmcache.bench.common import Console, Phase, quiet_vllm
+from lmcache.console import Console, Phase, quiet_vllm
 fail = sys.argv[1] == "fail"
 with quiet_vllm("t", verbose=sys.argv[1] == "verbose"):
     with Phase(1, 1, "a phase"):
@@ -66,15 +66,15 @@ def test_verbose_redirects_nothing(tmp_path):
     (10, 5, 5, "10 s elapsed"),
 ])
 def test_eta_text(elapsed, done, total, text):
-    assert common.eta_text(elapsed, done, total) == text
+    assert console.eta_text(elapsed, done, total) == text
 
 
 def test_phase_eta_comes_from_the_last_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(common.Console, "stream", sys.stdout)
-    with common.Phase(1, 2, "first", eta_key="k"):
+    monkeypatch.setattr(console.Console, "stream", sys.stdout)
+    with console.Phase(1, 2, "first", eta_key="k"):
         pass
-    with common.Phase(2, 2, "second", eta_key="k"):
+    with console.Phase(2, 2, "second", eta_key="k"):
         pass
     out = capsys.readouterr().out
     assert "[1/2] first ...\n" in out and "[2/2] second ... (about 0 s last time)" in out

@@ -56,10 +56,6 @@ class TransferPlan:
     skip_tokens: int  # chunk-aligned prefix not moved
     num_tokens: int  # move tokens [skip_tokens, num_tokens)
 
-    @property
-    def num_moved(self) -> int:
-        return self.num_tokens - self.skip_tokens
-
 
 @dataclass
 class ReqMeta:
