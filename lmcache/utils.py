@@ -45,7 +45,7 @@ def get_device(local_rank: int | None = None) -> torch.device:
 def init_logger(name: str) -> logging.Logger:
     """`logging.getLogger(name)`; also makes sure LMCache's own log lines are shown
     inside vLLM processes (level from LMCACHE_LOG_LEVEL, default INFO)."""
-    from lmcache.integration.vllm.utils import ensure_log_handler
+    from lmcache.logging import ensure_log_handler
 
     ensure_log_handler()
     return logging.getLogger(name)

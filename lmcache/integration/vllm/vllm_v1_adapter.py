@@ -27,12 +27,12 @@ from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.scheduler_side import SchedulerSide
 from lmcache.integration.vllm.utils import (
     engine_id_of,
-    ensure_log_handler,
     extra_config_of,
     lmcache_config_from_vllm,
     truthy,
 )
 from lmcache.integration.vllm.worker_side import WorkerSide
+from lmcache.logging import ensure_log_handler
 
 __all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1Impl"]
 
