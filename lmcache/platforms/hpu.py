@@ -44,7 +44,7 @@ class HpuPlatform(Platform):
             return False
         try:
             importlib.import_module("habana_frameworks.torch")
-        except Exception as exc:  # a broken bridge install is "no HPU", said once
+        except Exception as exc:  # noqa: BLE001 - a broken bridge install is "no HPU", said once
             logger.warning("habana_frameworks.torch is installed but failed to import: %s", exc)
             return False
         hpu = getattr(torch, "hpu", None)

@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping
 from lmcache.v1.config_values import (  # the constants are re-exported
     NO_NIXL,
     REMOTE_SCHEMES,
-    REMOTE_SERDES,
     UNSUPPORTED_SERDES,
     _Bad,
     _disk_path,

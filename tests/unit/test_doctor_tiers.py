@@ -1,12 +1,10 @@
 """The doctor's tier checks reach each tier for real: a disk directory, a Redis server,
 an lm:// server, host memory; OK on a working one, FAIL on a real mistake."""
 
-import os
 import socket
 import struct
 import threading
 
-import pytest
 
 from lmcache.doctor import lm_health, tiers
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN

@@ -210,5 +210,5 @@ class RemoteBackend:
     def close(self) -> None:
         try:
             self._client.close()
-        except Exception:  # closing a dead connection must not raise
+        except Exception:  # noqa: BLE001 - closing a dead connection must not raise
             pass

@@ -43,7 +43,7 @@ def load_kernels():
     try:
         started = time.perf_counter()
         from lmcache.v1.gpu_connector.cpu import attn_kernels
-    except Exception as exc:  # numba absent or broken: the torch path stays
+    except Exception as exc:  # noqa: BLE001 - numba absent or broken: the torch path stays
         logger.info("numba unavailable (%s: %s); CPU attention blocks move through torch", type(exc).__name__, exc)
         return None
     logger.debug("cpu_attn kernels imported in %.3f s", time.perf_counter() - started)

@@ -48,7 +48,7 @@ def load_kernel():
                     np.array([[probe.ctypes.data + 2]], dtype=np.uint64), one, np.zeros(3, dtype=np.int64), 1, True)
         if probe[2] != 0:
             raise RuntimeError("the compiled memcpy loop copied nothing")
-    except Exception as exc:  # numba absent or broken: callers keep their torch path
+    except Exception as exc:  # noqa: BLE001 - numba absent or broken: callers keep their torch path
         logger.info("numba unavailable (%s: %s); whole blocks move through torch", type(exc).__name__, exc)
         return None
     return copy_blocks
