@@ -59,7 +59,7 @@ def check_caches(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 def plain_objects(connector, objs) -> list:
     """The objects as plain per-token K/V: native blocks (native_blocks.py) decoded, others as they are."""
-    native = connector._cpu.native if connector._cpu is not None else None
+    native = getattr(connector.transfers, "native", None)  # CpuTransfers only
     if native is None:
         return objs
     plain = []

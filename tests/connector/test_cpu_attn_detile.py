@@ -96,8 +96,8 @@ def test_each_vllm_cpu_tiling_has_a_compiled_detiler(cpu_platform, dtype, block)
     conn = create_gpu_connector(cache.kv_caches, attn_backend="CPU_ATTN")
     if conn.layout.cpu_attn_packing.isa != isa:
         pytest.skip(f"vLLM picked {conn.layout.cpu_attn_packing.isa} here, not {isa} (this CPU lacks its instructions)")
-    assert tuple(d.kind for d in conn._cpu.detilers) == kinds
-    assert tuple(t.kind for t in conn._cpu.tilers) == kinds
+    assert tuple(d.kind for d in conn.transfers.detilers) == kinds
+    assert tuple(t.kind for t in conn.transfers.tilers) == kinds
 
 
 def _sizes(block):

@@ -59,7 +59,7 @@ def test_store_waits_for_pending_compute_stream_work(cuda_platform):
         buffer.fill_(5.0)
     conn.from_gpu(obj, 0, 512, slot_mapping=slots)
     assert torch.all(obj.tensor == 5.0)
-    assert conn._stream is not None and conn._stream != cuda_platform_stream()
+    assert conn.transfers._stream is not None and conn.transfers._stream != cuda_platform_stream()
 
 
 @pytest.mark.parametrize("layout", ["flash_attn/LBNHC", "mla/4d"])

@@ -10,7 +10,8 @@ import torch
 
 from lmcache.testing.vllm_gaudi import gaudi_kv_caches, random_steps
 from lmcache.v1.gpu_connector import create_gpu_connector
-from lmcache.v1.gpu_connector.hpu import SlotBuckets, static_transfers
+from lmcache.v1.gpu_connector.hpu import HpuTransfers, SlotBuckets, static_transfers
+from lmcache.v1.gpu_connector.staged import StagedTransfers
 from lmcache.v1.memory import MemoryObj
 from tests.connector.kv_layouts import raw
 from tests.fixtures.hpu import emulated_hpu
@@ -44,7 +45,7 @@ def test_compiles_bounded_by_buckets_over_200_steps(hpu_emu, lazy):
     # the bound, worked out here: powers of two from 256 that cover the batches
     buckets = sorted({max(256, 1 << (t - 1).bit_length()) for t in totals if t})
     assert len(totals) > 50, "the steps must vary"
-    assert conn._hpu.sizes_made == buckets
+    assert conn.transfers.sizes_made == buckets
     worst = max(per_call.values())
     assert worst <= len(buckets), {k: v for k, v in per_call.items() if v > len(buckets)}
 
@@ -77,7 +78,7 @@ def test_padded_roundtrips_are_bit_exact(hpu_emu, dtype, pad_block_dropped):
     dst = gaudi_kv_caches(L, BLOCKS, N, H, D, dtype, pad_block_dropped=pad_block_dropped, gen=gen)
     saver = create_gpu_connector(src.kv_caches, attn_backend="CUSTOM", use_mla=False)
     loader = create_gpu_connector(dst.kv_caches, attn_backend="CUSTOM", use_mla=False)
-    assert saver.kv_dtype == dtype and saver._hpu is not None
+    assert saver.kv_dtype == dtype and isinstance(saver.transfers, HpuTransfers)
     for slots, starts, ends in random_steps(6, BLOCKS, N, gen, max_tokens=900):
         source, target = _known(src, gen), _known(dst, gen)
         objs = _objects(saver, starts, ends)
@@ -105,7 +106,7 @@ def test_padded_scatter_leaves_a_neighbours_blocks_untouched(hpu_emu):
     caches, conn, a_slots, b_slots, objs = _neighbours(hpu_emu)
     before = [raw(b).to("cpu").clone() for b in caches.buffers]
     conn.batched_to_gpu(objs, [0], [200], slot_mapping=a_slots)
-    assert conn._hpu.sizes_made == [256]
+    assert conn.transfers.sizes_made == [256]
     for got, old in zip((raw(b).to("cpu") for b in caches.buffers), before):
         assert torch.equal(got[b_slots], old[b_slots]), "request B's KV changed"
         untouched = torch.ones(got.shape[0], dtype=torch.bool)
@@ -132,12 +133,12 @@ def test_staging_is_made_once_per_bucket(hpu_emu):
     caches = gaudi_kv_caches(L, BLOCKS, N, H, D, torch.bfloat16)
     conn = create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets=[256, 1024, 4096])
     made = []
-    original = conn._hpu._make_bucket
-    conn._hpu._make_bucket = lambda size: made.append(size) or original(size)
+    original = conn.transfers._make_bucket
+    conn.transfers._make_bucket = lambda size: made.append(size) or original(size)
     for slots, starts, ends in random_steps(30, BLOCKS, N, torch.Generator().manual_seed(2), max_tokens=700):
         objs = _objects(conn, starts, ends)
         conn.batched_from_gpu(objs, starts, ends, slot_mapping=slots)
-    assert sorted(made) == conn._hpu.sizes_made and len(made) == len(set(made)) <= 3
+    assert sorted(made) == conn.transfers.sizes_made and len(made) == len(set(made)) <= 3
 
 
 def test_slot_buckets_setting():
@@ -146,7 +147,8 @@ def test_slot_buckets_setting():
     assert [explicit.size_for(n) for n in (5, 300, 1024, 1025, 3000)] == [256, 1024, 1024, 2048, 4096]
     with emulated_hpu():
         caches = gaudi_kv_caches(1, 4, N, H, D, torch.bfloat16)
-        assert create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets="off")._hpu is None
+        assert isinstance(create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets="off").transfers,
+                          StagedTransfers)
         with pytest.raises(ValueError, match="hpu_slot_buckets"):
             create_gpu_connector(caches.kv_caches, use_mla=False, slot_buckets="1024,256")
 

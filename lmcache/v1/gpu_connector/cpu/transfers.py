@@ -18,14 +18,14 @@ no extra copy. Per batch:
                  several times faster than torch's CPU index_copy_), layers spread
                  over torch's threads (threads.py).
 
-The generic connector (vllm_connector.py) calls `store` / `load` for a batch and
-`store_layer` / `load_layer` for the layerwise generators.
+It is the CPU's `Transfers` (transfers.py): `store` / `load` for a batch, and
+`store_layers` / `load_layers` (one layer per next()) for the layerwise connector.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 
@@ -58,8 +58,9 @@ def lead_blocks_numpy(part: ObjectPart):
 class CpuTransfers:
     """Paged KV on the host <-> memory objects, for one registered layout."""
 
-    def __init__(self, layout: KVLayout, native_blocks: bool = False):
+    def __init__(self, layout: KVLayout, platform=None, native_blocks: bool = False):
         self.layout = layout
+        self.platform = platform  # synchronized after each batch (a no-op for KV on the host)
         self._tables = [[plane.table(raw_view(t)) for plane, t in zip(layout.planes, tensors)]
                         for tensors in layout.plane_tensors]
         self._np_tables = [[table.numpy() for table in per_layer] for per_layer in self._tables]
@@ -107,8 +108,9 @@ class CpuTransfers:
         if self.native is not None:
             jobs = self.native.plan(self.layout, memory_objs, starts, ends, slot_mapping)
             self.native.store(jobs, self._portable_store, self.layout.dtype)
-            return
-        self._portable_store(memory_objs, starts, ends, slot_mapping=slot_mapping)
+        else:
+            self._portable_store(memory_objs, starts, ends, slot_mapping=slot_mapping)
+        self._synchronize()
 
     def load(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int],
              slot_mapping: torch.Tensor) -> None:
@@ -116,8 +118,35 @@ class CpuTransfers:
         if self.native is not None:
             jobs = self.native.plan(self.layout, memory_objs, starts, ends, slot_mapping)
             self.native.load(jobs, self._portable_load, self.layout.dtype)
-            return
-        self._portable_load(memory_objs, starts, ends, slot_mapping=slot_mapping)
+        else:
+            self._portable_load(memory_objs, starts, ends, slot_mapping=slot_mapping)
+        self._synchronize()
+
+    def store_layers(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int],
+                     slot_mapping: torch.Tensor) -> Generator:
+        """Per layer, in the portable per-token format (no stream to overlap with: each
+        next() moves its layer directly)."""
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        for layer in range(self.num_layers):
+            if plan.parts:
+                self.store_layer(plan, layer)
+            yield
+        self._synchronize()
+        yield
+
+    def load_layers(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int],
+                    slot_mapping: torch.Tensor) -> Generator:
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        for layer in range(self.num_layers):
+            if plan.parts:
+                self.load_layer(plan, layer)
+            yield
+        self._synchronize()
+        yield
+
+    def _synchronize(self) -> None:
+        if self.platform is not None:
+            self.platform.synchronize()
 
     def _portable_store(self, memory_objs, starts, ends, *, slot_mapping) -> None:
         plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)

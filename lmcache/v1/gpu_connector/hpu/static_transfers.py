@@ -32,12 +32,14 @@ index kernels need not know fp8); other dtypes in their own dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
 
 import torch
 
+from lmcache.v1.gpu_connector import LAYERWISE_ON_HPU
 from lmcache.v1.gpu_connector.hpu.buckets import SlotBuckets
 from lmcache.v1.gpu_connector.layouts import KVLayout
-from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, raw_view
+from lmcache.v1.gpu_connector.transfer_plan import BatchPlan, plan_batch, raw_view
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -74,7 +76,10 @@ class _Bucket:
 
 
 class HpuTransfers:
-    """Static-shape batched store / load for one registered HPU layout."""
+    """Static-shape batched store / load for one registered HPU layout (Gaudi's `Transfers`,
+    see transfers.py; no layer generators: vllm-gaudi never calls the per-layer hooks)."""
+
+    host_format_tag = ""
 
     def __init__(self, layout: KVLayout, platform, staging_bytes: int, buckets: SlotBuckets):
         self.layout = layout
@@ -94,7 +99,25 @@ class HpuTransfers:
         return sorted(self._by_size)
 
     # -- batches ------------------------------------------------------------------
-    def store(self, plan: BatchPlan) -> None:
+    def store(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int],
+              slot_mapping: torch.Tensor) -> None:
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        if plan.parts:
+            self._store(plan)
+
+    def load(self, memory_objs: Sequence[Any], starts: Sequence[int], ends: Sequence[int],
+             slot_mapping: torch.Tensor) -> None:
+        plan = plan_batch(self.layout, memory_objs, starts, ends, slot_mapping)
+        if plan.parts:
+            self._load(plan)
+
+    def store_layers(self, *args: Any) -> Generator:
+        raise ValueError(LAYERWISE_ON_HPU)
+
+    def load_layers(self, *args: Any) -> Generator:
+        raise ValueError(LAYERWISE_ON_HPU)
+
+    def _store(self, plan: BatchPlan) -> None:
         bucket = self._bucket(plan.total)
         staging, host_groups = self._host_staging(bucket)
         rows = self._rows(plan, bucket)
@@ -116,7 +139,7 @@ class HpuTransfers:
             else:
                 dst.index_copy_(2, part.positions, src)
 
-    def load(self, plan: BatchPlan) -> None:
+    def _load(self, plan: BatchPlan) -> None:
         bucket = self._bucket(plan.total)
         staging, host_groups = self._host_staging(bucket)
         staged = raw_view(staging)
