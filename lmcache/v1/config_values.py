@@ -123,8 +123,8 @@ def _remote_url(value: Any) -> str:
         parts.port  # raises ValueError on a bad port
     except ValueError:
         raise _Bad from None
-    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
-        raise _Bad
+    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname or parts.port == 0:
+        raise _Bad  # port 0 is "any port" to a server, and no port at all to a client
     if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
         raise _Bad  # lm://HOST:PORT, nothing else
     db = parts.path.strip("/")
@@ -221,8 +221,12 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+_SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token)($|_)")
+
+
 def is_secret_key(key: str) -> bool:
-    return any(word in key.lower() for word in ("secret", "password", "token"))
+    """chunk_secret, redis_password, ...: never shown (min_retrieve_tokens is not one)."""
+    return _SECRET_KEY.search(key.lower()) is not None
 
 
 def shown_value(key: str, value: Any) -> Any:

@@ -27,6 +27,7 @@ import urllib.parse
 
 import torch
 
+from lmcache.v1.config_values import redact_url
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend import lm_keys
@@ -54,7 +55,7 @@ def parse_lm_url(url: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if parts.scheme != "lm" or not parts.hostname or not port or parts.path not in ("", "/"):
-        raise ValueError(f"remote_url {url!r}: expected lm://HOST:PORT (port 1..65535)")
+        raise ValueError(f"remote_url {redact_url(url)!r}: expected lm://HOST:PORT (port 1..65535)")
     return parts.hostname, port
 
 
