@@ -20,6 +20,7 @@ from lmcache.v1.server.connections import is_loopback_host, parse_networks
 
 GB = 1024**3
 DEFAULT_MAX_GB = 5.0
+_SPARE_FDS = 64  # the listening socket, logs, interpreter files
 
 
 def default_budget_gb() -> float:
@@ -81,6 +82,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def fit_open_files(max_clients: int, logger: logging.Logger) -> int:
+    """Raise the open-file limit to what max_clients needs (one socket each, plus some);
+    where the hard limit is lower, lower max_clients to fit (a full fd table would make
+    accept() fail in a loop)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max_clients + _SPARE_FDS
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (ImportError, ValueError, OSError):
+        return max_clients
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fitted = max(1, soft - _SPARE_FDS)
+        logger.warning("--max-clients %d needs %d open files, the limit is %d: serving at most %d clients",
+                       max_clients, want, soft, fitted)
+        return fitted
+    return max_clients
+
+
 def exposure_warning(bound_host: str, port: int, allow: tuple) -> str | None:
     """The loud line for a server anyone on the network can reach, or None."""
     if allow or is_loopback_host(bound_host):
@@ -101,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if physical is not None and args.max_size_gb * GB > physical:
         logger.warning("--max-size-gb %g is more than this machine's memory (%.1f GB): the server will be "
                        "killed for lack of memory before the budget is full", args.max_size_gb, physical / GB)
+    max_clients = fit_open_files(args.max_clients, logger)
     inflight = None if args.max_inflight_mb is None else int(args.max_inflight_mb * 1024**2)
     try:
         server = LMCacheServer(args.host, args.port, int(args.max_size_gb * GB), request_timeout=args.request_timeout,
-                               max_clients=args.max_clients, idle_timeout=args.idle_timeout,
+                               max_clients=max_clients, idle_timeout=args.idle_timeout,
                                inflight_bytes=inflight, allow=args.allow)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
