@@ -46,9 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--request-timeout", "--io-timeout", dest="request_timeout", type=float, default=60.0,
                         help="seconds a request may take, from its first header byte to the last byte of its body "
                              "or reply, before its connection is closed (default 60)")
-    parser.add_argument("--idle-timeout", type=float, default=3600.0,
+    parser.add_argument("--idle-timeout", type=float, default=0.0,
                         help="seconds a connection may stay quiet between requests before it is closed; 0: never "
-                             "(default 3600; upstream's client does not reconnect, see docs)")
+                             "(the default: upstream's client never reconnects; at --max-clients the quietest "
+                             "connection makes room anyway)")
     parser.add_argument("--max-clients", type=int, default=1024,
                         help="open connections at most (one thread each); beyond it the one quiet for longest is "
                              "dropped, or the newcomer refused if all are busy (default 1024)")

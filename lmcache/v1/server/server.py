@@ -27,7 +27,7 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def __init__(self, host: str, port: int, budget_bytes: int, request_timeout: float = 60.0,
-                 max_clients: int = 1024, idle_timeout: float | None = 3600.0,
+                 max_clients: int = 1024, idle_timeout: float | None = None,
                  inflight_bytes: int | None = None, allow: tuple = ()):
         """`inflight_bytes`: PUT bodies being received at once (default min(budget, 256 MiB));
         `idle_timeout` None or 0: idle connections are never closed for being idle;
