@@ -24,7 +24,8 @@ from lmcache.v1.config import GB, LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend import serde
 from lmcache.v1.storage_backend.local_disk import SUFFIX, TMP_SUFFIX
-from lmcache.v1.storage_backend.remote import redacted, redis_py_url
+from lmcache.v1.config_values import redact_url
+from lmcache.v1.storage_backend.remote import redis_py_url
 
 _PATH_FIXES = {
     errno.ENOTDIR: "a part of the path is a regular file, not a directory: point local_disk at a directory",
@@ -132,7 +133,7 @@ def host_memory(config: LMCacheEngineConfig) -> Finding:
 def redis_tier(url: str, timeout: float) -> Finding:
     import redis
 
-    shown = redacted(url)
+    shown = redact_url(url)
     client = redis.Redis.from_url(redis_py_url(url), socket_timeout=timeout, socket_connect_timeout=timeout)
     key = f"lmcache-doctor/{uuid.uuid4().hex}"
     try:

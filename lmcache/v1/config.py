@@ -35,6 +35,8 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     _remote_url,
     _serde,
     _slot_buckets,
+    physical_memory_bytes,
+    shown_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,10 @@ class LMCacheEngineConfig:
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in KEYS}
 
+    def __repr__(self) -> str:  # no password or secret in logs, tracebacks or reports
+        shown = ", ".join(f"{name}={shown_value(name, getattr(self, name))!r}" for name in KEYS)
+        return f"{type(self).__name__}({shown})"
+
 
 @dataclass(frozen=True)
 class _Key:
@@ -132,7 +138,7 @@ KEYS: dict[str, _Key] = {
     "max_local_disk_size": _Key(_non_negative_float, "a number of GB >= 0"),
     "remote_url": _Key(
         _none_or(_remote_url),
-        "none, lm://host:port, or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
+        "none, lm://host:port (port 1..65535), or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
         + ", ".join(REMOTE_SCHEMES[:-1]),
     ),
     "remote_serde": _Key(
@@ -162,7 +168,8 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
         parsed = spec.parse(value)
     except (_Bad, ValueError):
         raise ConfigError(
-            f"lmcache config: {key}={value!r} (from {source}) is not valid; accepted: {spec.accepted}"
+            f"lmcache config: {key}={shown_value(key, value)!r} (from {source}) is not valid; "
+            f"accepted: {spec.accepted}"
         ) from None
     setattr(config, key, parsed)
     config.sources[key] = source
@@ -180,11 +187,26 @@ def _warn_unknown(key: str, source: str) -> None:
     logger.warning("lmcache config: unknown key %r (from %s) is ignored%s", key, source, hint)
 
 
+_warned: set = set()  # (what, value) already warned about in this process
+
+
+def _warn_once(what: tuple, message: str, *args) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning(message, *args)
+
+
 def _check_whole(config: LMCacheEngineConfig) -> LMCacheEngineConfig:
-    """Rules that involve more than one key."""
+    """Rules that involve more than one key, and values that are accepted but cannot work as meant."""
+    physical = physical_memory_bytes()
+    if config.local_cpu and physical is not None and config.local_cpu_bytes > physical:
+        _warn_once(("max_local_cpu_size", config.max_local_cpu_size),
+                   "lmcache config: max_local_cpu_size=%g GB (from %s) is more than this machine's memory "
+                   "(%.1f GB): the process will run out of memory long before the budget is full",
+                   config.max_local_cpu_size, config.sources.get("max_local_cpu_size", "default"), physical / GB)
     if config.local_disk is not None and config.max_local_disk_size <= 0:
         raise ConfigError(
-            f"lmcache config: local_disk={config.local_disk!r} (from "
+            f"lmcache config: local_disk={shown_value('local_disk', config.local_disk)!r} (from "
             f"{config.sources.get('local_disk', 'default')}) needs a disk budget, but "
             f"max_local_disk_size={config.max_local_disk_size!r} (from "
             f"{config.sources.get('max_local_disk_size', 'default')}); accepted: a number of GB > 0"
@@ -231,6 +253,11 @@ def apply_vllm_extra_config(
 def _read_yaml(path: str, source: str) -> dict:
     import yaml
 
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"lmcache config: config file {path!r} (from {source}) is a directory; "
+            "accepted: the path of a readable YAML file"
+        )
     if not os.path.isfile(path):
         raise ConfigError(
             f"lmcache config: config file {path!r} (from {source}) does not exist; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.parse
 from typing import Any, Callable, Mapping
 
@@ -122,8 +123,8 @@ def _remote_url(value: Any) -> str:
         parts.port  # raises ValueError on a bad port
     except ValueError:
         raise _Bad from None
-    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname:
-        raise _Bad
+    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname or parts.port == 0:
+        raise _Bad  # port 0 is "any port" to a server, and no port at all to a client
     if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
         raise _Bad  # lm://HOST:PORT, nothing else
     db = parts.path.strip("/")
@@ -180,3 +181,61 @@ def _extra(value: Any) -> dict | None:
 def _slot_buckets(value: Any) -> Any:
     from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
     return parse_slot_buckets(value)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# --- redaction: no password, secret or URL credential is ever shown -----------------
+
+_USERINFO = re.compile(r"((?:^|/)[^/@:\s]*:)[^@/\s]*@")
+_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "key", "auth")
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user-info, and query values that look like
+    credentials, replaced by ***; anything else unchanged."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return _USERINFO.sub(r"\1***@", url)
+    if not parts.scheme or not parts.netloc and not parts.query:
+        return _USERINFO.sub(r"\1***@", url)  # not a URL as parsed: mask anything shaped like user:pw@
+    netloc = parts.netloc
+    if password is not None or "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if password is not None else f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
+            query = "&".join(f"{name}=***" if name.lower() in _SECRET_QUERY else f"{name}={value}"
+                             for name, value in pairs)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token)($|_)")
+
+
+def is_secret_key(key: str) -> bool:
+    """chunk_secret, redis_password, ...: never shown (min_retrieve_tokens is not one)."""
+    return _SECRET_KEY.search(key.lower()) is not None
+
+
+def shown_value(key: str, value: Any) -> Any:
+    """A config value as messages and reports may show it: secrets as ***, URLs
+    without their credentials."""
+    if value is None:
+        return None
+    if is_secret_key(key):
+        return "***"
+    if isinstance(value, str) and ("://" in value or "@" in value):
+        return redact_url(value)
+    return value

@@ -24,7 +24,8 @@ PROBE_KEY = b"probe@1@0@0@half"
 
 class LMServerProc:
     def __init__(self, workdir: Path, args: tuple[str, ...] = (), upstream_tree: Path | None = None,
-                 port: int | None = None):
+                 port: int | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.args = tuple(args)
@@ -46,7 +47,7 @@ class LMServerProc:
             env = upstream_env(self.upstream_tree)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(self.port), *self.args],
+            [sys.executable, "-m", "lmcache.v1.server", self.host, str(self.port), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )
         log.close()
@@ -138,8 +139,9 @@ class RawClient:
 def lm_factory(tmp_path):
     servers = []
 
-    def make(*args: str, upstream_tree: Path | None = None, port: int | None = None) -> LMServerProc:
-        server = LMServerProc(tmp_path / f"lm{len(servers)}", args, upstream_tree, port)
+    def make(*args: str, upstream_tree: Path | None = None, port: int | None = None,
+             host: str = "127.0.0.1") -> LMServerProc:
+        server = LMServerProc(tmp_path / f"lm{len(servers)}", args, upstream_tree, port, host)
         servers.append(server)
         return server.start()
 

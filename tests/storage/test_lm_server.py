@@ -73,7 +73,7 @@ def put(store, key, n, fill=0):
     buf = store.reserve(n)
     assert buf is not None
     buf[:] = fill
-    store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+    assert store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
     return buf
 
 
@@ -89,6 +89,17 @@ def test_lru_eviction_keeps_the_budget():
     assert store.reserve(1001) is None  # never more than the budget, whatever is evicted
 
 
+def test_reservations_evict_nothing_until_commit():
+    store = LRUByteStore(1000)
+    put(store, b"a", 600)
+    bodies = [store.reserve(300) for _ in range(3)]  # 900 in flight, next to 600 stored
+    assert all(b is not None for b in bodies) and store.contains(b"a")
+    assert store.reserve(200, timeout=0.05) is None  # the in-flight allowance (1000) is full
+    for b in bodies:
+        store.release(b)  # bodies that never arrived
+    assert store.contains(b"a") and store.evictions == 0
+
+
 def test_buffers_are_reused_but_never_under_a_reader():
     store = LRUByteStore(1000)
     first = put(store, b"a", 400, fill=1)
@@ -97,10 +108,38 @@ def test_buffers_are_reused_but_never_under_a_reader():
     store.release(first)
     reading = store.hold(b"a")
     put(store, b"b", 400, fill=3)
-    put(store, b"c", 400, fill=4)  # evicts "a" while it is being sent
-    assert not store.contains(b"a") and bytes(reading.data) == b"\x02" * 400  # untouched
+    put(store, b"c", 400, fill=4)  # evicts "b", not "a", which is being sent
+    assert store.contains(b"a") and not store.contains(b"b")
+    put(store, b"a", 400, fill=5)  # replaces "a" while it is being sent: pinned, counted, untouched
+    assert bytes(reading.data) == b"\x02" * 400
+    assert store.held_bytes <= 1000
     store.done(reading)
-    assert store.reserve(400) is not reading.data  # it was dropped, not kept
+    assert store._pinned == 0 and store.held_bytes <= 1000  # let go of once sent
+
+
+def test_a_reader_holding_the_room_a_write_needs_is_ended():
+    store = LRUByteStore(1000)
+    put(store, b"a", 600, fill=1)
+    ended = []
+    reading = store.hold(b"a", abort=lambda: ended.append(True))
+    buf = store.reserve(600)
+    buf[:] = 2
+
+    def reader_lets_go():
+        while not ended:
+            time.sleep(0.01)
+        store.done(reading, None)
+
+    t = threading.Thread(target=reader_lets_go)
+    t.start()
+    assert store.commit(b"b", Entry(buf, 4, 6, (600, 0, 0, 0), 0))  # "a" evicted once its reader let go
+    t.join()
+    assert ended and store.contains(b"b") and not store.contains(b"a")
+    stuck = store.hold(b"b")  # a reader that cannot be ended (no abort): the write is dropped, not over budget
+    buf = store.reserve(600)
+    assert not store.commit(b"c", Entry(buf, 4, 6, (600, 0, 0, 0), 0), wait=0.1)
+    assert store.held_bytes <= 1000
+    store.done(stuck)
 
 
 @settings(max_examples=150, deadline=None)
@@ -112,14 +151,14 @@ def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
     for op, k, n in ops:
         key = b"k%d" % k
         if op in ("put", "short"):
-            buf = store.reserve(n)
+            buf = store.reserve(n, timeout=0)
             if buf is None:
-                assert n > 1000 or store._reserved > 0
+                assert n > 1000
                 continue
             assert all(buf is not e.data for e in held)  # never a buffer being sent
             buf[:] = k
             if op == "put":
-                store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0))
+                store.commit(key, Entry(buf, 4, 6, (n, 0, 0, 0), 0), wait=0)
             else:
                 store.release(buf)
         elif op == "read":
@@ -129,7 +168,8 @@ def test_store_never_exceeds_its_budget_nor_reuses_a_held_buffer(ops):
                 held.append(entry)
         elif held:
             store.done(held.pop(0))
-        assert store._used + store._reserved + store._idle_bytes <= store.budget_bytes
+        assert store._used + store._pinned + store._idle_bytes <= store.budget_bytes
+        assert store._inflight == 0
         for entry in held:
             assert len(set(bytes(entry.data))) == 1  # nothing overwrote what a reader holds
 
@@ -139,20 +179,26 @@ def logged(server, text: str, count: int) -> bool:
     return wait_until(lambda: server.log().count(text) >= count, timeout=10, interval=0.02)
 
 
-def test_max_clients_closes_the_extra_connection(lm_factory):
+def test_max_clients_displaces_the_quietest_then_refuses_when_all_are_busy(lm_factory):
     server = lm_factory("--max-clients", "2")
     assert logged(server, "disconnected after", 1), server.log()  # the start-up probe's connection
     first, second = RawClient(server.port), RawClient(server.port)
     assert first.request(P.HEALTH, b"").code == P.SUCCESS and second.request(P.HEALTH, b"").code == P.SUCCESS
-    third = RawClient(server.port)
-    assert third.sock.recv(1) == b""  # closed at once
-    third.close()
-    first.close()
-    assert logged(server, "disconnected after", 2), server.log()  # the probe's and first's
-    with RawClient(server.port) as fourth:  # room again
-        assert fourth.request(P.HEALTH, b"").code == P.SUCCESS
-    second.close()
-    assert "refused: 2 connections open" in server.log()
+    third = RawClient(server.port)  # first has been quiet the longest: it makes room
+    assert third.request(P.HEALTH, b"").code == P.SUCCESS
+    assert first.sock.recv(1) == b""
+    assert logged(server, "dropped to make room", 1)
+    for c in (second, third):  # both busy: a PUT whose body has not all arrived
+        c.send(P.pack_request(P.PUT, b"busy", 1000, P.FMT_BINARY, 6, (1000, 0, 0, 0)) + b"x")
+    time.sleep(0.3)
+    fourth = RawClient(server.port)
+    assert fourth.sock.recv(1) == b""  # closed at once
+    assert logged(server, "all busy (--max-clients)", 1)
+    for c in (first, second, third, fourth):
+        c.close()
+    assert logged(server, "disconnected after", 4), server.log()
+    with RawClient(server.port) as fifth:  # room again
+        assert fifth.request(P.HEALTH, b"").code == P.SUCCESS
 
 
 def test_eviction_under_a_small_budget_with_concurrent_writers(lm_factory):

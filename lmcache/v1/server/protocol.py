@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 KEY_FIELD = 150
@@ -115,12 +116,38 @@ FAIL_REPLY = Reply(FAIL, 0, FMT_KV_2LTD, 2, (0, 0, 0, 0), 0).pack()
 SUCCESS_REPLY = Reply(SUCCESS, 0, FMT_KV_2LTD, 2, (0, 0, 0, 0), 0).pack()
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> int:
-    """Fill `view` from the socket; returns the bytes received (short only at EOF)."""
+class DeadlineExceeded(TimeoutError):
+    """An operation did not finish by its deadline (an OSError, as socket timeouts are)."""
+
+
+def arm(sock: socket.socket, deadline: float | None) -> None:
+    """Set the socket's timeout to what is left until `deadline` (time.monotonic());
+    DeadlineExceeded if nothing is left. None: no deadline (blocking)."""
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed")
+    sock.settimeout(left)
+
+
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> int:
+    """Fill `view` from the socket; returns the bytes received (short only at EOF).
+    With a deadline, the whole fill must end by it (each read gets only what is
+    left, so a peer sending a byte at a time cannot stretch it)."""
     got, n = 0, len(view)
     while got < n:
+        if deadline is not None:
+            arm(sock, deadline)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             break
         got += k
     return got
+
+
+def send_all(sock: socket.socket, data, deadline: float | None) -> None:
+    """sendall, ended by the deadline (a socket timeout bounds a whole sendall)."""
+    arm(sock, deadline)
+    sock.sendall(data)

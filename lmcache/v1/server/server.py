@@ -12,10 +12,13 @@ import socket
 import socketserver
 import threading
 
+from lmcache.v1.server.connections import ConnectionTable
 from lmcache.v1.server.handler import ClientHandler
 from lmcache.v1.server.store import LRUByteStore
 
 logger = logging.getLogger("lmcache.v1.server")
+
+DEFAULT_INFLIGHT_BYTES = 256 * 1024**2
 
 
 class LMCacheServer(socketserver.ThreadingTCPServer):
@@ -23,12 +26,18 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, budget_bytes: int, io_timeout: float = 60.0, max_clients: int = 1024):
-        self.store = LRUByteStore(budget_bytes)
-        self.io_timeout = io_timeout
-        self.max_clients = max_clients
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
+    def __init__(self, host: str, port: int, budget_bytes: int, request_timeout: float = 60.0,
+                 max_clients: int = 1024, idle_timeout: float | None = None,
+                 inflight_bytes: int | None = None, allow: tuple = ()):
+        """`inflight_bytes`: PUT bodies being received at once (default min(budget, 256 MiB));
+        `idle_timeout` None or 0: idle connections are never closed for being idle;
+        `allow`: ipaddress networks that may connect (empty: anyone)."""
+        if inflight_bytes is None:
+            inflight_bytes = min(budget_bytes, DEFAULT_INFLIGHT_BYTES)
+        self.store = LRUByteStore(budget_bytes, inflight_bytes)
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout or None
+        self.connections = ConnectionTable(max_clients, tuple(allow))
         self._thread: threading.Thread | None = None
         self._serving = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -41,24 +50,17 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
 
     @property
     def open_connections(self) -> int:
-        with self._conn_lock:
-            return len(self._connections)
-
-    def track(self, sock: socket.socket) -> None:
-        with self._conn_lock:
-            self._connections.add(sock)
-
-    def untrack(self, sock: socket.socket) -> None:
-        with self._conn_lock:
-            self._connections.discard(sock)
+        return len(self.connections)
 
     def verify_request(self, request, client_address) -> bool:
-        """Beyond max_clients open connections a new one is closed at once (one thread each)."""
-        if self.open_connections < self.max_clients:
-            return True
-        logger.warning("client %s:%s refused: %d connections open (--max-clients)", *client_address[:2],
-                       self.open_connections)
-        return False
+        """Registers the connection, or refuses it (not allowed, or every slot busy)."""
+        return self.connections.admit(request, client_address) is not None
+
+    def shutdown_request(self, request) -> None:
+        conn = self.connections.get(request)
+        if conn is not None:  # the handler's finish() did not run (a failed thread start)
+            self.connections.remove(conn)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:  # never a traceback on stderr per client
         logger.exception("client %s:%s: unexpected error", *client_address[:2])
@@ -80,14 +82,9 @@ class LMCacheServer(socketserver.ThreadingTCPServer):
         """Stop accepting, close the open connections, release the port."""
         if self._serving:
             self.shutdown()  # waits for serve_forever (in another thread) to return
-        with self._conn_lock:
-            open_now = list(self._connections)
-        for sock in open_now:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.connections.shut_all()
         self.server_close()
         if self._thread is not None:
             self._thread.join(timeout)
         self.store.clear()
+

@@ -11,6 +11,9 @@ a server that is down or restarting is a miss plus one log line (outage.py),
 and connections are made again (bounded back-off) once it answers. Connections
 come from a small pool, so the background writer's PUTs do not wait behind the
 engine's GETs; a connection that saw any error is closed, never reused.
+`timeout` (remote_timeout) is a deadline for a whole operation (a GET with its
+payload, a lookup's EXISTs, a PUT), not per read: a server that trickles bytes
+cannot hold a request past it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import logging
 import select
 import socket
 import threading
+import time
 import urllib.parse
 
 import torch
 
+from lmcache.v1.config_values import redact_url
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend import lm_keys
@@ -49,8 +54,8 @@ def parse_lm_url(url: str) -> tuple[str, int]:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme != "lm" or not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise ValueError(f"remote_url {url!r}: expected lm://HOST:PORT")
+    if parts.scheme != "lm" or not parts.hostname or not port or parts.path not in ("", "/"):
+        raise ValueError(f"remote_url {redact_url(url)!r}: expected lm://HOST:PORT (port 1..65535)")
     return parts.hostname, port
 
 
@@ -65,21 +70,23 @@ class _Connections:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    def take(self) -> tuple[socket.socket, bool]:
-        """(a connection, whether it was reused)."""
+    def take(self, deadline: float) -> tuple[socket.socket, bool]:
+        """(a connection, whether it was reused); a new one must connect by the deadline too."""
         while True:
             with self._lock:
                 sock = self._idle.pop() if self._idle else None
             if sock is None:
-                return self._connect(), False
+                return self._connect(deadline), False
             if _alive(sock):
                 return sock, True
             sock.close()
 
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+    def _connect(self, deadline: float) -> socket.socket:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise P.DeadlineExceeded("no time left to connect")
+        sock = socket.create_connection(self.address, timeout=min(self.connect_timeout, left))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.timeout)
         return sock
 
     def give(self, sock: socket.socket) -> None:
@@ -126,14 +133,19 @@ class LMServerBackend:
             self._logged.add(kind)
             logger.warning("remote tier %s: " + message + " (further such cases are not logged)", self.url, *args)
 
-    def _exchange(self, fn):
-        """fn(sock) on a pooled connection. A reused connection that fails is retried
-        once on a fresh one (it may have died with a server restart); any failure
-        closes the connection. Raises OSError (outage) or BadReply."""
+    def _deadline(self) -> float:
+        return time.monotonic() + self._conns.timeout
+
+    def _exchange(self, fn, deadline: float | None = None):
+        """fn(sock, deadline) on a pooled connection, all of it by the deadline (default:
+        remote_timeout from now). A reused connection that fails is retried once on a
+        fresh one (it may have died with a server restart), within the same deadline;
+        any failure closes the connection. Raises OSError (outage, timeouts included) or BadReply."""
+        deadline = self._deadline() if deadline is None else deadline
         for attempt in (0, 1):
-            sock, reused = self._conns.take()
+            sock, reused = self._conns.take(deadline)
             try:
-                result = fn(sock)
+                result = fn(sock, deadline)
             except OSError:
                 sock.close()
                 if reused and attempt == 0:
@@ -150,8 +162,8 @@ class LMServerBackend:
         """One HEALTH round trip (for probes): True if the server answers SUCCESS. The key
         field holds a parsable key: upstream's server parses it on every command."""
         try:
-            reply = self._exchange(lambda sock: (sock.sendall(P.pack_request(P.HEALTH, HEALTH_KEY)),
-                                                 _read_reply(sock))[1])
+            reply = self._exchange(lambda sock, by: (P.send_all(sock, P.pack_request(P.HEALTH, HEALTH_KEY), by),
+                                                     _read_reply(sock, by))[1])
         except (OSError, BadReply):
             return False
         return reply.code == P.SUCCESS
@@ -165,10 +177,11 @@ class LMServerBackend:
         if not keys or not self._outage.usable():
             return 0
         n = 0
+        deadline = self._deadline()  # one deadline for the whole lookup
         try:
             for start in range(0, len(keys), _EXIST_BATCH):
                 batch = keys[start:start + _EXIST_BATCH]
-                found = self._exchange(lambda sock: _exist_batch(sock, batch))
+                found = self._exchange(lambda sock, by: _exist_batch(sock, batch, by), deadline)
                 for hit in found:
                     if not hit:
                         self._outage.worked()
@@ -191,7 +204,7 @@ class LMServerBackend:
             return None
         try:
             wire = lm_keys.wire_key(key)
-            outcome, obj = self._exchange(lambda sock: _get(sock, wire, allocate))
+            outcome, obj = self._exchange(lambda sock, by: _get(sock, wire, allocate, by))
         except lm_keys.KeyEncodingError as exc:
             self._log_once("key", "%s", exc)
             self._stats.miss("absent")
@@ -223,7 +236,7 @@ class LMServerBackend:
             return False
         payload = memoryview(payload_view(obj.tensor))
         try:
-            self._exchange(lambda sock: (sock.sendall(header), sock.sendall(payload)))
+            self._exchange(lambda sock, by: (P.send_all(sock, header, by), P.send_all(sock, payload, by)))
         except OSError as exc:
             self._outage.failed(exc)
             self._stats.miss("dropped", tier=self.name)
@@ -247,19 +260,19 @@ def _put_header(key: CacheEngineKey, obj: MemoryObj) -> bytes:
     return P.pack_request(P.PUT, lm_keys.wire_key(key), obj.nbytes, _FMT_CODES[meta.fmt], dtype_code, meta.shape)
 
 
-def _read_reply(sock: socket.socket) -> P.Reply:
+def _read_reply(sock: socket.socket, deadline: float) -> P.Reply:
     buf = bytearray(P.REPLY.size)
-    got = P.recv_exact(sock, memoryview(buf))
+    got = P.recv_exact(sock, memoryview(buf), deadline)
     if got < len(buf):
         raise ConnectionResetError(f"connection closed {got} bytes into a reply header")
     return P.unpack_reply(buf)
 
 
-def _exist_batch(sock: socket.socket, keys: list[CacheEngineKey]) -> list[bool]:
-    sock.sendall(b"".join(P.pack_request(P.EXIST, lm_keys.wire_key(k)) for k in keys))
+def _exist_batch(sock: socket.socket, keys: list[CacheEngineKey], deadline: float) -> list[bool]:
+    P.send_all(sock, b"".join(P.pack_request(P.EXIST, lm_keys.wire_key(k)) for k in keys), deadline)
     found = []
     for _ in keys:
-        reply = _read_reply(sock)
+        reply = _read_reply(sock, deadline)
         if reply.code not in (P.SUCCESS, P.FAIL) or reply.length != 0:
             raise BadReply(f"code {reply.code}, length {reply.length}")
         found.append(reply.code == P.SUCCESS)
@@ -282,9 +295,9 @@ def _describe(reply: P.Reply) -> tuple[torch.Size, torch.dtype, MemoryFormat]:
     return shape, dtype, fmt
 
 
-def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, MemoryObj | None]:
-    sock.sendall(P.pack_request(P.GET, wire))
-    reply = _read_reply(sock)
+def _get(sock: socket.socket, wire: bytes, allocate: Allocator, deadline: float) -> tuple[str, MemoryObj | None]:
+    P.send_all(sock, P.pack_request(P.GET, wire), deadline)
+    reply = _read_reply(sock, deadline)
     if reply.code == P.FAIL:
         if reply.length != 0:
             raise BadReply(f"FAIL reply with length {reply.length}")
@@ -297,7 +310,7 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, Me
         sock.close()
         return "dropped", None
     try:
-        got = P.recv_exact(sock, memoryview(payload_view(obj.tensor)))
+        got = P.recv_exact(sock, memoryview(payload_view(obj.tensor)), deadline)
     except BaseException:
         obj.free()
         raise

@@ -7,6 +7,14 @@ removed, and is logged. At start-up the directory is rescanned, so what an
 earlier process stored is found again. Several processes may share the
 directory: a file another process wrote is adopted when first looked for.
 Moving the bytes (blocks hashed while cache-hot, preallocation) is chunk_file.py.
+
+Whoever can write the directory can put files in it, so nothing there is trusted:
+chunk files are opened without following symlinks (a link, FIFO or device under a
+chunk's name is a foreign file: a miss, removed), temporary files are created with
+O_EXCL|O_NOFOLLOW under unguessable names, and a directory owned by another user
+(or writable by all) is warned about at start-up. The directory is checked once
+(disk_dir.py): unreadable fails start-up naming local_disk, read-only gives one line
+and a tier that serves what is there and stores nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
 
 from lmcache.v1.memory import MemoryObj
-from lmcache.v1.storage_backend import chunk_file, serde
+from lmcache.v1.storage_backend import chunk_file, disk_dir, serde
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
@@ -51,7 +60,9 @@ class LocalDiskBackend:
         self._used = 0
         self._lock = threading.Lock()
         self._failing_errnos: set[int] = set()
-        os.makedirs(self.path, exist_ok=True)
+        self._unlink_errnos: set[int] = set()
+        self._too_small_logged = False
+        self.writable = disk_dir.prepare(self.path)
         self._preallocate = chunk_file.Preallocator(self.path)
         self._rescan()
 
@@ -116,28 +127,35 @@ class LocalDiskBackend:
             return
         self._stats.chunk_event(self.name, False, key)
 
-    @staticmethod
-    def _unlink(path: str) -> None:
+    def _unlink(self, path: str) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            logger.warning("disk tier: cannot remove %s: %s", path, exc)
+            if exc.errno not in self._unlink_errnos:  # one line per kind of failure, not per file
+                self._unlink_errnos.add(exc.errno)
+                logger.warning("disk tier: cannot remove %s: %s (further such failures are not logged)", path, exc)
 
     # -- the tier -------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
         """Known, or written by another process sharing the directory (no side
         effects: such a file is adopted into the budget when it is read)."""
         name = file_name(key)
-        return name in self._index or os.path.isfile(os.path.join(self.path, name))
+        if name in self._index:
+            return True
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(self.path, name)).st_mode)  # a symlink is no hit
+        except OSError:
+            return False
 
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
         """Read the chunk into a memory object from `allocate`; None on a miss."""
         name = file_name(key)
         path = os.path.join(self.path, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NOFOLLOW: a symlink under a chunk's name is refused (ELOOP); O_NONBLOCK: a FIFO cannot block us
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             if name in self._index:
                 self._lost(name)
@@ -145,12 +163,17 @@ class LocalDiskBackend:
             self._stats.miss("absent")
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._reject(name, path, None, SerdeError("a symbolic link, not a chunk file"))
+                return None
             logger.warning("disk tier: cannot open %s: %s", path, exc)
             self._stats.miss("tier_down", tier=self.name)
             return None
         obj = None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SerdeError("not a regular file")
             header = serde.decode_header(os.pread(fd, serde.HEADER_SIZE, 0))
             if st.st_size != serde.HEADER_SIZE + header.payload_nbytes:
                 raise SerdeError(
@@ -178,16 +201,18 @@ class LocalDiskBackend:
         self._adopt(name, st.st_size)
         return obj
 
-    def _reject(self, name: str, path: str, st: os.stat_result, reason: Exception) -> None:
+    def _reject(self, name: str, path: str, st: os.stat_result | None, reason: Exception) -> None:
+        """`st`: what was read (None: a symlink, removed whatever it is now pointing at)."""
         logger.warning("disk tier: %s is not a valid chunk (%s): treated as a miss and removed", path, reason)
         self._stats.miss("corrupt", tier=self.name)
         self._lost(name)
         self._forget(name)
         try:
-            now = os.stat(path)
+            now = os.lstat(path)
         except OSError:
             return
-        if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not replaced meanwhile by a good one
+        if st is None and stat.S_ISLNK(now.st_mode) or st is not None and (now.st_ino, now.st_dev) == (
+                st.st_ino, st.st_dev):  # not replaced meanwhile by a good one
             self._unlink(path)
 
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
@@ -199,17 +224,24 @@ class LocalDiskBackend:
             if name in self._index:
                 self._index.move_to_end(name)
                 return True
-            if size > self.budget_bytes:
+            if size > self.budget_bytes or not self.writable:
                 self._stats.miss("dropped", tier=self.name)
+                if self.writable and not self._too_small_logged:
+                    self._too_small_logged = True
+                    logger.error("disk tier: max_local_disk_size (%d bytes) is smaller than one chunk (%d bytes): "
+                                 "the disk tier stores nothing; raise it to at least a few chunks",
+                                 self.budget_bytes, size)
                 return False
             self._evict_locked(size)
             self._used += size  # reserved while writing
         path = os.path.join(self.path, name)
-        new = False
-        tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+        new = created = False
+        tmp = os.path.join(self.path, f".{name}.{os.getpid()}.{os.urandom(6).hex()}{TMP_SUFFIX}")
         try:
             payload = serde.payload_view(obj.tensor)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # O_EXCL|O_NOFOLLOW: never write through a file or link someone else put at this name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            created = True
             try:
                 self._preallocate(fd, size)
                 known = checksum.value if checksum is not None else None
@@ -220,7 +252,8 @@ class LocalDiskBackend:
             if checksum is not None:
                 checksum.value = computed
         except OSError as exc:
-            self._unlink(tmp)
+            if created:  # never what someone else put at that name
+                self._unlink(tmp)
             with self._lock:
                 self._used -= size
             self._stats.miss("dropped", tier=self.name)
