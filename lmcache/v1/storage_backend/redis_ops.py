@@ -18,8 +18,7 @@ import itertools
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import redis
 
@@ -38,8 +37,8 @@ class BadReply(redis.RedisError):
 class _Guard:
     __slots__ = ("deadline", "conn", "done", "expired")
 
-    def __init__(self, deadline: float, conn) -> None:
-        self.deadline, self.conn, self.done, self.expired = deadline, conn, False, False
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.conn, self.done, self.expired = deadline, None, False, False
 
 
 class Watchdog:
@@ -51,24 +50,21 @@ class Watchdog:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    @contextmanager
-    def guard(self, conn, timeout: float) -> Iterator[_Guard]:
-        entry = _Guard(time.monotonic() + timeout, conn)
+    def start(self, timeout: float) -> _Guard:
+        entry = _Guard(time.monotonic() + timeout)
         with self._cond:
             heapq.heappush(self._heap, (entry.deadline, next(self._order), entry))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lmcache-redis-deadlines", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        try:
-            yield entry
-        except Exception as exc:
-            if entry.expired:
-                raise DeadlineExceeded(f"operation took longer than {timeout:.3g}s (remote_timeout)") from exc
-            raise
-        finally:
-            with self._cond:
-                entry.done = True
+        return entry
+
+    def finish(self, entry: _Guard) -> bool:
+        """The operation is over (its socket is left alone from now on); True if it expired."""
+        with self._cond:
+            entry.done = True
+            return entry.expired
 
     def _run(self) -> None:
         with self._cond:
@@ -94,21 +90,61 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+_current = threading.local()  # the guard of this thread's operation, while it takes a connection
+
+
+def _watch_new_connections(pool) -> None:
+    """A connection the pool makes inside an operation is guarded from its first
+    byte: the handshake (AUTH, CLIENT SETINFO, SELECT) is part of the operation."""
+    if getattr(pool, "_lmcache_watched", False):
+        return
+    make = pool.make_connection
+
+    def make_watched():
+        conn = make()
+        entry = getattr(_current, "guard", None)
+        if entry is not None:
+            entry.conn = conn
+        return conn
+
+    pool.make_connection = make_watched
+    pool._lmcache_watched = True
 
 
 def on_connection(pool, timeout: float, work: Callable[[Any], Any]) -> Any:
-    """work(connection) with a connection of `pool`, under a `timeout`-second deadline.
-    On any error the connection is closed (its stream may be out of step) and the
-    error raised."""
-    conn = pool.get_connection()
+    """work(connection) with a connection of `pool` (taking it, and the handshake of
+    a new one, included) under a `timeout`-second deadline. On any error the
+    connection is closed (its stream may be out of step) and the error raised;
+    past the deadline the error is DeadlineExceeded."""
+    _watch_new_connections(pool)
+    entry = WATCHDOG.start(timeout)
+    conn = None
     try:
-        with WATCHDOG.guard(conn, timeout):
-            return work(conn)
-    except BaseException:
-        conn.disconnect()
+        _current.guard = entry
+        try:
+            conn = pool.get_connection()
+        finally:
+            _current.guard = None
+        entry.conn = conn
+        result = work(conn)
+    except Exception as exc:
+        expired = WATCHDOG.finish(entry)
+        if conn is not None:
+            conn.disconnect()
+            pool.release(conn)
+        if expired:
+            raise DeadlineExceeded(f"operation took longer than {timeout:.3g}s (remote_timeout)") from exc
         raise
-    finally:
-        pool.release(conn)
+    except BaseException:
+        WATCHDOG.finish(entry)
+        if conn is not None:
+            conn.disconnect()
+            pool.release(conn)
+        raise
+    if WATCHDOG.finish(entry):  # done just as its socket was shut down: never reuse it
+        conn.disconnect()
+    pool.release(conn)
+    return result
 
 
 def _as_bytes_or_none(reply) -> bytes | None:
