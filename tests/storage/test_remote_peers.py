@@ -121,3 +121,21 @@ def test_a_peer_answering_ok_to_everything_is_misses_and_few_log_lines(peer, cap
     # one line per kind of failure (SET, EXISTS, GET), not one per chunk or per call
     assert 1 <= len(records) <= 4, [r.getMessage() for r in records]
     assert manager.stats.misses["dropped"] >= len(keys)
+
+
+@pytest.mark.parametrize("scheme", ["redis-cluster", "redis-sentinel"])
+def test_no_seed_answering_is_misses_and_one_line(scheme, caplog):
+    from tests.fixtures.redis import free_port
+
+    tier = RemoteBackend(f"{scheme}://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.5,
+                         connect_timeout=0.2, retry_interval=0.05)
+    pool = HostMemoryPool(1 << 20)
+    caplog.set_level(logging.WARNING)
+    for i in range(5):
+        assert tier.prefix_count([_key(i)]) == 0
+        assert tier.get(_key(i), pool.allocate) is None
+        assert tier.put(_key(i), _obj()) is False
+        time.sleep(0.06)  # past the back-off: each round asks again
+    tier.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "unreachable" in lines[0], lines

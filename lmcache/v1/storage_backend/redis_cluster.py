@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 
-import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
@@ -74,7 +73,7 @@ class ClusterRouter:
             if self._rc is None and self._seeds.outage.usable():
                 try:
                     self._rc = RedisCluster(**self._kwargs)
-                except (redis.RedisError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - RedisClusterException is no RedisError
                     self._seeds.outage.failed(exc)
                     return None
                 self._seeds.outage.worked()
@@ -121,7 +120,7 @@ class ClusterRouter:
             rc.nodes_manager.initialize()
             self._first_slot.clear()
             return True
-        except (redis.RedisError, OSError):
+        except Exception:  # noqa: BLE001 - the next failure tries again
             return False
         finally:
             self._refresh_lock.release()
