@@ -127,14 +127,32 @@ class RedisClusterGroup:
 
     def __init__(self, workdir: str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
         self.masters, self.replicas = masters, replicas
-        self.nodes = []
-        for i in range(masters * (1 + replicas)):
+        self.workdir, self.node_timeout_ms = workdir, node_timeout_ms
+        self._taken: set[int] = set()
+        self.nodes = [self._node(i) for i in range(masters * (1 + replicas))]
+
+    def _port(self) -> int:
+        while True:  # distinct within the group (a node's port and its bus port)
             port = free_port()
-            args = ("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-                    "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(node_timeout_ms),
-                    "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
-                    "--repl-diskless-sync-delay", "0")
-            self.nodes.append(RedisServer(os.path.join(workdir, f"node{i}"), port=port, extra_args=args))
+            if port not in self._taken:
+                self._taken.add(port)
+                return port
+
+    def _node(self, i: int) -> RedisServer:
+        port = self._port()
+        args = ("--cluster-enabled", "yes", "--cluster-port", str(self._port()),
+                "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync-delay", "0")
+        return RedisServer(os.path.join(self.workdir, f"node{i}"), port=port, extra_args=args)
+
+    def _start_node(self, i: int) -> None:
+        """Start node i; if its port was taken meanwhile (by another process), once more on new ports."""
+        try:
+            self.nodes[i].start()
+        except RuntimeError:
+            self.nodes[i] = self._node(i)
+            self.nodes[i].start()
 
     @property
     def url(self) -> str:
@@ -142,8 +160,8 @@ class RedisClusterGroup:
 
     def start(self) -> "RedisClusterGroup":
         try:
-            for node in self.nodes:
-                node.start()
+            for i in range(len(self.nodes)):
+                self._start_node(i)
             cmd = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                    "--cluster-replicas", str(self.replicas), "--cluster-yes"]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
