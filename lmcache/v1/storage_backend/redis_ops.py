@@ -171,21 +171,10 @@ def read_each(conn, n: int, check: Callable[[Any], Any]) -> list:
     return out
 
 
-def exists_many(conn, names: list[str], asking: bool = False) -> list:
+def exists_many(conn, names: list[str]) -> list:
     """EXISTS of each name, pipelined on one connection: 0/1 or the error reply."""
-    commands = [("EXISTS", name) for name in names]
-    if asking:
-        commands = [c for name in names for c in (("ASKING",), ("EXISTS", name))]
-    conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-    if asking:
-        replies = read_each(conn, len(commands), lambda r: r)
-        return [r if isinstance(r, Exception) else _as_count(r) for r in replies[1::2]]
+    conn.send_packed_command(conn.pack_commands([("EXISTS", name) for name in names]), check_health=False)
     return read_each(conn, len(names), _as_count)
-
-
-def get_many(conn, names: list[str]) -> list:
-    conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]), check_health=False)
-    return read_each(conn, len(names), _as_bytes_or_none)
 
 
 def get_one(conn, name: str) -> bytes | None:
@@ -215,6 +204,6 @@ def set_blob(conn, name: str, obj, checksum: ChecksumMemo | None) -> None:
 
 def delete_if_same(conn, name: str, blob: bytes) -> None:
     """Delete a bad value unless another writer replaced it meanwhile."""
-    if _as_bytes_or_none(get_one(conn, name)) == blob:
+    if get_one(conn, name) == blob:
         conn.send_command("DEL", name, check_health=False)
         conn.read_response()
