@@ -81,7 +81,7 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
             from lmcache.testing.s3_server import BUCKET, CREDENTIALS, SeaweedS3
             from lmcache.v1.storage_backend.s3 import S3Backend
 
-            server = SeaweedS3(os.path.join(workdir, "s3")).start()
+            server = SeaweedS3(os.path.join(workdir, "s3"), max_volumes=64).start()  # every round rewrites
             saved = {k: os.environ.get(k) for k in CREDENTIALS}
             os.environ.update(CREDENTIALS)
             try:

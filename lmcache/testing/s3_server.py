@@ -30,8 +30,9 @@ def weed_binary() -> str:
 
 
 class SeaweedS3:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, max_volumes: int = 8):
         self.workdir = workdir
+        self.max_volumes = max_volumes  # of 256 MB each; overwrites take new space until a vacuum
         os.makedirs(workdir, exist_ok=True)
         self.ports = {name: free_port() for name in _PORTS}
         self.proc: subprocess.Popen | None = None
@@ -52,7 +53,7 @@ class SeaweedS3:
 
     def start(self, timeout: float = 60.0) -> "SeaweedS3":
         args = [weed_binary(), "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer",
-                "-s3", "-master.volumeSizeLimitMB=256", "-volume.max=8", "-master.electionTimeout=500ms",
+                "-s3", "-master.volumeSizeLimitMB=256", f"-volume.max={self.max_volumes}", "-master.electionTimeout=500ms",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
         log = open(os.path.join(self.workdir, "weed.log"), "ab")
         # The credentials in its environment become its admin identity: requests are authenticated.
