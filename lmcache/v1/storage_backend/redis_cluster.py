@@ -11,8 +11,8 @@ which also updates the map.
 A shard is a slot range, named by its first slot: it stays the same shard when
 its replica is promoted. While it has no reachable master its chunks are misses
 and its writes are dropped and counted, with one log line per outage (outage.py);
-every half second the topology is asked again, and once a replica was promoted
-the new master is used at once. The other shards keep working throughout (with
+every half second the topology is asked again (in a background thread), and once
+a replica was promoted the new master is used at once. The other shards keep working throughout (with
 `cluster-require-full-coverage no` on the servers; otherwise Redis refuses every
 key while one shard is down, CLUSTERDOWN, which is the same miss).
 """
@@ -100,28 +100,30 @@ class ClusterRouter:
         slot = rc.keyslot(name)
         node = rc.nodes_manager.get_node_from_slot(slot)  # the primary
         shard = self._shard(rc, node)
-        if shard.outage.is_down and self.refresh():
-            node = rc.nodes_manager.get_node_from_slot(slot)
+        if shard.outage.is_down:
+            self.refresh()  # a promoted replica shows up here once the refresh is done
         elif self.read_from_replicas and not write:
             node = rc.nodes_manager.get_node_from_slot(slot, read_from_replicas=True)
         conn = node.redis_connection or rc.get_redis_connection(node)
         return Route(shard, conn.connection_pool, node.name)
 
-    def refresh(self, force: bool = False) -> bool:
-        """Ask the cluster for its topology again (at most every REFRESH_INTERVAL,
-        one thread at a time); True if it was refreshed."""
+    def refresh(self) -> None:
+        """Ask the cluster for its topology again, in the background (a dead node's
+        connect timeout never stalls a request), at most every REFRESH_INTERVAL."""
         rc = self._rc
-        if rc is None or (not force and time.monotonic() - self._refreshed < REFRESH_INTERVAL):
-            return False
+        if rc is None or time.monotonic() - self._refreshed < REFRESH_INTERVAL:
+            return
         if not self._refresh_lock.acquire(blocking=False):
-            return False
+            return  # one is running
+        self._refreshed = time.monotonic()
+        threading.Thread(target=self._refresh, args=(rc,), name="lmcache-cluster-topology", daemon=True).start()
+
+    def _refresh(self, rc: RedisCluster) -> None:
         try:
-            self._refreshed = time.monotonic()
             rc.nodes_manager.initialize()
             self._first_slot.clear()
-            return True
         except Exception:  # noqa: BLE001 - the next failure tries again
-            return False
+            pass
         finally:
             self._refresh_lock.release()
 
