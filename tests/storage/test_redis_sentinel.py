@@ -21,7 +21,7 @@ CS, N = 16, 64
 
 def sentinel_config(url: str) -> LMCacheEngineConfig:
     return LMCacheEngineConfig.from_defaults(chunk_size=CS, max_local_cpu_size=0.05, local_cpu=False,
-                                             remote_url=url, remote_timeout=1.0, remote_connect_timeout=0.3,
+                                             remote_url=url, remote_timeout=3.0, remote_connect_timeout=1.0,
                                              remote_retry_interval=1.0)
 
 
