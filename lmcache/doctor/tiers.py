@@ -3,7 +3,8 @@
 disk: the directory is created as the engine would, a probe blob is written, read back
 and deleted under a temporary name (`.lmcache-doctor-*.tmp`, which the disk tier never
 reads and removes when stale); Redis/Valkey: ping, the server's eviction setting, and a
-probe value under `lmcache-doctor/<random>` (a chunk key never holds '/'); lm://: HEALTH.
+probe value under `lmcache-doctor/<random>` (a chunk key never holds '/'); lm://: HEALTH;
+cluster, sentinel and s3: distributed.py (every node on its own).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from lmcache.doctor import lm_health
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
+from lmcache.v1 import remote_urls
 from lmcache.v1.config import GB, LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend import serde
@@ -196,7 +198,13 @@ def remote(config: LMCacheEngineConfig, timeout: float) -> Finding:
 def checks(config: LMCacheEngineConfig | None, timeout: float) -> list[Finding]:
     if config is None:
         return [Finding("tiers.all", SKIP, "the config did not load (see config.values): tiers not probed")]
-    out = [host_memory(config), disk(config), remote(config, timeout)]
+    url = config.remote_url
+    if url and remote_urls.scheme_of(url) in remote_urls.DISTRIBUTED_SCHEMES:
+        from lmcache.doctor import distributed
+
+        out = [host_memory(config), disk(config), *distributed.findings(config, timeout)]
+    else:
+        out = [host_memory(config), disk(config), remote(config, timeout)]
     if all(f.status == SKIP for f in out):
         out.append(Finding("tiers.all", WARN, "no tier is configured: nothing is cached",
                            "set local_cpu: true (the default), local_disk or remote_url"))

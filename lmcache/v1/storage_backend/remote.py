@@ -1,19 +1,35 @@
-"""The shared tier: a Redis or Valkey server (redis://, rediss://, valkey://, valkeys://).
+"""The shared tier on Redis or Valkey: one server (redis://, rediss://, valkey://,
+valkeys://), a sentinel-managed master (redis-sentinel://, redis_sentinel.py) or a
+cluster (redis-cluster://, redis_cluster.py).
 
-Values are serde blobs (binary, never pickled). The server being down or slow
-is never a failed request: the operation is a miss, ONE warning is logged for
-the outage, and the tier is not asked again until `retry_interval` seconds have
-passed (so requests do not wait on a dead server; outage.py, at a fixed interval
-here). Timeouts come from config.
+One chunk is one key; its value is the serde blob (binary, never pickled), stored and
+returned unchanged, so the header checks apply here as on every tier. Nothing is
+remembered about which keys exist: a key the server evicted or lost is a miss.
+
+A fault is never a failed request. Each place chunks live (the server, the
+sentinel's master, a cluster shard) is a `Shard` with its own outage state: when
+it is unreachable or times out, its chunks are misses, its writes are dropped and
+counted, ONE warning is logged per outage and it is asked again only after a
+back-off (outage.py). A router that sees the place move (a sentinel or cluster
+failover) tries the new address at once. Any other exception (an error reply, a
+peer that is not Redis) is a miss too, logged once per kind. Every operation has
+a whole-operation deadline of remote_timeout (redis_ops.py).
 """
 
 from __future__ import annotations
 
 import logging
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
+import redis
+
+from lmcache.v1 import remote_urls
 from lmcache.v1.memory import MemoryObj
-from lmcache.v1.storage_backend import serde
+from lmcache.v1.remote_urls import redacted
+from lmcache.v1.storage_backend import redis_ops, serde
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -22,16 +38,12 @@ from lmcache.v1.token_database import CacheEngineKey
 logger = logging.getLogger(__name__)
 
 _SCHEME_FOR_REDIS_PY = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+# Errors that mean "this place is unreachable now": an outage, not a bad reply.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterDownError,
+               redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
+REDIRECTS = (redis.exceptions.AskError,)  # MovedError is an AskError
 
-
-def redacted(url: str) -> str:
-    """The URL without its password (for logs)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+__all__ = ["RemoteBackend", "redacted", "redis_py_url"]
 
 
 def redis_py_url(url: str) -> str:
@@ -44,92 +56,200 @@ def redis_py_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(scheme=scheme))
 
 
-class RemoteBackend:
-    name = "remote"
+class Shard:
+    """One place chunks live, with its outage state. `failed_at`: the address that
+    last failed; a router that now names another address is tried at once."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 2.0,
-        connect_timeout: float = 0.5,
-        retry_interval: float = 10.0,
-        stats: EngineStats | None = None,
-    ):
-        import redis
+    def __init__(self, outage: Outage) -> None:
+        self.outage = outage
+        self.failed_at: str | None = None
+
+    def usable(self, address: str) -> bool:
+        if self.outage.is_down and self.failed_at is not None and address != self.failed_at:
+            return True
+        return self.outage.usable()
+
+
+@dataclass(frozen=True)
+class Route:
+    shard: Shard
+    pool: Any  # a redis-py connection pool
+    address: str
+
+
+class SingleServer:
+    """redis:// and friends: one server, one shard, a fixed retry interval."""
+
+    parallel = False
+
+    def __init__(self, url: str, timeout: float, connect_timeout: float, retry_interval: float,
+                 stats: EngineStats, tier: str):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self._redis = redis
-        self.url = url
-        self.retry_interval = retry_interval
-        self._stats = stats or EngineStats()
         self._client = redis.Redis.from_url(
-            redis_py_url(url),
-            socket_timeout=timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),  # our own back-off decides when to try again
-            health_check_interval=0,
+            redis_py_url(url), socket_timeout=timeout, socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,  # our own back-off decides when to retry
         )
-        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
         # a fixed interval: the first retry waits as long as every later one
-        self._outage = Outage(redacted(url), logger, self._stats, retry_interval, first_retry=retry_interval,
-                              tier=self.name)
+        outage = Outage(redacted(url), logger, stats, retry_interval, first_retry=retry_interval, tier=tier)
+        self._route = Route(Shard(outage), self._client.connection_pool, redacted(url))
+
+    def route(self, name: str, write: bool) -> Route:
+        return self._route
+
+    def failed(self, route: Route, exc: BaseException) -> None:
+        pass
+
+    def redirect(self, name: str, exc: Exception, op: str, value: Any = None) -> Any:
+        raise exc
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_router(url: str, timeout: float, connect_timeout: float, retry_interval: float, stats: EngineStats,
+                tier: str):
+    scheme = remote_urls.scheme_of(url)
+    if scheme in remote_urls.CLUSTER_SCHEMES:
+        from lmcache.v1.storage_backend.redis_cluster import ClusterRouter
+
+        return ClusterRouter(url, timeout, connect_timeout, retry_interval, stats, tier)
+    if scheme in remote_urls.SENTINEL_SCHEMES:
+        from lmcache.v1.storage_backend.redis_sentinel import SentinelRouter
+
+        return SentinelRouter(url, timeout, connect_timeout, retry_interval, stats, tier)
+    return SingleServer(url, timeout, connect_timeout, retry_interval, stats, tier)
+
+
+class RemoteBackend:
+    name = "remote"
+
+    def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 0.5,
+                 retry_interval: float = 10.0, stats: EngineStats | None = None):
+        self.url = url
+        self.timeout = timeout
+        self._stats = stats or EngineStats()
         self._logged_errors: set[str] = set()
+        self.router = make_router(url, timeout, connect_timeout, retry_interval, self._stats, self.name)
+        self._pool: ThreadPoolExecutor | None = None  # nodes in parallel (cluster)
 
     # -- health ---------------------------------------------------------------
     @property
     def is_down(self) -> bool:
-        return self._outage.is_down
+        return self.router.route("", False).shard.outage.is_down if not self.router.parallel else False
 
-    def _server_error(self, op: str, exc: Exception) -> None:
-        """An error reply (not an outage), e.g. maxmemory reached: logged once per kind."""
+    def _error(self, op: str, exc: BaseException) -> None:
+        """Not an outage (an error reply, a peer that is not Redis): logged once per kind."""
         kind = f"{op}:{type(exc).__name__}:{str(exc).split(' ', 1)[0]}"
         if kind not in self._logged_errors:
             self._logged_errors.add(kind)
-            logger.warning("remote tier %s: %s failed: %s (further such errors are not logged)",
-                           redacted(self.url), op, exc)
+            logger.warning("remote tier %s: %s failed: %s: %s (treated as a miss; further such errors are not "
+                           "logged)", redacted(self.url), op, type(exc).__name__, exc)
+
+    def _call(self, op: str, name: str, write: bool, work, redirect_value: Any = None):
+        """(True, result) or (False, None) after a fault (already logged and counted)."""
+        try:
+            route = self.router.route(name, write)
+        except Exception as exc:  # e.g. no cluster node reachable to learn the topology
+            self._error(op, exc)
+            return False, None
+        if not route.shard.usable(route.address):
+            return False, None
+        try:
+            result = redis_ops.on_connection(route.pool, self.timeout, work)
+        except REDIRECTS as exc:
+            try:
+                return True, self.router.redirect(name, exc, op, redirect_value)
+            except Exception as again:
+                return self._fault(op, route, again)
+        except Exception as exc:
+            return self._fault(op, route, exc)
+        self._worked(route)
+        return True, result
+
+    def _fault(self, op: str, route: Route, exc: BaseException):
+        if isinstance(exc, UNREACHABLE):
+            route.shard.failed_at = route.address
+            route.shard.outage.failed(exc)
+            self.router.failed(route, exc)
+        else:
+            self._error(op, exc)
+        return False, None
+
+    @staticmethod
+    def _worked(route: Route) -> None:
+        route.shard.failed_at = None
+        route.shard.outage.worked()
 
     # -- the tier -------------------------------------------------------------
     def contains(self, key: CacheEngineKey) -> bool:
         return self.prefix_count([key]) == 1
 
     def prefix_count(self, keys: list[CacheEngineKey]) -> int:
-        """How many of `keys`, from the first, the server holds (one round trip)."""
-        if not keys or not self._outage.usable():
+        """How many of `keys`, from the first, the store holds: one pipelined round
+        trip per node, the nodes asked in parallel."""
+        if not keys:
             return 0
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key.to_string())
-            found = pipe.execute()
-        except self._errors as exc:
-            self._outage.failed(exc)
-            return 0
-        except self._redis.RedisError as exc:
-            self._server_error("EXISTS", exc)
-            return 0
-        self._outage.worked()
+        found = self.exists_many([k.to_string() for k in keys])
         n = 0
-        for hit in found:
-            if not hit:
-                break
+        while n < len(found) and found[n]:
             n += 1
         return n
 
-    def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
-        if not self._outage.usable():
-            return None
-        name = key.to_string()
+    def exists_many(self, names: list[str]) -> list[bool]:
+        groups: dict[int, tuple[Route, list[int]]] = {}
+        found = [False] * len(names)
+        for i, name in enumerate(names):
+            try:
+                route = self.router.route(name, False)
+            except Exception as exc:
+                self._error("EXISTS", exc)
+                return found
+            groups.setdefault(id(route.pool), (route, []))[1].append(i)
+        jobs = [(route, idx) for route, idx in groups.values() if route.shard.usable(route.address)]
+        if len(jobs) > 1 and self.router.parallel:
+            results = list(self._executor().map(lambda job: self._exists_on(names, *job), jobs))
+        else:
+            results = [self._exists_on(names, *job) for job in jobs]
+        for (_, idx), replies in zip(jobs, results):
+            for i, reply in zip(idx, replies):
+                found[i] = reply
+        return found
+
+    def _exists_on(self, names: list[str], route: Route, idx: list[int]) -> list[bool]:
+        batch = [names[i] for i in idx]
         try:
-            blob = self._client.get(name)
-        except self._errors as exc:
-            self._outage.failed(exc)
+            replies = redis_ops.on_connection(route.pool, self.timeout, lambda c: redis_ops.exists_many(c, batch))
+        except Exception as exc:
+            self._fault("EXISTS", route, exc)
+            return [False] * len(batch)
+        self._worked(route)
+        out = []
+        for name, reply in zip(batch, replies):
+            if isinstance(reply, REDIRECTS):
+                ok, reply = self._redirected("EXISTS", name, reply)
+                out.append(bool(ok and reply))
+            elif isinstance(reply, Exception):
+                self._fault("EXISTS", route, reply)
+                out.append(False)
+            else:
+                out.append(reply == 1)
+        return out
+
+    def _redirected(self, op: str, name: str, exc: Exception, value: Any = None):
+        try:
+            return True, self.router.redirect(name, exc, op, value)
+        except Exception as again:
+            if not isinstance(again, UNREACHABLE):
+                self._error(op, again)
+            return False, None
+
+    def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
+        name = key.to_string()
+        ok, blob = self._call("GET", name, False, lambda c: redis_ops.get_one(c, name))
+        if not ok:  # the outage (or the error) is counted where it was seen
             return None
-        except self._redis.RedisError as exc:
-            self._server_error("GET", exc)
-            return None
-        self._outage.worked()
         if blob is None:
             self._stats.miss("absent")
             return None
@@ -139,76 +259,42 @@ class RemoteBackend:
             logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
             self._stats.miss("corrupt", tier=self.name)
             self._stats.chunk_event(self.name, False, key)
-            self._delete_if_same(name, blob)
+            self._call("DEL", name, True, lambda c: redis_ops.delete_if_same(c, name, bytes(blob)))
             return None
         if obj is None:
             self._stats.miss("dropped", tier=self.name)
         return obj
 
-    def _delete_if_same(self, name: str, blob: bytes) -> None:
-        """Delete a bad value unless another writer replaced it meanwhile."""
-        try:
-            if self._client.get(name) == blob:
-                self._client.delete(name)
-        except self._redis.RedisError:
-            pass
-
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
-        """SET the chunk's blob; False (counted as dropped) if the server is down or
+        """SET the chunk's blob; False (counted as dropped) if its place is down or
         refuses it. `checksum`: shared with the other tiers written in the same store."""
-        if not self._outage.usable():
+        name = key.to_string()
+        ok, _ = self._call("SET", name, True, lambda c: redis_ops.set_blob(c, name, obj, checksum), obj)
+        if not ok:
             self._stats.miss("dropped", tier=self.name)
             return False
-        try:
-            self._set_blob(key.to_string(), obj, checksum)
-        except self._errors as exc:
-            self._outage.failed(exc)
-            self._stats.miss("dropped", tier=self.name)
-            return False
-        except self._redis.RedisError as exc:  # e.g. the server's maxmemory is reached
-            self._server_error("SET", exc)
-            self._stats.miss("dropped", tier=self.name)
-            return False
-        self._outage.worked()
         self._stats.chunk_event(self.name, True, key)
         return True
 
-    def _set_blob(self, name: str, obj: MemoryObj, checksum: ChecksumMemo | None) -> None:
-        """SET name <header + payload> without first joining them into one bytes
-        object (a 32 MiB copy): the RESP command is sent as pieces, the payload
-        straight from the memory object."""
-        payload = serde.payload_view(obj.tensor)
-        if checksum is None:
-            checksum = ChecksumMemo()
-        if checksum.value is None:
-            checksum.value = serde.checksum(payload)
-        header = serde.encode_header(obj, payload, checksum.value)
-        key = name.encode()
-        command = [
-            b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),
-            memoryview(payload),
-            b"\r\n",
-        ]
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(command, check_health=False)
-            conn.read_response()  # +OK, or raises the server's error
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-
     def remove(self, key: CacheEngineKey) -> None:
-        try:
-            self._client.delete(key.to_string())
-        except self._redis.RedisError:
-            pass
+        name = key.to_string()
+
+        def delete(conn):
+            conn.send_command("DEL", name, check_health=False)
+            return conn.read_response()
+
+        self._call("DEL", name, True, delete)
         self._stats.chunk_event(self.name, False, key)
 
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lmcache-redis-nodes")
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         try:
-            self._client.close()
+            self.router.close()
         except Exception:  # noqa: BLE001 - closing a dead connection must not raise
             pass

@@ -41,9 +41,14 @@ class StorageManager:
         )
         self.remote = None
         if config.remote_url:
+            extra = {}
             if config.remote_url.startswith("lm://"):
                 from lmcache.v1.storage_backend.lm import LMServerBackend as RemoteBackend
-            else:
+            elif config.remote_url.startswith("s3://"):
+                from lmcache.v1.storage_backend.s3 import S3Backend as RemoteBackend
+
+                extra = {"endpoint_url": config.s3_endpoint_url}
+            else:  # redis, valkey, their cluster and sentinel schemes
                 from lmcache.v1.storage_backend.remote import RemoteBackend
 
             self.remote = RemoteBackend(
@@ -52,6 +57,7 @@ class StorageManager:
                 connect_timeout=config.remote_connect_timeout,
                 retry_interval=config.remote_retry_interval,
                 stats=self.stats,
+                **extra,
             )
         slow = [t for t in (self.disk, self.remote) if t is not None]
         self.writer = BackgroundWriter(slow, config.store_queue_size, self.stats) if slow else None
