@@ -151,7 +151,7 @@ class RemoteBackend:
         """(True, result) or (False, None) after a fault (already logged and counted)."""
         try:
             route = self.router.route(name, write)
-        except Exception as exc:  # e.g. no cluster node reachable to learn the topology
+        except Exception as exc:  # noqa: BLE001 - e.g. no cluster node reachable to learn the topology
             self._error(op, exc)
             return False, None
         if not route.shard.usable(route.address):
@@ -161,9 +161,9 @@ class RemoteBackend:
         except REDIRECTS as exc:
             try:
                 return True, self.router.redirect(name, exc, op, redirect_value)
-            except Exception as again:
+            except Exception as again:  # noqa: BLE001 - a fault in the tier is a miss
                 return self._fault(op, route, again)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
             return self._fault(op, route, exc)
         self._worked(route)
         return True, result
@@ -203,7 +203,7 @@ class RemoteBackend:
         for i, name in enumerate(names):
             try:
                 route = self.router.route(name, False)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
                 self._error("EXISTS", exc)
                 return found
             groups.setdefault(id(route.pool), (route, []))[1].append(i)
@@ -221,7 +221,7 @@ class RemoteBackend:
         batch = [names[i] for i in idx]
         try:
             replies = redis_ops.on_connection(route.pool, self.timeout, lambda c: redis_ops.exists_many(c, batch))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
             self._fault("EXISTS", route, exc)
             return [False] * len(batch)
         self._worked(route)
@@ -240,7 +240,7 @@ class RemoteBackend:
     def _redirected(self, op: str, name: str, exc: Exception, value: Any = None):
         try:
             return True, self.router.redirect(name, exc, op, value)
-        except Exception as again:
+        except Exception as again:  # noqa: BLE001 - a fault in the tier is a miss
             if not isinstance(again, UNREACHABLE):
                 self._error(op, again)
             return False, None
