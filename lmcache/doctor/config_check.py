@@ -72,7 +72,7 @@ def checks(extra_config: Mapping | None, environ: Mapping[str, str] | None = Non
     if config is not None:
         sources = cfg.value_sources(config)
         defaults = cfg.LMCacheEngineConfig()
-        changed = [f"{k}={getattr(config, k)!r} ({sources[k]})" for k in cfg.KEYS
+        changed = [f"{k}={cfg.display_value(k, getattr(config, k))} ({sources[k]})" for k in cfg.KEYS
                    if sources[k] != "default" and getattr(config, k) != getattr(defaults, k)]
         same = [f"{k} ({sources[k]})" for k in cfg.KEYS
                 if sources[k] != "default" and getattr(config, k) == getattr(defaults, k)]

@@ -273,15 +273,18 @@ class LMCacheEngine:
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
 
     def _usable(self, chunk, obj: MemoryObj, connector=None) -> bool:
-        """The chunk has the shape and dtype the connector (or the metadata) expects."""
+        """The chunk has the shape and dtype the connector (or the metadata) expects.
+        One that does not is refused: counted, and removed from every tier (the caller
+        still releases `obj`), so lookups stop reporting it."""
         n = chunk.end - chunk.start
         expected = torch.Size(connector.get_shape(n)) if connector else self.metadata.memory_shape(n)
         dtype = connector.kv_dtype if connector else self.metadata.kv_dtype
         if obj.metadata.shape == expected and obj.metadata.dtype == dtype:
             return True
-        logger.warning("chunk %s holds %s %s, expected %s %s: not loaded", chunk.key.to_string(),
-                       tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
-        self.stats.miss("corrupt")
+        logger.warning("chunk %s holds %s %s, expected %s %s: refused and removed from every tier",
+                       chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
+        self.stats.miss("refused")
+        self.storage.discard(chunk.key, obj)
         return False
 
     def _end_leases(self, specs: Sequence[TransferSpec]) -> None:

@@ -51,6 +51,20 @@ NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "
 
 
 GB = 1024**3
+MIN_SECRET_CHARS = 16
+
+
+def _namespace(value: Any) -> str:
+    text = str(value)
+    if not 1 <= len(text) <= 64 or not text.isprintable():
+        raise _Bad()
+    return text
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, (str, bytes)) or len(value) < MIN_SECRET_CHARS:
+        raise _Bad()
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class ConfigError(ValueError):
@@ -86,6 +100,12 @@ class LMCacheEngineConfig:
     lookup_lease_ttl: float = 60.0
     # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
     enable_nixl: bool = False
+    # --- chunk integrity (lmcache/v1/storage_backend/serde.py) ---
+    # a name in every key: deployments with different namespaces never share chunks
+    cache_namespace: str | None = None
+    # shared secret: chunks carry an HMAC over key, header and payload, and a chunk
+    # without a valid one is never loaded. Never shown (repr, doctor, errors).
+    chunk_secret: str | None = field(default=None, repr=False)
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -154,7 +174,21 @@ KEYS: dict[str, _Key] = {
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
     "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
     "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
+    "cache_namespace": _Key(_none_or(_namespace), "a short name (1-64 printable characters), or none"),
+    "chunk_secret": _Key(
+        _none_or(_secret), f"a secret of at least {MIN_SECRET_CHARS} characters (env LMCACHE_CHUNK_SECRET), or none"
+    ),
 }
+
+# Keys whose values are never shown: doctor output, error messages, logs.
+SECRET_KEYS = frozenset({"chunk_secret"})
+
+
+def display_value(key: str, value: Any) -> str:
+    """repr(value) for messages, with secrets replaced by '***'."""
+    if key in SECRET_KEYS and value is not None:
+        return "'***'"
+    return repr(value)
 
 
 def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:
@@ -163,7 +197,8 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
         parsed = spec.parse(value)
     except (_Bad, ValueError):
         raise ConfigError(
-            f"lmcache config: {key}={value!r} (from {source}) is not valid; accepted: {spec.accepted}"
+            f"lmcache config: {key}={display_value(key, value)} (from {source}) is not valid; "
+            f"accepted: {spec.accepted}"
         ) from None
     setattr(config, key, parsed)
     config.sources[key] = source

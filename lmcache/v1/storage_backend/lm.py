@@ -4,7 +4,11 @@ Speaks upstream 0.5.6's protocol (lmcache/v1/server/protocol.py) with keys in
 the shape its server parses (lm_keys.py). The value is what upstream's `naive`
 serde sends: the chunk's raw tensor bytes, with format, dtype and shape in the
 header; a reply whose header does not describe a chunk of exactly `length`
-bytes is a corrupt miss, and its connection is closed.
+bytes is a corrupt miss, and its connection is closed. With a shared secret
+(`chunk_secret`) the value is instead a serde blob (header with key digest and
+MAC, then the raw bytes) sent as BINARY: upstream's clients cannot read those,
+and a naive value (which carries no MAC) is refused; without a secret such
+values are not read (not a KV chunk).
 
 Unlike upstream's client it never fails a request and never stays disconnected:
 a server that is down or restarting is a miss plus one log line (outage.py),
@@ -25,7 +29,7 @@ import torch
 
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
-from lmcache.v1.storage_backend import lm_keys
+from lmcache.v1.storage_backend import lm_keys, serde
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, payload_view
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -41,6 +45,14 @@ _EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one roun
 
 class BadReply(Exception):
     """The server's reply cannot be trusted (the connection is closed)."""
+
+    cause = "corrupt"
+
+
+class RefusedReply(BadReply):
+    """A well-formed value that may not be loaded under this key (key digest, MAC)."""
+
+    cause = "refused"
 
 
 def parse_lm_url(url: str) -> tuple[str, int]:
@@ -109,8 +121,10 @@ class LMServerBackend:
     name = "remote"
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 0.5,
-                 retry_interval: float = 10.0, stats: EngineStats | None = None):
+                 retry_interval: float = 10.0, stats: EngineStats | None = None,
+                 integrity: serde.Integrity = serde.NO_SECRET):
         self.url = url
+        self._integrity = integrity
         host, port = parse_lm_url(url)
         self._stats = stats or EngineStats()
         self._conns = _Connections(host, port, connect_timeout, timeout)
@@ -191,7 +205,7 @@ class LMServerBackend:
             return None
         try:
             wire = lm_keys.wire_key(key)
-            outcome, obj = self._exchange(lambda sock: _get(sock, wire, allocate))
+            outcome, obj = self._exchange(lambda sock: _get(sock, wire, allocate, key, self._integrity))
         except lm_keys.KeyEncodingError as exc:
             self._log_once("key", "%s", exc)
             self._stats.miss("absent")
@@ -202,7 +216,7 @@ class LMServerBackend:
         except BadReply as exc:
             self._outage.worked()
             self._log_once(f"get-reply:{type(exc).__name__}", "GET of %s: %s: treated as a miss", key.to_string(), exc)
-            self._stats.miss("corrupt", tier=self.name)
+            self._stats.miss(exc.cause, tier=self.name)
             return None
         self._outage.worked()
         if obj is None:
@@ -216,8 +230,11 @@ class LMServerBackend:
             self._stats.miss("dropped", tier=self.name)
             return False
         try:
-            header = _put_header(key, obj)
-        except (lm_keys.KeyEncodingError, P.ProtocolError) as exc:
+            if self._integrity.has_secret:
+                header = _sealed_put_header(key, obj, self._integrity, checksum)
+            else:
+                header = _put_header(key, obj)
+        except (lm_keys.KeyEncodingError, P.ProtocolError, serde.SerdeError) as exc:
             self._log_once("put", "chunk not stored: %s", exc)
             self._stats.miss("dropped", tier=self.name)
             return False
@@ -245,6 +262,15 @@ def _put_header(key: CacheEngineKey, obj: MemoryObj) -> bytes:
     if dtype_code is None:
         raise P.ProtocolError(f"dtype {meta.dtype} has no lm:// code; supported: {', '.join(P.DTYPE_CODES)}")
     return P.pack_request(P.PUT, lm_keys.wire_key(key), obj.nbytes, _FMT_CODES[meta.fmt], dtype_code, meta.shape)
+
+
+def _sealed_put_header(key: CacheEngineKey, obj: MemoryObj, integrity: serde.Integrity,
+                       memo: ChecksumMemo | None) -> bytes:
+    """PUT header + serde header (key digest, MAC): the value is that header plus the raw bytes."""
+    blob_header = integrity.header(key, obj, None, memo.value if memo is not None else None, memo)
+    length = len(blob_header) + obj.nbytes
+    return P.pack_request(P.PUT, lm_keys.wire_key(key), length, P.FMT_BINARY, P.DTYPE_CODES["uint8"],
+                          (length, 0, 0, 0)) + blob_header
 
 
 def _read_reply(sock: socket.socket) -> P.Reply:
@@ -282,7 +308,8 @@ def _describe(reply: P.Reply) -> tuple[torch.Size, torch.dtype, MemoryFormat]:
     return shape, dtype, fmt
 
 
-def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, MemoryObj | None]:
+def _get(sock: socket.socket, wire: bytes, allocate: Allocator, key: CacheEngineKey,
+         integrity: serde.Integrity) -> tuple[str, MemoryObj | None]:
     sock.sendall(P.pack_request(P.GET, wire))
     reply = _read_reply(sock)
     if reply.code == P.FAIL:
@@ -291,6 +318,10 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, Me
         return "absent", None
     if reply.code != P.SUCCESS:
         raise BadReply(f"reply code {reply.code}")
+    if integrity.has_secret:
+        if reply.fmt != P.FMT_BINARY:
+            raise RefusedReply("a naive value carries no MAC, and chunk_secret is set")
+        return _get_sealed(sock, reply, allocate, key, integrity)
     shape, dtype, fmt = _describe(reply)
     obj = allocate(shape, dtype, fmt)
     if obj is None:  # no host memory: the payload is not read, so this connection is done
@@ -306,4 +337,40 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator) -> tuple[str, Me
         # entry is a PUT it stored cut short. If the server is really gone, the next call says so.
         obj.free()
         raise BadReply(f"connection closed {got} of {reply.length} payload bytes into the reply")
+    return "hit", obj
+
+
+def _get_sealed(sock: socket.socket, reply: P.Reply, allocate: Allocator, key: CacheEngineKey,
+                integrity: serde.Integrity) -> tuple[str, MemoryObj | None]:
+    """A value that is a serde blob: header checked (key digest, MAC) before it is loaded."""
+    if reply.length < serde.HEADER_SIZE:
+        raise BadReply(f"a {reply.length}-byte BINARY value is shorter than a chunk header")
+    head = bytearray(serde.HEADER_SIZE)
+    if P.recv_exact(sock, memoryview(head)) < len(head):
+        raise BadReply("connection closed inside a chunk header")
+    try:
+        header = serde.decode_header(head)
+    except serde.SerdeError as exc:
+        raise BadReply(str(exc)) from None
+    if serde.HEADER_SIZE + header.payload_nbytes != reply.length:
+        raise BadReply(f"chunk header says {header.payload_nbytes} payload bytes, reply {reply.length} in all")
+    obj = allocate(header.shape, header.dtype, header.fmt)
+    if obj is None:
+        sock.close()
+        return "dropped", None
+    try:
+        payload = payload_view(obj.tensor)
+        if P.recv_exact(sock, memoryview(payload)) < header.payload_nbytes:
+            raise BadReply("connection closed inside a chunk payload")
+        serde.verify(header, payload)
+        integrity.check(key, header, payload)
+    except serde.RefusedChunk as exc:
+        obj.free()
+        raise RefusedReply(str(exc)) from None
+    except serde.SerdeError as exc:
+        obj.free()
+        raise BadReply(str(exc)) from None
+    except BaseException:
+        obj.free()
+        raise
     return "hit", obj

@@ -55,12 +55,14 @@ class RemoteBackend:
         connect_timeout: float = 0.5,
         retry_interval: float = 10.0,
         stats: EngineStats | None = None,
+        integrity: serde.Integrity = serde.NO_SECRET,
     ):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         self._redis = redis
+        self._integrity = integrity  # every read checks the key digest (and MAC) in the header
         self.url = url
         self.retry_interval = retry_interval
         self._stats = stats or EngineStats()
@@ -134,10 +136,10 @@ class RemoteBackend:
             self._stats.miss("absent")
             return None
         try:
-            obj = serde.from_bytes(blob, allocate)
+            obj = serde.from_bytes(blob, allocate, key, self._integrity)
         except SerdeError as exc:
             logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss("corrupt", tier=self.name)
+            self._stats.miss(serde.miss_cause(exc), tier=self.name)
             self._stats.chunk_event(self.name, False, key)
             self._delete_if_same(name, blob)
             return None
@@ -160,7 +162,7 @@ class RemoteBackend:
             self._stats.miss("dropped", tier=self.name)
             return False
         try:
-            self._set_blob(key.to_string(), obj, checksum)
+            self._set_blob(key, obj, checksum)
         except self._errors as exc:
             self._outage.failed(exc)
             self._stats.miss("dropped", tier=self.name)
@@ -173,7 +175,7 @@ class RemoteBackend:
         self._stats.chunk_event(self.name, True, key)
         return True
 
-    def _set_blob(self, name: str, obj: MemoryObj, checksum: ChecksumMemo | None) -> None:
+    def _set_blob(self, cache_key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None) -> None:
         """SET name <header + payload> without first joining them into one bytes
         object (a 32 MiB copy): the RESP command is sent as pieces, the payload
         straight from the memory object."""
@@ -182,8 +184,8 @@ class RemoteBackend:
             checksum = ChecksumMemo()
         if checksum.value is None:
             checksum.value = serde.checksum(payload)
-        header = serde.encode_header(obj, payload, checksum.value)
-        key = name.encode()
+        header = self._integrity.header(cache_key, obj, payload, checksum.value, checksum)
+        key = cache_key.to_string().encode()
         command = [
             b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),
             memoryview(payload),
