@@ -43,6 +43,9 @@ class LMCacheEngineMetadata:
     kv_shape: tuple  # (num_layers, 2 or 1, chunk_size, num_kv_heads, head_size)
     use_mla: bool = False
     layout_fingerprint: str = ""
+    # what changes KV besides the model name (revision, weights, quantization, ...): a
+    # digest from the integration (integration/vllm/model_identity.py); part of every key
+    model_identity: str = ""
 
     @property
     def memory_format(self) -> MemoryFormat:
@@ -79,7 +82,8 @@ class LMCacheEngine:
         self.config = config
         self.metadata = metadata
         self.stats = EngineStats()
-        self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
+        self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk,
+                                             namespace=config.cache_namespace)
         self.storage = StorageManager(config, self.stats)
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
         self.gpu_connector = None
