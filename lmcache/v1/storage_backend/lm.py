@@ -30,6 +30,7 @@ import torch
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend import lm_keys, serde
+from lmcache.v1.storage_backend.lm_sealed import BadReply, RefusedReply, ShunnedKeys, get_sealed, sealed_put_header
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, payload_view
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -43,16 +44,6 @@ HEALTH_KEY = b"health@1@0@0@half"
 _EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one round trip per batch)
 
 
-class BadReply(Exception):
-    """The server's reply cannot be trusted (the connection is closed)."""
-
-    cause = "corrupt"
-
-
-class RefusedReply(BadReply):
-    """A well-formed value that may not be loaded under this key (key digest, MAC)."""
-
-    cause = "refused"
 
 
 def parse_lm_url(url: str) -> tuple[str, int]:
@@ -125,6 +116,7 @@ class LMServerBackend:
                  integrity: serde.Integrity = serde.NO_SECRET):
         self.url = url
         self._integrity = integrity
+        self._shunned = ShunnedKeys()  # refused or removed: the protocol has no delete
         host, port = parse_lm_url(url)
         self._stats = stats or EngineStats()
         self._conns = _Connections(host, port, connect_timeout, timeout)
@@ -176,6 +168,7 @@ class LMServerBackend:
 
     def prefix_count(self, keys: list[CacheEngineKey]) -> int:
         """How many of `keys`, from the first, the server holds (EXISTs in batches)."""
+        keys = keys[:self._shunned.first_in(keys)]
         if not keys or not self._outage.usable():
             return 0
         n = 0
@@ -203,6 +196,9 @@ class LMServerBackend:
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
         if not self._outage.usable():
             return None
+        if self._shunned.first_in([key]) == 0:
+            self._stats.miss("absent")
+            return None
         try:
             wire = lm_keys.wire_key(key)
             outcome, obj = self._exchange(lambda sock: _get(sock, wire, allocate, key, self._integrity))
@@ -217,6 +213,7 @@ class LMServerBackend:
             self._outage.worked()
             self._log_once(f"get-reply:{type(exc).__name__}", "GET of %s: %s: treated as a miss", key.to_string(), exc)
             self._stats.miss(exc.cause, tier=self.name)
+            self._shunned.add(key)
             return None
         self._outage.worked()
         if obj is None:
@@ -231,7 +228,7 @@ class LMServerBackend:
             return False
         try:
             if self._integrity.has_secret:
-                header = _sealed_put_header(key, obj, self._integrity, checksum)
+                header = sealed_put_header(key, obj, self._integrity, checksum)
             else:
                 header = _put_header(key, obj)
         except (lm_keys.KeyEncodingError, P.ProtocolError, serde.SerdeError) as exc:
@@ -246,11 +243,15 @@ class LMServerBackend:
             self._stats.miss("dropped", tier=self.name)
             return False
         self._outage.worked()
+        self._shunned.discard(key)
         self._stats.chunk_event(self.name, True, key)
         return True
 
     def remove(self, key: CacheEngineKey) -> None:
-        """The protocol has no delete: the server's LRU eviction removes entries."""
+        """The protocol has no delete (the server's LRU eviction removes entries): the
+        key is treated as absent here for a while, so lookups stop reporting it."""
+        self._shunned.add(key)
+        self._stats.chunk_event(self.name, False, key)
 
     def close(self) -> None:
         self._conns.close()
@@ -262,15 +263,6 @@ def _put_header(key: CacheEngineKey, obj: MemoryObj) -> bytes:
     if dtype_code is None:
         raise P.ProtocolError(f"dtype {meta.dtype} has no lm:// code; supported: {', '.join(P.DTYPE_CODES)}")
     return P.pack_request(P.PUT, lm_keys.wire_key(key), obj.nbytes, _FMT_CODES[meta.fmt], dtype_code, meta.shape)
-
-
-def _sealed_put_header(key: CacheEngineKey, obj: MemoryObj, integrity: serde.Integrity,
-                       memo: ChecksumMemo | None) -> bytes:
-    """PUT header + serde header (key digest, MAC): the value is that header plus the raw bytes."""
-    blob_header = integrity.header(key, obj, None, memo.value if memo is not None else None, memo)
-    length = len(blob_header) + obj.nbytes
-    return P.pack_request(P.PUT, lm_keys.wire_key(key), length, P.FMT_BINARY, P.DTYPE_CODES["uint8"],
-                          (length, 0, 0, 0)) + blob_header
 
 
 def _read_reply(sock: socket.socket) -> P.Reply:
@@ -321,7 +313,7 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator, key: CacheEngine
     if integrity.has_secret:
         if reply.fmt != P.FMT_BINARY:
             raise RefusedReply("a naive value carries no MAC, and chunk_secret is set")
-        return _get_sealed(sock, reply, allocate, key, integrity)
+        return get_sealed(sock, reply, allocate, key, integrity)
     shape, dtype, fmt = _describe(reply)
     obj = allocate(shape, dtype, fmt)
     if obj is None:  # no host memory: the payload is not read, so this connection is done
@@ -339,38 +331,3 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator, key: CacheEngine
         raise BadReply(f"connection closed {got} of {reply.length} payload bytes into the reply")
     return "hit", obj
 
-
-def _get_sealed(sock: socket.socket, reply: P.Reply, allocate: Allocator, key: CacheEngineKey,
-                integrity: serde.Integrity) -> tuple[str, MemoryObj | None]:
-    """A value that is a serde blob: header checked (key digest, MAC) before it is loaded."""
-    if reply.length < serde.HEADER_SIZE:
-        raise BadReply(f"a {reply.length}-byte BINARY value is shorter than a chunk header")
-    head = bytearray(serde.HEADER_SIZE)
-    if P.recv_exact(sock, memoryview(head)) < len(head):
-        raise BadReply("connection closed inside a chunk header")
-    try:
-        header = serde.decode_header(head)
-    except serde.SerdeError as exc:
-        raise BadReply(str(exc)) from None
-    if serde.HEADER_SIZE + header.payload_nbytes != reply.length:
-        raise BadReply(f"chunk header says {header.payload_nbytes} payload bytes, reply {reply.length} in all")
-    obj = allocate(header.shape, header.dtype, header.fmt)
-    if obj is None:
-        sock.close()
-        return "dropped", None
-    try:
-        payload = payload_view(obj.tensor)
-        if P.recv_exact(sock, memoryview(payload)) < header.payload_nbytes:
-            raise BadReply("connection closed inside a chunk payload")
-        serde.verify(header, payload)
-        integrity.check(key, header, payload)
-    except serde.RefusedChunk as exc:
-        obj.free()
-        raise RefusedReply(str(exc)) from None
-    except serde.SerdeError as exc:
-        obj.free()
-        raise BadReply(str(exc)) from None
-    except BaseException:
-        obj.free()
-        raise
-    return "hit", obj
