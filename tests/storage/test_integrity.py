@@ -238,3 +238,27 @@ def test_namespaces_keep_deployments_apart(tmp_path):
     assert plain.token_db.chunks(prompt_tokens(1, N))[0].key.fingerprint == "kv.L2.H4.D32"  # no tag: keys as before
     assert a2.token_db.chunks(prompt_tokens(1, N))[0].key.fingerprint.startswith("kv.L2.H4.D32.m")
     plain.close()
+
+
+def test_the_secret_is_never_shown(monkeypatch, caplog):
+    from lmcache.doctor import config_check
+    from lmcache.v1.config import ConfigError, load_config
+
+    for name in [n for n in os.environ if n.startswith("LMCACHE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LMCACHE_CHUNK_SECRET", SECRET)
+    cfg = load_config({})
+    assert cfg.chunk_secret == SECRET and SECRET not in repr(cfg)
+    found, _ = config_check.checks({})
+    values = [f for f in found if f.check == "config.values"][0]
+    assert "chunk_secret='***' (env LMCACHE_CHUNK_SECRET)" in values.fact and SECRET not in values.fact
+    short = "tooshort-secret"  # 15 characters
+    monkeypatch.setenv("LMCACHE_CHUNK_SECRET", short)
+    with pytest.raises(ConfigError, match="chunk_secret='\\*\\*\\*'.*at least 16") as err:
+        load_config({})
+    assert short not in str(err.value)
+    found, _ = config_check.checks({})
+    assert all(short not in f.fact for f in found)
+    eng, _ = make_engine(config(chunk_secret=SECRET), N)
+    assert SECRET not in repr(eng.storage.integrity) and SECRET not in repr(eng.config)
+    eng.close()
