@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", default="cpu,disk,redis,lm", help="comma-separated subset of cpu,disk,redis,lm")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
+    parser.add_argument("--chunk-secret", default=None,
+                        help="seal and verify disk and redis chunks with this secret (what chunk_secret costs)")
 
 
 def interleaved_best_with_setup(cases: dict[str, tuple[Callable[[], object], Callable[[], object]]],
@@ -117,9 +119,10 @@ def bench_cpu(sources, shape, dtype, repeat):
     return best
 
 
-def bench_disk(objs, directory, repeat):
+def bench_disk(objs, directory, repeat, integrity=serde.NO_SECRET):
     nbytes = objs[0].nbytes
-    tier = LocalDiskBackend(os.path.join(directory, "tier"), (len(objs) + 1) * (nbytes + serde.HEADER_SIZE))
+    tier = LocalDiskBackend(os.path.join(directory, "tier"), (len(objs) + 1) * (nbytes + serde.HEADER_SIZE),
+                            integrity=integrity)
     pool = HostMemoryPool(2 * nbytes)
     raw_dir = os.path.join(directory, "raw")
     os.makedirs(raw_dir, exist_ok=True)
@@ -200,13 +203,13 @@ def _start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
-def bench_redis(objs, url, repeat):
+def bench_redis(objs, url, repeat, integrity=serde.NO_SECRET):
     import redis
 
     from lmcache.v1.storage_backend.remote import RemoteBackend, redis_py_url
 
     nbytes = objs[0].nbytes
-    tier = RemoteBackend(url, timeout=30.0)
+    tier = RemoteBackend(url, timeout=30.0, integrity=integrity)
     client = redis.Redis.from_url(redis_py_url(url), socket_timeout=30.0)
     pool = HostMemoryPool(2 * nbytes)
     keys = [_key(i, "redis") for i in range(len(objs))]
@@ -269,9 +272,12 @@ def run(args: argparse.Namespace) -> dict:
         obj.tensor.view(torch.int16).random_()  # bf16/fp16 bit patterns; values don't matter
         objs.append(obj)
     sources = [o.tensor for o in objs]
+    integrity = serde.Integrity(args.chunk_secret)
+    if integrity.has_secret:
+        print("chunk_secret set: disk and redis chunks are sealed (HMAC) and verified")
 
     result: dict = {"bench": "storage", "machine": machine_name(), "chunk_mib": round(chunk_bytes / 2**20, 2),
-                    "chunks": args.chunks}
+                    "chunks": args.chunks, "chunk_secret": integrity.has_secret}
     rows = []
     met = True
 
@@ -296,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(base_dir, exist_ok=True)
         directory = tempfile.mkdtemp(prefix="lmcache-bench-", dir=base_dir)
         try:
-            best = bench_disk(objs, directory, args.repeat)
+            best = bench_disk(objs, directory, args.repeat, integrity)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         record("disk", "put", best, "raw_write", "put", "raw_write")
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace) -> dict:
             url = args.redis_url
             if url is None:
                 proc, url = _start_redis(workdir)
-            best = bench_redis(objs, url, args.repeat)
+            best = bench_redis(objs, url, args.repeat, integrity)
         finally:
             if proc is not None:
                 proc.kill()

@@ -82,8 +82,9 @@ class LMCacheEngine:
         self.config = config
         self.metadata = metadata
         self.stats = EngineStats()
-        self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk,
-                                             namespace=config.cache_namespace)
+        self.token_db = ChunkedTokenDatabase(
+            config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk, namespace=config.cache_namespace
+        )
         self.storage = StorageManager(config, self.stats)
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
         self.gpu_connector = None

@@ -216,7 +216,8 @@ class LocalDiskBackend:
             try:
                 self._preallocate(fd, size)
                 known = checksum.value if checksum is not None else None
-                computed = chunk_file.write_chunk(fd, lambda c: self._integrity.header(key, obj, payload, c, checksum), payload, known)
+                header_for = lambda c: self._integrity.header(key, obj, payload, c, checksum)  # noqa: E731
+                computed = chunk_file.write_chunk(fd, header_for, payload, known)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
