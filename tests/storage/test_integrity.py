@@ -262,3 +262,18 @@ def test_the_secret_is_never_shown(monkeypatch, caplog):
     eng, _ = make_engine(config(chunk_secret=SECRET), N)
     assert SECRET not in repr(eng.storage.integrity) and SECRET not in repr(eng.config)
     eng.close()
+
+
+def test_host_memory_checks_the_key_an_object_was_stored_under():
+    eng, conn = make_engine(config(), N)
+    store_prompt(eng, conn, 1, N)
+    store_prompt(eng, conn, 2, N)
+    mine = eng.token_db.chunks(prompt_tokens(1, N))[1].key
+    theirs = eng.token_db.chunks(prompt_tokens(2, N))[1].key
+    obj = eng.storage.cpu.detach(theirs)
+    eng.storage.cpu.remove(mine)
+    assert eng.storage.cpu.put(mine, obj)  # another chunk's object under our key (a bug, a mix-up)
+    assert check_prompt(eng, conn, 1, N) == (CS, True)
+    assert eng.stats.tier_counts.get("cpu.refused") == 1
+    assert eng.lookup(prompt_tokens(1, N)) == CS and not eng.storage.in_host_memory(mine)
+    eng.close()
