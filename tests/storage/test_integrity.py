@@ -26,6 +26,7 @@ from lmcache.v1.cache_engine import LMCacheEngine
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend.local_disk import file_name
 from tests.storage.host_connector import HostPagedConnector, bits
+from tests.fixtures.upstream_wheel import upstream_056  # noqa: F401 (fixture)
 from tests.storage.lm_peers import lm_factory  # noqa: F401 (fixture)
 from tests.storage.workload import SHAPE, check_prompt, make_engine, metadata, prompt_kv, prompt_tokens, store_prompt
 
@@ -277,3 +278,23 @@ def test_host_memory_checks_the_key_an_object_was_stored_under():
     assert eng.stats.tier_counts.get("cpu.refused") == 1
     assert eng.lookup(prompt_tokens(1, N)) == CS and not eng.storage.in_host_memory(mine)
     eng.close()
+
+
+@pytest.mark.network
+def test_sealed_values_work_through_upstreams_own_server(upstream_056, lm_factory):  # noqa: F811
+    """With a secret, values are opaque BINARY bytes to any lm:// server: upstream 0.5.6's
+    server stores and returns them, and what its clients could PUT (no MAC) is refused."""
+    server = lm_factory(upstream_tree=upstream_056)
+    victim, conn = make_engine(config(remote_url=server.url, chunk_secret=SECRET), N)
+    assert store_prompt(victim, conn, 1, N) == N and victim.flush(10)
+    keys = [c.key for c in victim.token_db.chunks(prompt_tokens(1, N))]
+    assert wait_until(lambda: victim.storage.remote.prefix_count(keys) == len(keys), timeout=10)
+    peer, p_conn = make_engine(config(remote_url=server.url, chunk_secret=SECRET), N)
+    assert check_prompt(peer, p_conn, 1, N) == (N, True)
+    attacker, a_conn = make_engine(config(remote_url=server.url), N)
+    poison(attacker, a_conn, 2, 3)
+    assert loads_attacker_kv(peer, p_conn, 2, 3) == 0 and peer.stats.tier_counts.get("remote.refused") == 1
+    for engine in (victim, peer, attacker):
+        engine.close()
+    # (upstream's server logs a ConnectionResetError here: a refused reply's payload is
+    # never read, the connection is closed instead, and that kills its handler thread only)
