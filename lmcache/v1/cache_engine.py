@@ -289,7 +289,7 @@ class LMCacheEngine:
         logger.warning("chunk %s holds %s %s, expected %s %s: refused and removed from every tier",
                        chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
         self.stats.miss("refused")
-        self.storage.discard(chunk.key, obj)
+        self.storage.discard(chunk.key)
         return False
 
     def _end_leases(self, specs: Sequence[TransferSpec]) -> None:

@@ -135,7 +135,7 @@ class StorageManager:
                 logger.warning("host tier: the object under %s was stored under %s: refused and removed",
                                key.to_string(), obj.stored_key)
                 self.stats.miss("refused", tier=self.cpu.name)
-                self.discard(key, obj)
+                self.discard(key, host_only=True)  # the slower tiers' copies name their key themselves
                 self.release(obj)
                 obj = None
             if obj is not None:
@@ -173,10 +173,10 @@ class StorageManager:
         if transient:
             obj.free()
 
-    def discard(self, key: CacheEngineKey, obj: MemoryObj | None = None) -> None:
+    def discard(self, key: CacheEngineKey, host_only: bool = False) -> None:
         """Remove `key` from every tier (a chunk that was refused), so lookups stop
-        reporting it. `obj`: the object read for it, if the caller still holds it; it is
-        freed when its last reader releases it."""
+        reporting it. A host object still held by readers (e.g. the caller, who read
+        it) is freed when its last reader releases it."""
         held = self.cpu.detach(key) if self.cpu is not None else None
         if held is not None:
             with self._lock:
@@ -185,6 +185,8 @@ class StorageManager:
                     held = None
             if held is not None:
                 held.free()
+        if host_only:
+            return
         for tier in (self.disk, self.remote):
             if tier is not None:
                 try:
