@@ -44,8 +44,6 @@ HEALTH_KEY = b"health@1@0@0@half"
 _EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one round trip per batch)
 
 
-
-
 def parse_lm_url(url: str) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(url)
     try:
@@ -330,4 +328,3 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator, key: CacheEngine
         obj.free()
         raise BadReply(f"connection closed {got} of {reply.length} payload bytes into the reply")
     return "hit", obj
-

@@ -196,7 +196,8 @@ NO_SECRET = Integrity()
 
 
 def encode_header(obj: MemoryObj, payload: np.ndarray | None = None, payload_checksum: int | None = None,
-                  *, key=None, integrity: Integrity = NO_SECRET, memo: ChecksumMemo | None = None) -> bytes:
+                  *, key, integrity: Integrity = NO_SECRET, memo: ChecksumMemo | None = None) -> bytes:
+    """The header of `obj` stored under `key` (required: a header names its key)."""
     return integrity.header(key, obj, payload, payload_checksum, memo)
 
 
