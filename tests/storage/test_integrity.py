@@ -298,3 +298,20 @@ def test_sealed_values_work_through_upstreams_own_server(upstream_056, lm_factor
         engine.close()
     # (upstream's server logs a ConnectionResetError here: a refused reply's payload is
     # never read, the connection is closed instead, and that kills its handler thread only)
+
+
+@pytest.mark.redis
+def test_a_redis_value_copied_under_another_key_is_refused_without_a_secret(redis_url, redis_server):
+    other, o_conn = other_model_engine(config(remote_url=redis_url))
+    store_prompt(other, o_conn, 2, N)
+    assert other.flush(10)
+    ours, conn = make_engine(config(remote_url=redis_url), N)
+    client = redis_server.client()
+    theirs = [c.key.to_string() for c in other.token_db.chunks(prompt_tokens(2, N))]
+    mine = [c.key.to_string() for c in ours.token_db.chunks(prompt_tokens(1, N))]
+    for src, dst in zip(theirs, mine):
+        client.set(dst, client.get(src))
+    assert loads_attacker_kv(ours, conn, 1, 2) == 0
+    assert ours.stats.tier_counts.get("remote.refused") == 1 and client.exists(mine[0]) == 0
+    other.close()
+    ours.close()
