@@ -315,3 +315,44 @@ def test_a_redis_value_copied_under_another_key_is_refused_without_a_secret(redi
     assert ours.stats.tier_counts.get("remote.refused") == 1 and client.exists(mine[0]) == 0
     other.close()
     ours.close()
+
+
+def test_a_big_chunk_is_sealed_over_every_leaf():
+    """Chunks over 4 MiB are MAC'd through per-leaf digests hashed on several threads: a
+    byte changed in any leaf (checksums fixed up) is refused; the same bytes verify."""
+    from lmcache.v1.memory import HostMemoryPool, MemoryFormat
+    from lmcache.v1.storage_backend import serde
+    from tests.storage.host_connector import random_fill
+
+    pool = HostMemoryPool(64 << 20)
+    obj = pool.allocate((2, 2, 1024, 1536), torch.float16, MemoryFormat.KV_2LTD)  # 12 MiB: 3 leaves
+    random_fill(obj.tensor, 7)
+    key = metadata_key(1)
+    sealer = serde.Integrity(SECRET)
+    blob = serde.to_bytes(obj, key, sealer)
+    back = serde.from_bytes(blob, pool.allocate, key, sealer)
+    assert back is not None and torch.equal(bits(back.tensor), bits(obj.tensor))
+    back.free()
+    payload = bytearray(blob[serde.HEADER_SIZE:])
+    digest = serde.payload_digest(payload)
+    for offset in (5, (4 << 20) + 5, obj.nbytes - 5):  # first, middle and last leaf
+        payload[offset] ^= 0x01
+        assert serde.payload_digest(payload) != digest
+        payload[offset] ^= 0x01
+        forged = bytearray(blob)
+        forged[serde.HEADER_SIZE + offset] ^= 0x01
+        forged[56:64] = xxhash.xxh3_64_intdigest(bytes(forged[serde.HEADER_SIZE:])).to_bytes(8, "little")
+        forged[120:128] = xxhash.xxh3_64_intdigest(bytes(forged[:120])).to_bytes(8, "little")
+        serde.decode_header(bytes(forged))  # well-formed: only the MAC can tell
+        with pytest.raises(serde.RefusedChunk, match="MAC"):
+            serde.from_bytes(bytes(forged), pool.allocate, key, sealer)
+    assert serde.payload_digest(payload) == digest
+    with pytest.raises(serde.RefusedChunk, match="another key"):
+        serde.from_bytes(blob, pool.allocate, metadata_key(2), sealer)
+    assert serde.from_bytes(blob, pool.allocate, key, serde.NO_SECRET) is not None  # no secret: key check only
+
+
+def metadata_key(i):
+    from lmcache.v1.token_database import CacheEngineKey
+
+    return CacheEngineKey("org/model-7B", 1, 0, f"{i:032x}", "float16", "kv.L2.H4.D32")

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -111,8 +114,34 @@ def key_digest(key) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=KEY_DIGEST_SIZE, person=b"lmcache-key").digest()
 
 
+_LEAF_BYTES = 4 << 20  # the payload digest hashes 4 MiB leaves, on several cores for big chunks
+_HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _leaf_digest(leaf) -> bytes:
+    return hashlib.sha256(leaf).digest()  # hashlib drops the GIL: leaves hash in parallel
+
+
+def payload_digest(payload) -> bytes:
+    """SHA-256 over the payload's length and the SHA-256 of each 4 MiB leaf (a chunk's
+    leaves are hashed on up to 4 threads). What the MAC covers of the payload."""
+    global _hash_pool
+    view = memoryview(payload).cast("B")
+    leaves = [view[i:i + _LEAF_BYTES] for i in range(0, len(view), _LEAF_BYTES)]
+    if len(leaves) > 1 and _HASH_THREADS > 1:
+        with _hash_pool_lock:
+            if _hash_pool is None:
+                _hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="lmcache-hash")
+        digests = list(_hash_pool.map(_leaf_digest, leaves))
+    else:
+        digests = [_leaf_digest(leaf) for leaf in leaves]
+    return hashlib.sha256(b"".join((b"lmcache payload v1", struct.pack("<Q", len(view)), *digests))).digest()
+
+
 class ChecksumMemo:
-    """The payload checksum (and, with a secret, the payload's SHA-256) of one
+    """The payload checksum (and, with a secret, its payload_digest) of one
     memory object during ONE store to several tiers: the first tier that computes
     it records it, the others reuse it, so a chunk written to disk and Redis is
     hashed once. Scoped to that store (the background writer makes one per
@@ -128,7 +157,7 @@ class ChecksumMemo:
 class Integrity:
     """What a stored chunk must prove when it is read: that it was stored under the
     key it is read under (always), and with a shared secret, a valid MAC
-    (HMAC-SHA256 over the key, the header and the payload's SHA-256). Without a
+    (HMAC-SHA256 over the key, the header and payload_digest). Without a
     secret, chunks carry no MAC and any chunk naming the right key is accepted."""
 
     __slots__ = ("_secret",)
@@ -148,7 +177,7 @@ class Integrity:
     def payload_sha256(self, payload, memo: ChecksumMemo | None = None) -> bytes:
         if memo is not None and memo.sha256 is not None:
             return memo.sha256
-        digest = hashlib.sha256(memoryview(payload).cast("B")).digest()
+        digest = payload_digest(payload)
         if memo is not None:
             memo.sha256 = digest
         return digest
