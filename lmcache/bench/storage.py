@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of " + ",".join(TARGETS) + " (default cpu,disk,redis,lm)")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
+    parser.add_argument("--chunk-secret", default=None,
+                        help="seal and verify disk and remote chunks with this secret (what chunk_secret costs)")
 
 
 def interleaved_best_with_setup(cases: dict[str, tuple[Callable[[], object], Callable[[], object]]],
@@ -119,9 +121,10 @@ def bench_cpu(sources, shape, dtype, repeat):
     return best
 
 
-def bench_disk(objs, directory, repeat):
+def bench_disk(objs, directory, repeat, integrity=serde.NO_SECRET):
     nbytes = objs[0].nbytes
-    tier = LocalDiskBackend(os.path.join(directory, "tier"), (len(objs) + 1) * (nbytes + serde.HEADER_SIZE))
+    tier = LocalDiskBackend(os.path.join(directory, "tier"), (len(objs) + 1) * (nbytes + serde.HEADER_SIZE),
+                            integrity=integrity)
     pool = HostMemoryPool(2 * nbytes)
     raw_dir = os.path.join(directory, "raw")
     os.makedirs(raw_dir, exist_ok=True)
@@ -195,9 +198,12 @@ def run(args: argparse.Namespace) -> dict:
         obj.tensor.view(torch.int16).random_()  # bf16/fp16 bit patterns; values don't matter
         objs.append(obj)
     sources = [o.tensor for o in objs]
+    integrity = serde.Integrity(args.chunk_secret)
+    if integrity.has_secret:
+        print("chunk_secret set: disk and remote chunks are sealed (HMAC) and verified")
 
     result: dict = {"bench": "storage", "machine": machine_name(), "chunk_mib": round(chunk_bytes / 2**20, 2),
-                    "chunks": args.chunks}
+                    "chunks": args.chunks, "chunk_secret": integrity.has_secret}
     rows = []
     met = True
 
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(base_dir, exist_ok=True)
         directory = tempfile.mkdtemp(prefix="lmcache-bench-", dir=base_dir)
         try:
-            best = bench_disk(objs, directory, args.repeat)
+            best = bench_disk(objs, directory, args.repeat, integrity)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         record("disk", "put", best, "raw_write", "put", "raw_write")
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
 
     for tier in [t for t in REMOTE_TIERS if t in tiers]:
         best = bench_remote(tier, objs, args.repeat, args.redis_url if tier == "redis" else None,
-                            interleaved_best_with_setup)
+                            interleaved_best_with_setup, integrity)
         raw = "raw" if tier == "redis" else f"{tier}_raw"  # redis keeps its figure names
         record(tier, "put", best, f"{raw}_set", "put", "raw_set")
         record(tier, "get", best, f"{raw}_get", "get", "raw_get")

@@ -40,7 +40,8 @@ def _workdir() -> Iterator[str]:
 
 
 @contextmanager
-def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object, dict]]:
+def store_for(tier: str, redis_url: str | None,
+              integrity: serde.Integrity = serde.NO_SECRET) -> Iterator[tuple[object, object, dict]]:
     """(our tier, the raw client, what names them) for `tier`, its store running."""
     from lmcache.v1.storage_backend.remote import RemoteBackend, redis_py_url
 
@@ -53,7 +54,7 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
                 server = RedisServer(os.path.join(workdir, "redis")).start()
                 redis_url = server.url
             try:
-                yield (RemoteBackend(redis_url, timeout=30.0),
+                yield (RemoteBackend(redis_url, timeout=30.0, integrity=integrity),
                        redis.Redis.from_url(redis_py_url(redis_url), socket_timeout=30.0), {})
             finally:
                 if server is not None:
@@ -64,7 +65,7 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
             group = RedisClusterGroup(workdir, masters=3, replicas=0).start()
             try:
                 seed = group.nodes[0]
-                yield (RemoteBackend(group.url, timeout=30.0),
+                yield (RemoteBackend(group.url, timeout=30.0, integrity=integrity),
                        RedisCluster(host="127.0.0.1", port=seed.port, socket_timeout=30.0), {"masters": 3})
             finally:
                 group.stop()
@@ -74,7 +75,7 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
             group = SentinelGroup(workdir).start()
             try:
                 sentinel = Sentinel([("127.0.0.1", s.port) for s in group.sentinels], socket_timeout=30.0)
-                yield (RemoteBackend(group.url, timeout=30.0), sentinel.master_for(group.service), {})
+                yield (RemoteBackend(group.url, timeout=30.0, integrity=integrity), sentinel.master_for(group.service), {})
             finally:
                 group.stop()
         elif tier == "s3":
@@ -85,7 +86,8 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
             saved = {k: os.environ.get(k) for k in CREDENTIALS}
             os.environ.update(CREDENTIALS)
             try:
-                yield (S3Backend(f"s3://{BUCKET}/bench", endpoint_url=server.endpoint, timeout=30.0),
+                yield (S3Backend(f"s3://{BUCKET}/bench", endpoint_url=server.endpoint, timeout=30.0,
+                                 integrity=integrity),
                        server.client(), {"bucket": BUCKET})
             finally:
                 for k, v in saved.items():
@@ -99,14 +101,15 @@ def store_for(tier: str, redis_url: str | None) -> Iterator[tuple[object, object
 
 
 def bench_remote(tier_name: str, objs, repeat: int, redis_url: str | None,
-                 interleaved: Callable[[dict, int], dict]) -> dict[str, float]:
+                 interleaved: Callable[[dict, int], dict], integrity: serde.Integrity = serde.NO_SECRET,
+                 ) -> dict[str, float]:
     """Best times of put / get through our tier and raw set / get of the same blobs."""
     nbytes = objs[0].nbytes
     pool = HostMemoryPool(2 * nbytes)
     keys = [_key(i, tier_name) for i in range(len(objs))]
     raw_names = [f"lmcache-bench-raw-{i}" for i in range(len(objs))]
-    blobs = [serde.to_bytes(o) for o in objs]  # the same bytes the tier stores
-    with store_for(tier_name, redis_url) as (tier, raw, names):
+    blobs = [serde.to_bytes(o, k, integrity) for o, k in zip(objs, keys)]  # the same bytes the tier stores
+    with store_for(tier_name, redis_url, integrity) as (tier, raw, names):
         if tier_name == "s3":
             bucket = names["bucket"]
 

@@ -48,6 +48,9 @@ class LMCacheEngineMetadata:
     kv_shape: tuple  # (num_layers, 2 or 1, chunk_size, num_kv_heads, head_size)
     use_mla: bool = False
     layout_fingerprint: str = ""
+    # what changes KV besides the model name (revision, weights, quantization, ...): a
+    # digest from the integration (integration/vllm/model_identity.py); part of every key
+    model_identity: str = ""
 
     @property
     def memory_format(self) -> MemoryFormat:
@@ -84,7 +87,9 @@ class LMCacheEngine:
         self.config = config
         self.metadata = metadata
         self.stats = EngineStats()
-        self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
+        self.token_db = ChunkedTokenDatabase(
+            config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk, namespace=config.cache_namespace
+        )
         self.storage = StorageManager(config, self.stats)
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
         self.gpu_connector = None
@@ -278,15 +283,18 @@ class LMCacheEngine:
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
 
     def _usable(self, chunk, obj: MemoryObj, connector=None) -> bool:
-        """The chunk has the shape and dtype the connector (or the metadata) expects."""
+        """The chunk has the shape and dtype the connector (or the metadata) expects.
+        One that does not is refused: counted, and removed from every tier (the caller
+        still releases `obj`), so lookups stop reporting it."""
         n = chunk.end - chunk.start
         expected = torch.Size(connector.get_shape(n)) if connector else self.metadata.memory_shape(n)
         dtype = connector.kv_dtype if connector else self.metadata.kv_dtype
         if obj.metadata.shape == expected and obj.metadata.dtype == dtype:
             return True
-        logger.warning("chunk %s holds %s %s, expected %s %s: not loaded", chunk.key.to_string(),
-                       tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
-        self.stats.miss("corrupt")
+        logger.warning("chunk %s holds %s %s, expected %s %s: refused and removed from every tier",
+                       chunk.key.to_string(), tuple(obj.metadata.shape), obj.metadata.dtype, tuple(expected), dtype)
+        self.stats.miss("refused")
+        self.storage.discard(chunk.key)
         return False
 
     def _end_leases(self, specs: Sequence[TransferSpec]) -> None:

@@ -53,6 +53,20 @@ NON_CONFIG_ENV = frozenset({"CONFIG_FILE", "DEVICE", "CI", "USE_EXPERIMENTAL", "
 
 
 GB = 1024**3
+MIN_SECRET_CHARS = 16
+
+
+def _namespace(value: Any) -> str:
+    text = str(value)
+    if not 1 <= len(text) <= 64 or not text.isprintable():
+        raise _Bad()
+    return text
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, (str, bytes)) or len(value) < MIN_SECRET_CHARS:
+        raise _Bad()
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class ConfigError(ValueError):
@@ -89,6 +103,12 @@ class LMCacheEngineConfig:
     lookup_lease_ttl: float = 60.0
     # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
     enable_nixl: bool = False
+    # --- chunk integrity (lmcache/v1/storage_backend/serde.py) ---
+    # a name in every key: deployments with different namespaces never share chunks
+    cache_namespace: str | None = None
+    # shared secret: chunks carry an HMAC over key, header and payload, and a chunk
+    # without a valid one is never loaded. Never shown (repr, doctor, errors).
+    chunk_secret: str | None = field(default=None, repr=False)
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -164,8 +184,11 @@ KEYS: dict[str, _Key] = {
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
     "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
     "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
+    "cache_namespace": _Key(_none_or(_namespace), "a short name (1-64 printable characters), or none"),
+    "chunk_secret": _Key(
+        _none_or(_secret), f"a secret of at least {MIN_SECRET_CHARS} characters (env LMCACHE_CHUNK_SECRET), or none"
+    ),
 }
-
 
 def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:
     spec = KEYS[key]

@@ -56,7 +56,7 @@ def check_shape(shape: torch.Size, fmt: MemoryFormat) -> torch.Size:
 class MemoryObj:
     """A chunk's KV in host memory. Readers hold it (ref_count_up) so eviction skips it."""
 
-    __slots__ = ("tensor", "metadata", "_pool", "_readers", "_lock")
+    __slots__ = ("tensor", "metadata", "stored_key", "_pool", "_readers", "_lock")
 
     def __init__(self, tensor: torch.Tensor, fmt: MemoryFormat, pool: "HostMemoryPool | None" = None):
         if not tensor.is_contiguous():
@@ -64,6 +64,7 @@ class MemoryObj:
         check_shape(tensor.shape, fmt)
         self.tensor = tensor
         self.metadata = MemoryObjMetadata(tensor.shape, tensor.dtype, fmt)
+        self.stored_key = None  # the key the storage manager holds it under (checked on every read)
         self._pool = pool
         self._readers = 0
         self._lock = threading.Lock()

@@ -5,12 +5,21 @@ blake2b(hash of chunk i-1 || token ids of chunk i as little-endian int32), so a
 key names the whole prefix up to the end of its chunk, and equal prefixes give
 equal keys in any process, after a restart and on any rank (no Python `hash`,
 no PYTHONHASHSEED).
+
+Besides the tokens, a key names what else decides the KV: the model, world size
+and rank, the KV dtype and layout (layout_key), and an identity tag
+(identity_tag): a digest of what the integration knows changes KV for the same
+model name (revision, weights, quantization, KV cache dtype, overrides; see
+lmcache/integration/vllm/model_identity.py) and the optional `cache_namespace`.
+All key material beyond the tokens goes through material_digest(), one stable
+encoding (canonical JSON, blake2b) that new material can join.
 """
 
 from __future__ import annotations
 
 import array
 import hashlib
+import json
 import struct
 import sys
 import urllib.parse
@@ -77,6 +86,22 @@ class CacheEngineKey(NamedTuple):
         return cls(unquote(model), int(world), int(worker), chunk_hash, unquote(dtype), unquote(fingerprint))
 
 
+def material_digest(*material, size: int = 8) -> str:
+    """A stable hex digest of key material: str, int, float, bool, None and lists or
+    dicts of them (dict keys sorted), the same in every process and Python."""
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.blake2b(text.encode(), digest_size=size, person=b"lmcache-ident").hexdigest()
+
+
+def identity_tag(model_identity: str = "", namespace: str | None = None, *extra) -> str:
+    """The identity part of a key: '' when nothing is given (keys as before any
+    identity existed), else 'm' + a digest of everything given. `extra`: further
+    material that must separate keys (it joins the digest as is)."""
+    if not model_identity and not namespace and not extra:
+        return ""
+    return "m" + material_digest(model_identity or "", namespace or "", *extra)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -84,7 +109,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def layout_key(metadata) -> str:
     """The KV layout part of a key, from the engine metadata alone (a scheduler
     without KV tensors must compute the same keys as the workers): memory format
-    and per-token shape, plus metadata.layout_fingerprint when one is given."""
+    and per-token shape, plus metadata.layout_fingerprint when one is given
+    (ChunkedTokenDatabase adds the identity tag after it)."""
     num_layers, _, _, num_heads, head_size = metadata.kv_shape
     if getattr(metadata, "use_mla", False):
         text = f"mla.L{num_layers}.D{head_size}"
@@ -167,7 +193,8 @@ class Chunk(NamedTuple):
 
 
 class ChunkedTokenDatabase:
-    def __init__(self, chunk_size: int, metadata, save_unfull_chunk: bool = False):
+    def __init__(self, chunk_size: int, metadata, save_unfull_chunk: bool = False,
+                 namespace: str | None = None):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
@@ -178,7 +205,9 @@ class ChunkedTokenDatabase:
             int(metadata.world_size),
             int(metadata.worker_id),
         )
-        self._key_suffix = (dtype_name(metadata.kv_dtype), layout_key(metadata))
+        tag = identity_tag(getattr(metadata, "model_identity", "") or "", namespace)
+        layout = layout_key(metadata)
+        self._key_suffix = (dtype_name(metadata.kv_dtype), f"{layout}.{tag}" if tag else layout)
 
     def make_key(self, chunk_hash: str) -> CacheEngineKey:
         model, world, worker = self._key_prefix

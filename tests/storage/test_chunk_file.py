@@ -47,7 +47,7 @@ def test_the_file_is_the_blob_and_reads_back_exact(tmp_path, pool, nbytes):
     assert tier.put(KEY, obj)
     assert os.listdir(tmp_path) == [file_name(KEY)]  # renamed into place, no temporary left
     # byte for byte what serde's one-shot encoder makes (independent of the block logic)
-    assert (tmp_path / file_name(KEY)).read_bytes() == serde.to_bytes(obj)
+    assert (tmp_path / file_name(KEY)).read_bytes() == serde.to_bytes(obj, KEY)
     back = tier.get(KEY, pool.allocate)
     assert back is not None and torch.equal(back.tensor, obj.tensor)
 
@@ -101,7 +101,7 @@ def test_damage_anywhere_in_a_long_file_is_a_miss_and_removed(tmp_path, pool, ca
 def test_a_file_shorter_than_its_header_says_is_refused_while_reading(tmp_path, pool):
     obj = payload_obj(pool, 2 * R)
     path = tmp_path / "f"
-    path.write_bytes(serde.to_bytes(obj)[: HEADER_SIZE + R + 5])  # as if it shrank after the size check
+    path.write_bytes(serde.to_bytes(obj, KEY)[: HEADER_SIZE + R + 5])  # as if it shrank after the size check
     target = bytearray(2 * R)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -126,7 +126,7 @@ def test_short_writes_are_resumed(tmp_path, pool, monkeypatch):
     obj = payload_obj(pool, W + 3000)
     assert tier.put(KEY, obj)
     monkeypatch.undo()
-    assert (tmp_path / file_name(KEY)).read_bytes() == serde.to_bytes(obj)
+    assert (tmp_path / file_name(KEY)).read_bytes() == serde.to_bytes(obj, KEY)
 
 
 def fake_fallocate(error):
@@ -183,7 +183,7 @@ def test_a_checksum_known_from_another_tier_is_not_computed_again(tmp_path, pool
     second = LocalDiskBackend(str(tmp_path / "b"), 8 * MB)
     assert second.put(KEY, obj, memo)
     monkeypatch.undo()
-    assert (tmp_path / "b" / file_name(KEY)).read_bytes() == serde.to_bytes(obj)
+    assert (tmp_path / "b" / file_name(KEY)).read_bytes() == serde.to_bytes(obj, KEY)
 
 
 def test_a_wrong_shared_checksum_is_caught_by_the_reader(tmp_path, pool):

@@ -259,5 +259,5 @@ def test_stats_are_a_plain_dataclass(engine):
 
     eng, _ = engine
     d = dataclasses.asdict(eng.stats)
-    assert set(d["misses"]) == {"absent", "corrupt", "tier_down", "evicted", "dropped"}
+    assert set(d["misses"]) == {"absent", "corrupt", "refused", "tier_down", "evicted", "dropped"}
     assert eng.stats.as_dict()["misses_absent"] == 0

@@ -119,7 +119,9 @@ def test_a_chunk_of_the_wrong_shape_ends_the_leased_answer(tmp_path):
         other.free()
         assert eng.lookup(prompt_tokens(1, N)) == N  # existence alone says 4 chunks
         assert eng.lookup(prompt_tokens(1, N), lease_id="1:r") == 2 * CS
-        assert eng.stats.misses["corrupt"] == 1 and eng.leases.held_chunks == 2
+        assert eng.stats.misses["refused"] == 1 and eng.leases.held_chunks == 2
+        assert eng.lookup(prompt_tokens(1, N)) == 2 * CS  # refused: removed, no longer reported
+        assert not eng.storage.disk.contains(key)
     finally:
         eng.close()
 

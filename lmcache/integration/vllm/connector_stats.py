@@ -60,7 +60,7 @@ METRICS: dict[str, MetricSpec] = {
                                   ("tier",)),
     "evictions": MetricSpec("lmcache:evictions", COUNTER, "Chunks evicted to make room (all ranks)", ("tier",)),
     "tier_errors": MetricSpec("lmcache:tier_errors", COUNTER,
-                              "Tier faults (corrupt data, tier down, write dropped), each a miss (all ranks)",
+                              "Tier faults (corrupt data, refused chunk, tier down, write dropped), each a miss (all ranks)",
                               ("tier", "cause")),
     "skipped_saves": MetricSpec("lmcache:skipped_saves", COUNTER,
                                 "Chunks not saved: queue_full (disk/remote writer), no_memory (host budget), "

@@ -46,7 +46,7 @@ _SUMMED = {
 }
 for _tier in ("cpu", "disk", "remote"):
     _SUMMED[f"{_tier}.evicted"] = ("evictions", (_tier,))
-    for _cause in ("corrupt", "tier_down", "dropped"):
+    for _cause in ("corrupt", "refused", "tier_down", "dropped"):
         _SUMMED[f"{_tier}.{_cause}"] = ("tier_errors", (_tier, _cause))
 
 

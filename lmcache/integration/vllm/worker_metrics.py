@@ -19,7 +19,7 @@ from collections import deque
 MAX_SAMPLES = 4096  # per histogram between two asks (the scheduler asks several times a second)
 MAX_EVENTS = 65536
 _TIERS = ("cpu", "disk", "remote")
-_ERROR_CAUSES = ("corrupt", "tier_down", "dropped")
+_ERROR_CAUSES = ("corrupt", "refused", "tier_down", "dropped")
 
 
 class WorkerMetrics:

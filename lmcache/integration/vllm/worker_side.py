@@ -159,6 +159,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
         )
 
     def _engine_metadata(self):
+        from lmcache.integration.vllm.model_identity import model_identity
         from lmcache.v1.cache_engine import LMCacheEngineMetadata
 
         model_config = self._vllm_config.model_config
@@ -182,6 +183,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
             # instances of the same model share one disk directory or Redis server. Native
             # CPU blocks (cpu_native_blocks) are vLLM's tiled bytes: their tag keys them apart.
             layout_fingerprint=self.gpu_connector.host_format_tag,
+            model_identity=model_identity(self._vllm_config),  # revision, weights, quantization, ...
         )
 
     # -- the lookup server's handlers (background thread) ----------------------

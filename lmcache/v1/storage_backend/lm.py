@@ -4,7 +4,11 @@ Speaks upstream 0.5.6's protocol (lmcache/v1/server/protocol.py) with keys in
 the shape its server parses (lm_keys.py). The value is what upstream's `naive`
 serde sends: the chunk's raw tensor bytes, with format, dtype and shape in the
 header; a reply whose header does not describe a chunk of exactly `length`
-bytes is a corrupt miss, and its connection is closed.
+bytes is a corrupt miss, and its connection is closed. With a shared secret
+(`chunk_secret`) the value is instead a serde blob (header with key digest and
+MAC, then the raw bytes) sent as BINARY: upstream's clients cannot read those,
+and a naive value (which carries no MAC) is refused; without a secret such
+values are not read (not a KV chunk).
 
 Unlike upstream's client it never fails a request and never stays disconnected:
 a server that is down or restarting is a miss plus one log line (outage.py),
@@ -30,7 +34,8 @@ import torch
 from lmcache.v1.config_values import redact_url
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
-from lmcache.v1.storage_backend import lm_keys
+from lmcache.v1.storage_backend import lm_keys, serde
+from lmcache.v1.storage_backend.lm_sealed import BadReply, RefusedReply, ShunnedKeys, get_sealed, sealed_put_header
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, payload_view
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -42,10 +47,6 @@ _FMT_CODES = {MemoryFormat.KV_2LTD: P.FMT_KV_2LTD, MemoryFormat.KV_MLA_FMT: P.FM
 _FORMATS = {code: fmt for fmt, code in _FMT_CODES.items()}
 HEALTH_KEY = b"health@1@0@0@half"
 _EXIST_BATCH = 32  # EXIST requests sent before their replies are read (one round trip per batch)
-
-
-class BadReply(Exception):
-    """The server's reply cannot be trusted (the connection is closed)."""
 
 
 def parse_lm_url(url: str) -> tuple[str, int]:
@@ -116,8 +117,11 @@ class LMServerBackend:
     name = "remote"
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 0.5,
-                 retry_interval: float = 10.0, stats: EngineStats | None = None):
+                 retry_interval: float = 10.0, stats: EngineStats | None = None,
+                 integrity: serde.Integrity = serde.NO_SECRET):
         self.url = url
+        self._integrity = integrity
+        self._shunned = ShunnedKeys()  # refused or removed: the protocol has no delete
         host, port = parse_lm_url(url)
         self._stats = stats or EngineStats()
         self._conns = _Connections(host, port, connect_timeout, timeout)
@@ -174,6 +178,7 @@ class LMServerBackend:
 
     def prefix_count(self, keys: list[CacheEngineKey]) -> int:
         """How many of `keys`, from the first, the server holds (EXISTs in batches)."""
+        keys = keys[:self._shunned.first_in(keys)]
         if not keys or not self._outage.usable():
             return 0
         n = 0
@@ -202,9 +207,12 @@ class LMServerBackend:
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
         if not self._outage.usable():
             return None
+        if self._shunned.first_in([key]) == 0:
+            self._stats.miss("absent")
+            return None
         try:
             wire = lm_keys.wire_key(key)
-            outcome, obj = self._exchange(lambda sock, by: _get(sock, wire, allocate, by))
+            outcome, obj = self._exchange(lambda sock, by: _get(sock, wire, allocate, key, self._integrity, by))
         except lm_keys.KeyEncodingError as exc:
             self._log_once("key", "%s", exc)
             self._stats.miss("absent")
@@ -215,7 +223,8 @@ class LMServerBackend:
         except BadReply as exc:
             self._outage.worked()
             self._log_once(f"get-reply:{type(exc).__name__}", "GET of %s: %s: treated as a miss", key.to_string(), exc)
-            self._stats.miss("corrupt", tier=self.name)
+            self._stats.miss(exc.cause, tier=self.name)
+            self._shunned.add(key)
             return None
         self._outage.worked()
         if obj is None:
@@ -229,8 +238,11 @@ class LMServerBackend:
             self._stats.miss("dropped", tier=self.name)
             return False
         try:
-            header = _put_header(key, obj)
-        except (lm_keys.KeyEncodingError, P.ProtocolError) as exc:
+            if self._integrity.has_secret:
+                header = sealed_put_header(key, obj, self._integrity, checksum)
+            else:
+                header = _put_header(key, obj)
+        except (lm_keys.KeyEncodingError, P.ProtocolError, serde.SerdeError) as exc:
             self._log_once("put", "chunk not stored: %s", exc)
             self._stats.miss("dropped", tier=self.name)
             return False
@@ -242,11 +254,15 @@ class LMServerBackend:
             self._stats.miss("dropped", tier=self.name)
             return False
         self._outage.worked()
+        self._shunned.discard(key)
         self._stats.chunk_event(self.name, True, key)
         return True
 
     def remove(self, key: CacheEngineKey) -> None:
-        """The protocol has no delete: the server's LRU eviction removes entries."""
+        """The protocol has no delete (the server's LRU eviction removes entries): the
+        key is treated as absent here for a while, so lookups stop reporting it."""
+        self._shunned.add(key)
+        self._stats.chunk_event(self.name, False, key)
 
     def close(self) -> None:
         self._conns.close()
@@ -295,7 +311,8 @@ def _describe(reply: P.Reply) -> tuple[torch.Size, torch.dtype, MemoryFormat]:
     return shape, dtype, fmt
 
 
-def _get(sock: socket.socket, wire: bytes, allocate: Allocator, deadline: float) -> tuple[str, MemoryObj | None]:
+def _get(sock: socket.socket, wire: bytes, allocate: Allocator, key: CacheEngineKey,
+         integrity: serde.Integrity, deadline: float) -> tuple[str, MemoryObj | None]:
     P.send_all(sock, P.pack_request(P.GET, wire), deadline)
     reply = _read_reply(sock, deadline)
     if reply.code == P.FAIL:
@@ -304,6 +321,10 @@ def _get(sock: socket.socket, wire: bytes, allocate: Allocator, deadline: float)
         return "absent", None
     if reply.code != P.SUCCESS:
         raise BadReply(f"reply code {reply.code}")
+    if integrity.has_secret:
+        if reply.fmt != P.FMT_BINARY:
+            raise RefusedReply("a naive value carries no MAC, and chunk_secret is set")
+        return get_sealed(sock, reply, allocate, key, integrity, deadline)
     shape, dtype, fmt = _describe(reply)
     obj = allocate(shape, dtype, fmt)
     if obj is None:  # no host memory: the payload is not read, so this connection is done

@@ -110,6 +110,17 @@ class LocalCPUBackend:
         self._stats.chunk_event(self.name, False, key)
         return True
 
+    def detach(self, key: CacheEngineKey) -> MemoryObj | None:
+        """Drop `key` from the tier even while it is being read, without freeing it:
+        the caller now owns the object (a refused chunk, storage_manager.discard)."""
+        with self._lock:
+            obj = self._objs.pop(key, None)
+            if obj is None:
+                return None
+            self._used -= obj.nbytes
+        self._stats.chunk_event(self.name, False, key)
+        return obj
+
     def clear(self) -> None:
         with self._lock:
             for obj in self._objs.values():

@@ -52,8 +52,10 @@ def file_name(key: CacheEngineKey) -> str:
 class LocalDiskBackend:
     name = "disk"
 
-    def __init__(self, path: str, budget_bytes: int, stats: EngineStats | None = None):
+    def __init__(self, path: str, budget_bytes: int, stats: EngineStats | None = None,
+                 integrity: serde.Integrity = serde.NO_SECRET):
         self.path = os.path.abspath(path)
+        self._integrity = integrity  # every read checks the key digest (and MAC) in the header
         self.budget_bytes = int(budget_bytes)
         self._stats = stats or EngineStats()
         self._index: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, oldest first
@@ -185,6 +187,7 @@ class LocalDiskBackend:
                 return None
             payload = serde.payload_view(obj.tensor)
             serde.verify(header, payload, chunk_file.read_payload(fd, payload))
+            self._integrity.check(key, header, payload)
         except SerdeError as exc:
             if obj is not None:
                 obj.free()
@@ -204,7 +207,7 @@ class LocalDiskBackend:
     def _reject(self, name: str, path: str, st: os.stat_result | None, reason: Exception) -> None:
         """`st`: what was read (None: a symlink, removed whatever it is now pointing at)."""
         logger.warning("disk tier: %s is not a valid chunk (%s): treated as a miss and removed", path, reason)
-        self._stats.miss("corrupt", tier=self.name)
+        self._stats.miss(serde.miss_cause(reason), tier=self.name)
         self._lost(name)
         self._forget(name)
         try:
@@ -245,7 +248,8 @@ class LocalDiskBackend:
             try:
                 self._preallocate(fd, size)
                 known = checksum.value if checksum is not None else None
-                computed = chunk_file.write_chunk(fd, lambda c: serde.encode_header(obj, payload, c), payload, known)
+                header_for = lambda c: self._integrity.header(key, obj, payload, c, checksum)  # noqa: E731
+                computed = chunk_file.write_chunk(fd, header_for, payload, known)
             finally:
                 os.close(fd)
             os.replace(tmp, path)

@@ -28,7 +28,6 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from lmcache.v1.remote_urls import parse_redis_seeds, redacted
-from lmcache.v1.storage_backend import serde
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.remote import Route, Shard
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -140,7 +139,7 @@ class ClusterRouter:
         if op == "GET":
             return rc.get(name)
         if op == "SET":
-            rc.set(name, serde.to_bytes(value))
+            rc.set(name, b"".join(value))  # (header, payload) as the tier sends them
             return True
         if op == "DEL":
             return rc.delete(name)

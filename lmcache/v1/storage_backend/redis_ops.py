@@ -22,8 +22,7 @@ from typing import Any, Callable
 
 import redis
 
-from lmcache.v1.storage_backend import serde
-from lmcache.v1.storage_backend.serde import ChecksumMemo
+
 
 
 class DeadlineExceeded(redis.TimeoutError):
@@ -182,19 +181,13 @@ def get_one(conn, name: str) -> bytes | None:
     return _as_bytes_or_none(conn.read_response())
 
 
-def set_blob(conn, name: str, obj, checksum: ChecksumMemo | None) -> None:
+def set_blob(conn, name: str, header: bytes, payload: memoryview) -> None:
     """SET name <header + payload>, sent as pieces (the payload straight from the
     memory object, no joined 32 MiB copy). Raises the server's error reply."""
-    payload = serde.payload_view(obj.tensor)
-    if checksum is None:
-        checksum = ChecksumMemo()
-    if checksum.value is None:
-        checksum.value = serde.checksum(payload)
-    header = serde.encode_header(obj, payload, checksum.value)
     key = name.encode()
     conn.send_packed_command([
         b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),
-        memoryview(payload),
+        payload,
         b"\r\n",
     ], check_health=False)
     reply = conn.read_response()

@@ -126,8 +126,10 @@ class RemoteBackend:
     name = "remote"
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 0.5,
-                 retry_interval: float = 10.0, stats: EngineStats | None = None):
+                 retry_interval: float = 10.0, stats: EngineStats | None = None,
+                 integrity: serde.Integrity = serde.NO_SECRET):
         self.url = url
+        self._integrity = integrity  # every read checks the key digest (and MAC) in the header
         self.timeout = timeout
         self._stats = stats or EngineStats()
         self._logged_errors: set[str] = set()
@@ -254,10 +256,10 @@ class RemoteBackend:
             self._stats.miss("absent")
             return None
         try:
-            obj = serde.from_bytes(blob, allocate)
+            obj = serde.from_bytes(blob, allocate, key, self._integrity)
         except SerdeError as exc:
             logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss("corrupt", tier=self.name)
+            self._stats.miss(serde.miss_cause(exc), tier=self.name)
             self._stats.chunk_event(self.name, False, key)
             self._call("DEL", name, True, lambda c: redis_ops.delete_if_same(c, name, bytes(blob)))
             return None
@@ -269,7 +271,8 @@ class RemoteBackend:
         """SET the chunk's blob; False (counted as dropped) if its place is down or
         refuses it. `checksum`: shared with the other tiers written in the same store."""
         name = key.to_string()
-        ok, _ = self._call("SET", name, True, lambda c: redis_ops.set_blob(c, name, obj, checksum), obj)
+        pieces = serde.blob_pieces(obj, key, self._integrity, checksum)
+        ok, _ = self._call("SET", name, True, lambda c: redis_ops.set_blob(c, name, *pieces), pieces)
         if not ok:
             self._stats.miss("dropped", tier=self.name)
             return False

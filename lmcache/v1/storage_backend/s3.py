@@ -33,21 +33,13 @@ PART_BYTES = 8 * 2**20  # multipart part / ranged read size (S3's minimum part i
 _ABSENT = {"404", "NoSuchKey", "NotFound"}
 
 
-def _blob_pieces(obj: MemoryObj, checksum: ChecksumMemo | None) -> tuple[bytes, memoryview]:
-    payload = serde.payload_view(obj.tensor)
-    if checksum is None:
-        checksum = ChecksumMemo()
-    if checksum.value is None:
-        checksum.value = serde.checksum(payload)
-    return serde.encode_header(obj, payload, checksum.value), memoryview(payload).cast("B")
-
-
 class S3Backend:
     name = "remote"
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, timeout: float = 2.0,
                  connect_timeout: float = 0.5, retry_interval: float = 10.0, stats: EngineStats | None = None,
-                 concurrency: int = 16):
+                 concurrency: int = 16, integrity: serde.Integrity = serde.NO_SECRET):
+        self._integrity = integrity  # every read checks the key digest (and MAC) in the header
         try:
             import boto3
             import botocore.config
@@ -167,10 +159,10 @@ class S3Backend:
             self._stats.miss("absent")
             return None
         try:
-            obj = serde.from_bytes(blob, allocate)
+            obj = serde.from_bytes(blob, allocate, key, self._integrity)
         except SerdeError as exc:
             logger.warning("remote tier: object %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss("corrupt", tier=self.name)
+            self._stats.miss(serde.miss_cause(exc), tier=self.name)
             self._stats.chunk_event(self.name, False, key)
             self._delete(name)
             return None
@@ -183,7 +175,7 @@ class S3Backend:
         if not self._outage.usable():
             self._stats.miss("dropped", tier=self.name)
             return False
-        header, payload = _blob_pieces(obj, checksum)
+        header, payload = serde.blob_pieces(obj, key, self._integrity, checksum)
         name = self.object_key(key)
         try:
             if len(header) + payload.nbytes <= 2 * PART_BYTES:

@@ -19,10 +19,13 @@ logger = logging.getLogger(__name__)
 # Why a chunk was not found or not kept:
 #   absent     looked for and found in no tier
 #   corrupt    a tier held bytes that failed to parse or verify (they were removed)
+#   refused    a valid chunk that may not be loaded under its key: it names another key,
+#              its MAC is missing or wrong (chunk_secret), or its shape/dtype is not this
+#              engine's (removed from every tier that allows it)
 #   tier_down  a tier (the remote server) was unreachable or timed out
 #   evicted    removed from a tier to make room (it will miss later)
 #   dropped    not stored: writer queue full, no host memory, disk full, write failed
-MISS_CAUSES = ("absent", "corrupt", "tier_down", "evicted", "dropped")
+MISS_CAUSES = ("absent", "corrupt", "refused", "tier_down", "evicted", "dropped")
 
 # observer(tier, stored, key): `stored` True when the tier now holds the chunk `key`
 # (a CacheEngineKey), False when it lost it; key None with stored False: the tier

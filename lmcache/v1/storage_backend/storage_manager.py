@@ -9,6 +9,12 @@ Ownership of memory objects: an object given to put() belongs to the manager.
 The CPU tier frees what it evicts; an object no tier keeps is freed once the
 writer is done with it. Objects returned by get() carry a reader reference
 that the caller gives back with release().
+
+Integrity: every tier checks on read that a chunk was stored under the key it is
+read under (the key digest in a disk/Redis/lm:// chunk's header; the key an object
+was put under in host memory) and, with `chunk_secret`, its MAC (serde.Integrity).
+A chunk the engine refuses (wrong shape or dtype for this engine) is removed from
+every tier with discard(), so lookups stop reporting it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from lmcache.v1.memory import HostMemoryPool, MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.background_writer import BackgroundWriter
 from lmcache.v1.storage_backend.local_cpu import LocalCPUBackend
 from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
+from lmcache.v1.storage_backend.serde import Integrity
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
@@ -35,9 +42,11 @@ class StorageManager:
         self.stats = stats or EngineStats()
         # One byte budget for host memory: the CPU tier and the buffers in flight.
         self.pool = pool or HostMemoryPool(config.local_cpu_bytes)
+        self.integrity = Integrity(getattr(config, "chunk_secret", None))
         self.cpu = LocalCPUBackend(self.pool.budget_bytes, self.stats) if config.local_cpu else None
         self.disk = (
-            LocalDiskBackend(config.local_disk, config.local_disk_bytes, self.stats) if config.local_disk else None
+            LocalDiskBackend(config.local_disk, config.local_disk_bytes, self.stats, integrity=self.integrity)
+            if config.local_disk else None
         )
         self.remote = None
         if config.remote_url:
@@ -58,6 +67,7 @@ class StorageManager:
                 retry_interval=config.remote_retry_interval,
                 stats=self.stats,
                 **extra,
+                integrity=self.integrity,
             )
         slow = [t for t in (self.disk, self.remote) if t is not None]
         self.writer = BackgroundWriter(slow, config.store_queue_size, self.stats) if slow else None
@@ -127,6 +137,13 @@ class StorageManager:
         release()), or None if no tier has it (the cause is counted)."""
         if self.cpu is not None:
             obj = self.cpu.get(key)
+            if obj is not None and obj.stored_key != key:
+                logger.warning("host tier: the object under %s was stored under %s: refused and removed",
+                               key.to_string(), obj.stored_key)
+                self.stats.miss("refused", tier=self.cpu.name)
+                self.discard(key, host_only=True)  # the slower tiers' copies name their key themselves
+                self.release(obj)
+                obj = None
             if obj is not None:
                 self.stats.tier_hit(self.cpu.name, obj.num_tokens)
                 return obj
@@ -144,6 +161,7 @@ class StorageManager:
         return None
 
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> MemoryObj:
+        obj.stored_key = key
         obj.ref_count_up()
         if self.cpu is None or not self.cpu.put(key, obj):
             with self._lock:
@@ -161,23 +179,41 @@ class StorageManager:
         if transient:
             obj.free()
 
+    def discard(self, key: CacheEngineKey, host_only: bool = False) -> None:
+        """Remove `key` from every tier (a chunk that was refused), so lookups stop
+        reporting it. A host object still held by readers (e.g. the caller, who read
+        it) is freed when its last reader releases it."""
+        held = self.cpu.detach(key) if self.cpu is not None else None
+        if held is not None:
+            with self._lock:
+                if held.in_use:
+                    self._transient.add(id(held))
+                    held = None
+            if held is not None:
+                held.free()
+        if host_only:
+            return
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                try:
+                    tier.remove(key)
+                except Exception as exc:  # noqa: BLE001 - removal is best effort; a tier fault is a log line
+                    logger.warning("%s tier: cannot remove refused chunk %s: %s", tier.name, key.to_string(), exc)
+
     # -- store --------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         """Store a filled chunk in every tier; the manager now owns `obj`."""
+        obj.stored_key = key
         if self.writer is None:
             if self.cpu is None or not self.cpu.put(key, obj):
                 obj.free()
             return
         obj.ref_count_up()  # before the CPU tier may see it: it must not be evicted while queued
         in_cpu = self.cpu is not None and self.cpu.put(key, obj)
-        if not self.writer.submit(key, obj, self._written if in_cpu else self._written_and_free):
-            obj.ref_count_down()
+        if not self.writer.submit(key, obj, self.release if in_cpu else self._written_and_free):
+            self.release(obj)
             if not in_cpu:
                 obj.free()
-
-    @staticmethod
-    def _written(obj: MemoryObj) -> None:
-        obj.ref_count_down()
 
     @staticmethod
     def _written_and_free(obj: MemoryObj) -> None:
