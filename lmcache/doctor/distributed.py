@@ -18,7 +18,7 @@ import uuid
 from lmcache.doctor.report import FAIL, OK, WARN, Finding
 from lmcache.v1 import remote_urls
 from lmcache.v1.config import GB, LMCacheEngineConfig
-from lmcache.v1.remote_urls import parse_redis_seeds, redacted
+from lmcache.v1.remote_urls import parse_redis_seeds, redact_url
 
 CHECK = "tiers.remote"
 SLOTS = 16384
@@ -45,7 +45,7 @@ def cluster(url: str, timeout: float) -> list[Finding]:
     from redis.cluster import ClusterNode, RedisCluster
 
     seeds = parse_redis_seeds(url)
-    shown = redacted(url)
+    shown = redact_url(url)
     auth = dict(username=seeds.username, password=seeds.password, ssl=seeds.tls, socket_timeout=timeout,
                 socket_connect_timeout=timeout)
     out: list[Finding] = []
@@ -119,7 +119,7 @@ def sentinel(url: str, timeout: float) -> list[Finding]:
     from lmcache.doctor.tiers import redis_tier
 
     seeds = parse_redis_seeds(url)
-    shown = redacted(url)
+    shown = redact_url(url)
     out, masters = [], set()
     for host, port in seeds.seeds:
         client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)

@@ -26,7 +26,7 @@ from lmcache.v1.config import GB, LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend import serde
 from lmcache.v1.storage_backend.local_disk import SUFFIX, TMP_SUFFIX
-from lmcache.v1.config_values import redact_url
+from lmcache.v1.remote_urls import redact_url
 from lmcache.v1.storage_backend.remote import redis_py_url
 
 _PATH_FIXES = {

@@ -12,6 +12,8 @@ import re
 import urllib.parse
 from typing import Any, Callable, Mapping
 
+from lmcache.v1.remote_urls import redact_url
+
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
 REMOTE_SERDES = ("naive",)
 # Upstream serdes this implementation does not offer (named in the error).
@@ -205,35 +207,7 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-# --- redaction: no password, secret or URL credential is ever shown -----------------
-
-_USERINFO = re.compile(r"((?:^|/)[^/@:\s]*:)[^@/\s]*@")
-_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "key", "auth")
-
-
-def redact_url(url: str) -> str:
-    """`url` with the password of its user-info, and query values that look like
-    credentials, replaced by ***; anything else unchanged."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return _USERINFO.sub(r"\1***@", url)
-    if not parts.scheme or not parts.netloc and not parts.query:
-        return _USERINFO.sub(r"\1***@", url)  # not a URL as parsed: mask anything shaped like user:pw@
-    netloc = parts.netloc
-    if password is not None or "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if password is not None else f"{userinfo}@{host}"
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
-            query = "&".join(f"{name}=***" if name.lower() in _SECRET_QUERY else f"{name}={value}"
-                             for name, value in pairs)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
+# --- redaction: no password, secret or URL credential is ever shown (URLs: remote_urls) ---
 
 _SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token)($|_)")
 

@@ -50,18 +50,33 @@ def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def redacted(url: str) -> str:
-    """The URL without its password (for logs and error messages)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" not in netloc:
-        return url
-    creds, _, hosts = netloc.rpartition("@")
-    user, colon, _ = creds.partition(":")
-    shown = f"{user}:***@" if colon else f"{user}@"
-    return f"{scheme}://{shown}{hosts}{slash}{tail}"
+_USERINFO = re.compile(r"((?:^|/)[^/@:\s]*:)[^@/\s]*@")
+_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "key", "auth")
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user-info, and query values that look like
+    credentials, replaced by ***; anything else unchanged."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return _USERINFO.sub(r"\1***@", url)
+    if not parts.scheme or not parts.netloc and not parts.query:
+        return _USERINFO.sub(r"\1***@", url)  # not a URL as parsed: mask anything shaped like user:pw@
+    netloc = parts.netloc
+    if password is not None or "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if password is not None else f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
+            query = "&".join(f"{name}=***" if name.lower() in _SECRET_QUERY else f"{name}={value}"
+                             for name, value in pairs)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
 
 
 def _host_port(item: str, url: str) -> tuple[str, int]:
@@ -72,7 +87,7 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     else:
         host, _, port_text = item.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"remote_url {redacted(url)!r}: seed {item!r} is not HOST:PORT (port 1-65535)")
+        raise ValueError(f"remote_url {redact_url(url)!r}: seed {item!r} is not HOST:PORT (port 1-65535)")
     return host, int(port_text)
 
 
@@ -80,7 +95,7 @@ def _options(query: str, url: str) -> dict[str, bool]:
     out = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name not in _OPTIONS or value.lower() not in _TRUE | _FALSE:
-            raise ValueError(f"remote_url {redacted(url)!r}: option {name}={value!r} is not known; accepted: "
+            raise ValueError(f"remote_url {redact_url(url)!r}: option {name}={value!r} is not known; accepted: "
                              "read_from_replicas=true|false")
         out[name] = value.lower() in _TRUE
     return out
@@ -95,7 +110,7 @@ def parse_redis_seeds(url: str, environ: dict | None = None) -> RedisSeeds:
     elif scheme in SENTINEL_SCHEMES:
         kind, tls = "sentinel", SENTINEL_SCHEMES[scheme]
     else:
-        raise ValueError(f"remote_url {redacted(url)!r}: not a cluster or sentinel URL")
+        raise ValueError(f"remote_url {redact_url(url)!r}: not a cluster or sentinel URL")
     rest = url.split("://", 1)[1]
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -107,13 +122,13 @@ def parse_redis_seeds(url: str, environ: dict | None = None) -> RedisSeeds:
         password = urllib.parse.unquote(pw) if colon else None
     seeds = tuple(_host_port(item, url) for item in netloc.split(",") if item.strip())
     if not seeds:
-        raise ValueError(f"remote_url {redacted(url)!r}: no seed HOST:PORT given")
+        raise ValueError(f"remote_url {redact_url(url)!r}: no seed HOST:PORT given")
     path = urllib.parse.unquote(path.strip("/"))
     service = None
     if kind == "sentinel":
         service = path or environ.get("REDIS_SERVICE_NAME") or DEFAULT_SERVICE
     elif path:
-        raise ValueError(f"remote_url {redacted(url)!r}: a cluster URL has no path (a cluster has one database)")
+        raise ValueError(f"remote_url {redact_url(url)!r}: a cluster URL has no path (a cluster has one database)")
     opts = _options(query, url)
     return RedisSeeds(kind, seeds, tls, username, password, service, opts.get("read_from_replicas", False))
 
@@ -121,7 +136,7 @@ def parse_redis_seeds(url: str, environ: dict | None = None) -> RedisSeeds:
 def parse_s3(url: str) -> S3Location:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "s3" or parts.query or parts.fragment or "@" in parts.netloc:
-        raise ValueError(f"remote_url {redacted(url)!r}: expected s3://BUCKET[/PREFIX] (credentials come from the "
+        raise ValueError(f"remote_url {redact_url(url)!r}: expected s3://BUCKET[/PREFIX] (credentials come from the "
                          "AWS environment or files, never from the URL)")
     if not _BUCKET.match(parts.netloc):
         raise ValueError(f"remote_url {url!r}: {parts.netloc!r} is not a bucket name (3-63 of a-z, 0-9, '.', '-')")

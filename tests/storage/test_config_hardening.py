@@ -13,7 +13,8 @@ import pytest
 from lmcache.doctor import config_check
 from lmcache.v1 import config as cfg
 from lmcache.v1.config import ConfigError, LMCacheEngineConfig, load_config
-from lmcache.v1.config_values import physical_memory_bytes, redact_url
+from lmcache.v1.config_values import physical_memory_bytes
+from lmcache.v1.remote_urls import redact_url
 from lmcache.v1.storage_backend.lm import parse_lm_url
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

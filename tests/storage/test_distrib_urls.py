@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache.v1.config import ConfigError, load_config
-from lmcache.v1.remote_urls import parse_redis_seeds, parse_s3, redacted
+from lmcache.v1.remote_urls import parse_redis_seeds, parse_s3, redact_url
 
 
 @pytest.mark.parametrize("url", [
@@ -39,7 +39,7 @@ def test_cluster_seeds_credentials_and_tls():
     assert seeds.seeds == (("a", 1), ("::1", 2), ("b", 3))
     assert (seeds.username, seeds.password) == ("me", "p@ss")
     assert "p%40ss" not in repr(seeds) and "p@ss" not in repr(seeds)
-    assert redacted("redis-cluster://me:p%40ss@a:1,b:2/x") == "redis-cluster://me:***@a:1,b:2/x"
+    assert redact_url("redis-cluster://me:p%40ss@a:1,b:2/x") == "redis-cluster://me:***@a:1,b:2/x"
 
 
 def test_s3_location():

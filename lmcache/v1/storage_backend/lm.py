@@ -31,7 +31,7 @@ import urllib.parse
 
 import torch
 
-from lmcache.v1.config_values import redact_url
+from lmcache.v1.remote_urls import redact_url
 from lmcache.v1.memory import MemoryFormat, MemoryObj, check_shape
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend import lm_keys, serde

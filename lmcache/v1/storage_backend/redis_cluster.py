@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcache.v1.remote_urls import parse_redis_seeds, redacted
+from lmcache.v1.remote_urls import parse_redis_seeds, redact_url
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.remote import Route, Shard
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -42,7 +42,7 @@ class ClusterRouter:
     def __init__(self, url: str, timeout: float, connect_timeout: float, retry_interval: float,
                  stats: EngineStats, tier: str):
         seeds = parse_redis_seeds(url)
-        self.url = redacted(url)
+        self.url = redact_url(url)
         self.read_from_replicas = seeds.read_from_replicas
         self._kwargs = dict(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds.seeds],

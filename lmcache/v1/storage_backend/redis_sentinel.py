@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from lmcache.v1.remote_urls import parse_redis_seeds, redacted
+from lmcache.v1.remote_urls import parse_redis_seeds, redact_url
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.remote import Route, Shard
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -46,7 +46,7 @@ class SentinelRouter:
         sentinel_kwargs = dict(socket_timeout=connect_timeout, socket_connect_timeout=connect_timeout)
         self._sentinel = Sentinel(list(seeds.seeds), sentinel_kwargs=sentinel_kwargs, **data_kwargs)
         self._master = self._sentinel.master_for(self.service)
-        what = f"{redacted(url)} (service {self.service!r})"
+        what = f"{redact_url(url)} (service {self.service!r})"
         self._write = Shard(Outage(what + " master", logger, stats, retry_interval, first_retry=0.25, tier=tier))
         self._replica = None
         self._read = self._write

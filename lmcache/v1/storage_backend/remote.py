@@ -28,7 +28,7 @@ import redis
 
 from lmcache.v1 import remote_urls
 from lmcache.v1.memory import MemoryObj
-from lmcache.v1.remote_urls import redacted
+from lmcache.v1.remote_urls import redact_url
 from lmcache.v1.storage_backend import redis_ops, serde
 from lmcache.v1.storage_backend.outage import Outage
 from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
@@ -43,7 +43,7 @@ UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, redis.excepti
                redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
 REDIRECTS = (redis.exceptions.AskError,)  # MovedError is an AskError
 
-__all__ = ["RemoteBackend", "redacted", "redis_py_url"]
+__all__ = ["RemoteBackend", "redis_py_url"]
 
 
 def redis_py_url(url: str) -> str:
@@ -51,7 +51,7 @@ def redis_py_url(url: str) -> str:
     scheme = _SCHEME_FOR_REDIS_PY.get(parts.scheme)
     if scheme is None:
         raise ValueError(
-            f"remote_url {redacted(url)!r}: unknown scheme {parts.scheme!r}; accepted: {', '.join(_SCHEME_FOR_REDIS_PY)}"
+            f"remote_url {redact_url(url)!r}: unknown scheme {parts.scheme!r}; accepted: {', '.join(_SCHEME_FOR_REDIS_PY)}"
         )
     return urllib.parse.urlunsplit(parts._replace(scheme=scheme))
 
@@ -92,8 +92,8 @@ class SingleServer:
             retry=Retry(NoBackoff(), 0), health_check_interval=0,  # our own back-off decides when to retry
         )
         # a fixed interval: the first retry waits as long as every later one
-        outage = Outage(redacted(url), logger, stats, retry_interval, first_retry=retry_interval, tier=tier)
-        self._route = Route(Shard(outage), self._client.connection_pool, redacted(url))
+        outage = Outage(redact_url(url), logger, stats, retry_interval, first_retry=retry_interval, tier=tier)
+        self._route = Route(Shard(outage), self._client.connection_pool, redact_url(url))
 
     def route(self, name: str, write: bool) -> Route:
         return self._route
@@ -147,7 +147,7 @@ class RemoteBackend:
         if kind not in self._logged_errors:
             self._logged_errors.add(kind)
             logger.warning("remote tier %s: %s failed: %s: %s (treated as a miss; further such errors are not "
-                           "logged)", redacted(self.url), op, type(exc).__name__, exc)
+                           "logged)", redact_url(self.url), op, type(exc).__name__, exc)
 
     def _call(self, op: str, name: str, write: bool, work, redirect_value: Any = None):
         """(True, result) or (False, None) after a fault (already logged and counted)."""
