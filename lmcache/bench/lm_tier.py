@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from lmcache.testing.processes import free_port
 from lmcache.v1.memory import HostMemoryPool
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend.serde import payload_view
@@ -44,10 +45,6 @@ def serve_raw(port: int, nbytes: int) -> None:
             conn.sendall(b"k")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _connect(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> socket.socket:
@@ -68,7 +65,7 @@ def bench_lm(objs, keys, repeat, interleaved_best_with_setup) -> dict[str, float
 
     nbytes = objs[0].nbytes
     budget_gb = (len(objs) + 2) * nbytes / 1024**3
-    server_port, raw_port = _free_port(), _free_port()
+    server_port, raw_port = free_port(), free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(server_port), "--max-size-gb",
          f"{budget_gb:.6f}", "--log-level", "WARNING"],

@@ -20,6 +20,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from lmcache.testing.processes import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
@@ -59,10 +61,6 @@ def _cpu_seconds(procs: list) -> float:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_env(extra: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ import sys
 import time
 
 
-from lmcache.testing.redis_servers import free_port
+from lmcache.testing.processes import free_port
 
 BUCKET = "lmcache-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lmcache-test", "AWS_SECRET_ACCESS_KEY": "lmcache-test-secret",

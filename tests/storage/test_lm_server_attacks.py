@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from lmcache.bench.soak_checks import wait_until
+from lmcache.testing.processes import wait_until
 from lmcache.v1.server import protocol as P
 from tests.storage.lm_peers import REPO, RawClient, lm_factory  # noqa: F401 (fixture)
 

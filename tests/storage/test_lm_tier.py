@@ -16,7 +16,7 @@ from lmcache.v1.storage_backend import lm_keys
 from lmcache.v1.storage_backend.lm import LMServerBackend
 from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey
-from tests.fixtures.redis import free_port
+from lmcache.testing.processes import free_port
 from tests.storage.lm_peers import RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
 from tests.storage.test_tiers import CASES, IDS, MB, key, make_obj, same
 from tests.storage.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt

@@ -125,7 +125,7 @@ def test_a_peer_answering_ok_to_everything_is_misses_and_few_log_lines(peer, cap
 
 @pytest.mark.parametrize("scheme", ["redis-cluster", "redis-sentinel"])
 def test_no_seed_answering_is_misses_and_one_line(scheme, caplog):
-    from tests.fixtures.redis import free_port
+    from lmcache.testing.processes import free_port
 
     tier = RemoteBackend(f"{scheme}://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.5,
                          connect_timeout=0.2, retry_interval=0.05)

@@ -9,7 +9,7 @@ import threading
 from lmcache.doctor import lm_health, tiers
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.fixtures.redis import free_port
+from lmcache.testing.processes import free_port
 
 
 def _config(**values):
