@@ -4,10 +4,10 @@
   adapter_model.safetensors) on the attention projections, k_proj and v_proj included,
   so an adapter changes the KV cache itself: KV served to the wrong adapter shows up in
   the log-probabilities.
-* `build_tiny_llava`: a vision-language model vLLM serves as LLaVA: a tiny CLIP vision
-  tower and projector on the tiny Llama, with a LLaVA processor whose image processor is
-  the PIL one (torchvision is not installed). An image becomes `IMAGE_TOKENS` placeholder
-  tokens of `IMAGE_TOKEN` in the prompt.
+* `build_tiny_vlm`: a vision-language model vLLM serves as Idefics3: a tiny vision tower
+  and projector on a Llama of the tiny Llama's shape, with an Idefics3 processor whose
+  image processor is the PIL one (torchvision is not installed). Each `IMAGE_TOKEN` of a
+  token-id prompt becomes `IMAGE_PLACEHOLDER_TOKENS` placeholder tokens.
 
 Weights are seeded: two builds with the same arguments are identical.
 """
@@ -15,14 +15,16 @@ Weights are seeded: two builds with the same arguments are identical.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from lmcache.testing.tiny_llama import TinyLlamaSpec, build_tiny_llama
 
 IMAGE_TOKEN = "<image>"
-IMAGE_SIZE, PATCH_SIZE = 56, 14
-IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # per image ("default" strategy: no CLS)
+IMAGE_SIZE, PATCH_SIZE = 112, 14
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // 4  # per image: a 2x2 pixel shuffle of the patches
+# vLLM replaces each IMAGE_TOKEN of a prompt by <fake_token_around_image><global-img>, the
+# IMAGE_TOKENS image tokens and <fake_token_around_image>: the item's placeholder range
+IMAGE_PLACEHOLDER_TOKENS = IMAGE_TOKENS + 3
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DONE = "lmcache_built.json"
 
@@ -67,69 +69,52 @@ def build_tiny_lora(path: str | Path, base_model: str | Path, spec: TinyLlamaSpe
     return path
 
 
-def build_tiny_llava(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0) -> Path:
-    """A random LLaVA (tiny CLIP tower + projector + the tiny Llama) and its processor."""
+def build_tiny_vlm(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0) -> Path:
+    """A random Idefics3 (a tiny SigLIP-style vision tower, a pixel-shuffle projector and
+    a Llama of `spec`) and its processor. (vLLM's LLaVA needs torchvision: its module
+    imports the Pixtral image processor, which does.)"""
     path = Path(path)
-    recipe = {"kind": "llava", "spec": spec.__dict__, "seed": seed, "image": IMAGE_SIZE, "patch": PATCH_SIZE}
+    recipe = {"kind": "idefics3", "spec": spec.__dict__, "seed": seed, "image": IMAGE_SIZE, "patch": PATCH_SIZE}
     if _is_built(path, recipe):
         return path
     import torch
-    from transformers import (
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     text_dir = build_tiny_llama(path / "text", spec)  # its tokenizer and config
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text_config = LlamaConfig.from_pretrained(text_dir)
-    text_config.vocab_size = len(tokenizer)
-    vision_config = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"]})
+    text_config = json.loads((text_dir / "config.json").read_text())
+    text_config["vocab_size"] = len(tokenizer)
+    config = Idefics3Config(
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
+        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scale_factor=2,
         tie_word_embeddings=False,
     )
-    config.torch_dtype = spec.dtype
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = Idefics3ForConditionalGeneration(config)
     with torch.no_grad():
-        # the random init of the text model's own config (a raised std, tiny_llama.py); the
-        # vision features must move the KV clearly too: a larger projector
-        for module in model.model.language_model.modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+        # the tiny Llama's raised init std (tiny_llama.py), so that KV differences show
+        for module in model.model.text_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0.0, spec.init_std)
         model.lm_head.weight.normal_(0.0, spec.init_std)
-        for p in model.model.multi_modal_projector.parameters():
-            p.mul_(8.0)
-    model = model.to(getattr(torch, spec.dtype))
-    model.save_pretrained(path, safe_serialization=True)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        for p in model.model.connector.parameters():
+            p.normal_(0.0, 0.5)  # image features large enough to move the KV clearly
+    model.to(getattr(torch, spec.dtype)).save_pretrained(path, safe_serialization=True)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(path)
+    Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_TOKENS).save_pretrained(path)
     (path / _DONE).write_text(json.dumps(recipe))
-    shutil.rmtree(path / "__pycache__", ignore_errors=True)
     return path
 
 
 def image_token_id(model_path: str | Path) -> int:
     config = json.loads((Path(model_path) / "config.json").read_text())
-    return int(config["image_token_index"])
+    return int(config["image_token_id"])
 
 
 def test_image(seed: int, size: int = IMAGE_SIZE):
