@@ -223,3 +223,58 @@ def test_keys_are_stable_across_processes_without_pythonhashseed():
                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=300)
         keys.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert keys[0] == keys[1] == our_keys(request(images=[media(IMG_A, 20)], lora="a", salt="s"))
+
+
+def test_kv_events_carry_the_extra_keys_vllms_own_events_carry():
+    """A LoRA + image + salted request: our BlockStored for a stored chunk names the same
+    blocks with the same lora_name, lora_id and extra_keys as vLLM's own block pool."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.block_pool import BlockPool
+
+    from lmcache.integration.vllm.kv_events import KVEventTracker
+    from lmcache.integration.vllm.request_tracker import TransferPlan
+
+    block = 8  # two vLLM blocks per chunk
+    kv_cache_utils.init_none_hash(sha256)
+    req = request(images=[media(IMG_A, 20), media(IMG_B, 50)], lora="a", salt="tenant-1",
+                  block_hasher=kv_cache_utils.get_request_block_hasher(block, sha256))
+    pool = BlockPool(64, enable_caching=True, hash_block_size=block, enable_kv_cache_events=True)
+    blocks = pool.get_new_blocks(len(TOKENS) // block)
+    pool.cache_full_blocks(req, blocks, 0, len(blocks), block, 0)
+    theirs = [e for e in pool.take_events() if type(e).__name__ == "BlockStored"]
+    tracker = KVEventTracker(CHUNK, block, world_size=1)
+    material = rk.request_keys(req).chunk_key_material(CHUNK, 96)
+    tracker.record_save(req, TransferPlan(torch.as_tensor(TOKENS), torch.arange(96), 0, 96, material))
+    stored_hashes = chunk_hashes(TOKENS, CHUNK, 96, material)  # what the workers' tiers report
+    tracker.on_worker_events([["cpu", True, h, 0] for h in stored_hashes])
+    ours = tracker.take()
+    assert len(ours) == 6
+    their_blocks = [(h, e.lora_name, e.lora_id, keys) for e in theirs
+                    for h, keys in zip(e.block_hashes, e.extra_keys or [None] * len(e.block_hashes))]
+    our_blocks = [(h, e.lora_name, e.lora_id, keys) for e in ours
+                  for h, keys in zip(e.block_hashes, e.extra_keys or [None] * len(e.block_hashes))]
+    assert our_blocks == their_blocks
+    assert our_blocks[0][3] == ("a", "tenant-1") and our_blocks[2][3] == ("a", (IMG_A, 4))
+
+
+def test_lookup_metrics_count_hits_per_kind(tmp_path):
+    from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
+
+    server = LookupServer(f"ipc://{tmp_path}/m.sock", lambda tokens, *a, key_material=None: 32 if key_material else 64,
+                          stats=dict).start()
+    client = LookupClient([server.address], 2000)
+    metrics = SchedulerMetrics(client)
+    try:
+        for req in (request(), request(images=[media(IMG_A, 20)], salt="t"), request(lora="a")):
+            keys = rk.request_keys(req)
+            metrics.lookup(TOKENS, "lease", 0, False, keys.chunk_key_material(CHUNK, 96), keys.kinds)
+        stats = metrics.take_stats()
+    finally:
+        client.close()
+        server.close()
+    assert [rk.request_keys(request(salt="t", lora="a")).kinds, rk.PLAIN.kinds] == [("lora", "salted"), ("text",)]
+    hits = {kind: stats.counter("lookup_hit_tokens_by_kind", kind) for kind in rk.KINDS}
+    assert hits == {"text": 64, "multimodal": 32, "lora": 32, "salted": 32}
+    assert {kind: stats.counter("lookup_requests_by_kind", kind) for kind in rk.KINDS} == dict.fromkeys(rk.KINDS, 1)
+    assert stats.counter("lookup_tokens_by_kind", "multimodal") == 96 and stats.counter("lookup_hit_tokens") == 128
+    assert stats.reduce()["lookup_hit_tokens_by_kind[multimodal]"] == 32
