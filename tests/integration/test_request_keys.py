@@ -127,7 +127,7 @@ def test_prompt_embeddings_stay_uncacheable_and_are_named_once(caplog):
     embeds.prompt_embeds = torch.zeros(8, 4)
     no_ids = request("n")
     no_ids.prompt_token_ids = None
-    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k: 96)
+    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k=None: 96)
     with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.request_tracker"):
         for req in (embeds, embeds, no_ids, no_ids):
             assert planner.num_new_matched_tokens(req, 0) == 0
@@ -142,7 +142,7 @@ def test_a_kind_this_vllm_cannot_describe_stays_uncacheable(monkeypatch, caplog)
     support = dict(rk.vllm_extra_key_support())
     support[rk.KIND_MULTIMODAL] = "this vLLM's Request has no mm_features"
     monkeypatch.setattr(rk, "vllm_extra_key_support", lambda: support)
-    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k: 96)
+    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k=None: 96)
     with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.request_tracker"):
         for i in range(3):
             assert planner.num_new_matched_tokens(request(f"m{i}", images=[media(IMG_A, 20)]), 0) == 0
@@ -155,7 +155,7 @@ def test_a_kind_this_vllm_cannot_describe_stays_uncacheable(monkeypatch, caplog)
 def test_plans_and_lookups_carry_the_key_material():
     seen = []
     planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK),
-                               lambda tokens, keys: seen.append(keys) or 64)
+                               lambda tokens, keys=rk.PLAIN: seen.append(keys) or 64)
     req = request(salt="tenant-1", images=[media(IMG_A, 20)])
     assert planner.num_new_matched_tokens(req, 0) == 64
     assert seen == [rk.request_keys(req)]

@@ -162,7 +162,8 @@ class SchedulerPlanner:
             return 0
         num_tokens = int(request.num_tokens)
         tokens = request.all_token_ids[:num_tokens]  # one copy (a list slice)
-        hit = max(0, min(int(self._lookup(tokens, keys)), num_tokens))
+        answer = self._lookup(tokens) if keys.is_plain else self._lookup(tokens, keys)  # text: the old call
+        hit = max(0, min(int(answer), num_tokens))
         # vLLM must compute at least the last token to sample from it.
         usable = min(hit, num_tokens - 1)
         num_external = usable - num_computed_tokens

@@ -69,7 +69,8 @@ class SchedulerMetrics:
     def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
                prefetch: bool = False, key_material=None, kinds: Sequence[str] = ("text",)) -> int:
         start = time.perf_counter()
-        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch, key_material)
+        keyed = {} if key_material is None else {"key_material": key_material}
+        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch, **keyed)
         self._pending.observe("lookup_seconds", [time.perf_counter() - start])
         self._pending.inc("lookup_requests", 1)
         self._pending.inc("lookup_tokens", len(tokens))
