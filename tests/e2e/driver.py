@@ -12,7 +12,7 @@ Steps:
   {"op": "generate", "name": N, "prompts": [[ids...], ...], "max_tokens": 4,
    "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together;
       a prompt may also be {"ids": [...], "cache_salt": S, "lora": NAME (of spec["loras"]:
-      {name: path}), "images": [seed, ...] (random images, lmcache.testing.tiny_adapters)}
+      {name: path}), "images": [seed, ...] (random images, lmcache.testing.tiny_lora_vlm)}
   {"op": "control", "command": {...}}            LMCache test hooks (LMCACHE_TEST_HOOKS=1)
   {"op": "flush"}                                wait for queued disk/remote writes
   {"op": "stats"}                                LMCache counters of every rank
@@ -100,9 +100,9 @@ def vllm_prompt(prompt, loras: dict):
     if prompt.get("cache_salt"):
         out["cache_salt"] = prompt["cache_salt"]
     if prompt.get("images"):
-        from lmcache.testing.tiny_adapters import test_image
+        from lmcache.testing.tiny_lora_vlm import random_image
 
-        out["multi_modal_data"] = {"image": [test_image(seed) for seed in prompt["images"]]}
+        out["multi_modal_data"] = {"image": [random_image(seed) for seed in prompt["images"]]}
     lora = None
     if prompt.get("lora"):
         from vllm.lora.request import LoRARequest

