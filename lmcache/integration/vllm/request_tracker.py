@@ -12,6 +12,8 @@ most one save (tokens whose KV is complete after this step, chunk-aligned):
 
 Slot mappings cover the request's tokens from position 0; positions that must not be
 touched (vLLM already holds them, or they are beyond what the step moves) carry -1.
+Lookups and plans of a request with media, a LoRA adapter or a cache salt carry its
+per-chunk key material (request_keys.py); prompt embeddings are neither looked up nor saved.
 """
 
 from __future__ import annotations
