@@ -71,6 +71,7 @@ class TransferSpec:
     skip_tokens: int = 0  # chunk-aligned prefix vLLM already holds: not moved
     num_tokens: int | None = None  # how many of `tokens` to move (default all)
     lease_id: str | None = None  # the lookup lease this load uses (ended once the load is planned)
+    key_material: Sequence[bytes | None] | None = None  # per chunk, besides the tokens (token_database)
 
 
 @dataclass
@@ -116,13 +117,15 @@ class LMCacheEngine:
         return self.gpu_connector
 
     # -- lookup -------------------------------------------------------------
-    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False) -> int:
+    def lookup(self, tokens, *, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False,
+               key_material: Sequence[bytes | None] | None = None) -> int:
         """How many tokens, from the first, the cache holds (chunk granularity).
         With `lease_id`: what could be held for that lease (lmcache.v1.leases);
         chunks ending by the chunk-aligned `hold_from` (the caller's own) are only checked.
         With `prefetch` too: chunks not in host memory are read in the background (the
-        retrieve naming the lease waits for them) instead of before answering."""
-        chunks = self.token_db.chunks(tokens)
+        retrieve naming the lease waits for them) instead of before answering.
+        `key_material`: per chunk, what besides the tokens names its KV (token_database)."""
+        chunks = self.token_db.chunks(tokens, key_material=key_material)
         keys = [c.key for c in chunks]
         found = self.storage.lookup_prefix(keys)
         if lease_id is not None:
@@ -170,7 +173,7 @@ class LMCacheEngine:
         out_of_memory = False
         for index, spec in enumerate(specs):
             num_tokens, skip = self._check_spec(spec)
-            for chunk in self.token_db.chunks(spec.tokens, num_tokens):
+            for chunk in self.token_db.chunks(spec.tokens, num_tokens, spec.key_material):
                 if chunk.end <= skip or chunk.key in seen or out_of_memory:
                     continue
                 if self.storage.contains_local(chunk.key):
@@ -259,7 +262,7 @@ class LMCacheEngine:
         try:
             for index, spec in enumerate(specs):
                 num_tokens, skip = self._check_spec(spec)
-                for chunk in self.token_db.chunks(spec.tokens, num_tokens):
+                for chunk in self.token_db.chunks(spec.tokens, num_tokens, spec.key_material):
                     if chunk.end <= skip:
                         continue
                     obj = self.leases.take(chunk.key) or self.storage.get(chunk.key)
@@ -309,14 +312,15 @@ class LMCacheEngine:
             )
 
     # -- layerwise ------------------------------------------------------------
-    def store_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor, **kwargs) -> Generator:
+    def store_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor,
+                    key_material: Sequence[bytes | None] | None = None, **kwargs) -> Generator:
         """Layer-by-layer store. next() number i (i = 1..num_layers) saves layer
         i-1 (call it after that layer is computed); next() number num_layers+1
         finishes (waits for the copies, hands the chunks to the tiers) and yields
         the number of tokens stored."""
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
         num_layers = self.metadata.kv_shape[0]
-        plan, slot_mapping = self._plan_store([TransferSpec(tokens, slot_mapping, skip)])
+        plan, slot_mapping = self._plan_store([TransferSpec(tokens, slot_mapping, skip, key_material=key_material)])
         committed = False
         try:
             steps = None
@@ -334,13 +338,14 @@ class LMCacheEngine:
         yield stored
 
     def retrieve_layer(self, tokens, mask: torch.Tensor | None = None, *, slot_mapping: torch.Tensor,
-                       lease_id: str | None = None, **kwargs) -> Generator:
+                       lease_id: str | None = None, key_material: Sequence[bytes | None] | None = None,
+                       **kwargs) -> Generator:
         """Layer-by-layer load. next() number i (i = 1..num_layers) loads layer
         i-1 (the first also fetches the chunks from the tiers); next() number
         num_layers+1 waits for the copies and yields the bool mask of loaded tokens."""
         skip = mask_skip(mask, len(tokens), self.config.chunk_size)
         num_layers = self.metadata.kv_shape[0]
-        spec = TransferSpec(tokens, slot_mapping, skip, lease_id=lease_id)
+        spec = TransferSpec(tokens, slot_mapping, skip, lease_id=lease_id, key_material=key_material)
         plan, slot_mapping, loaded = self._plan_retrieve([spec])
         try:
             steps = None

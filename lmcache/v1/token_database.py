@@ -4,7 +4,9 @@ A prompt is cut into `chunk_size`-token chunks. Chunk i's hash is
 blake2b(hash of chunk i-1 || token ids of chunk i as little-endian int32), so a
 key names the whole prefix up to the end of its chunk, and equal prefixes give
 equal keys in any process, after a restart and on any rank (no Python `hash`,
-no PYTHONHASHSEED).
+no PYTHONHASHSEED). A request whose KV depends on more than its tokens (media,
+a LoRA adapter, a cache salt) gives per chunk a digest of that "key material", hashed
+into that chunk (lmcache/integration/vllm/request_keys.py says what it holds).
 
 Besides the tokens, a key names what else decides the KV: the model, world size
 and rank, the KV dtype and layout (layout_key), and an identity tag
@@ -166,13 +168,18 @@ def _signed_list_bytes(tokens) -> memoryview:
         raise ValueError(f"token ids must be a sequence of int32 integers: {exc}") from None
 
 
-def chunk_hashes(tokens, chunk_size: int, num_tokens: int | None = None) -> list[str]:
+def chunk_hashes(tokens, chunk_size: int, num_tokens: int | None = None,
+                 key_material: Sequence[bytes | None] | None = None) -> list[str]:
     """Hex hashes of the prefix chain, one per chunk (the last may be partial), of
-    the first `num_tokens` tokens (default: all)."""
+    the first `num_tokens` tokens (default: all). `key_material`: what besides the
+    tokens names each chunk's KV (media, LoRA, salt), one entry per chunk, None for
+    none (`_hashes_with_key_material`)."""
     data = token_bytes(tokens)
     if num_tokens is not None and num_tokens * 4 < len(data):
         data = data[: num_tokens * 4]  # slicing the bytes, not a long list, is free
     step = chunk_size * 4
+    if key_material is not None:
+        return _hashes_with_key_material(data, step, key_material)
     fresh = _EMPTY_HASH.copy  # cheaper than the constructor with its keyword parsing
     prev = _HASH_SEED
     digests = []
@@ -184,6 +191,30 @@ def chunk_hashes(tokens, chunk_size: int, num_tokens: int | None = None) -> list
         prev = h.digest()
         append(prev)
     return [d.hex() for d in digests]
+
+
+# A chunk with key material hashes in its own domain (the personalisation), the material
+# length-prefixed before the tokens: no chunk with material can share a plain chunk's hash.
+_KEYED_HASH = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"lmcache+keys")
+
+
+def _hashes_with_key_material(data: memoryview, step: int, key_material: Sequence[bytes | None]) -> list[str]:
+    num_chunks = -(-len(data) // step)
+    if len(key_material) < num_chunks:
+        raise ValueError(f"key material for {len(key_material)} chunks, the tokens make {num_chunks}")
+    prev = _HASH_SEED
+    out = []
+    for index, offset in enumerate(range(0, len(data), step)):
+        material = key_material[index]
+        h = (_KEYED_HASH if material else _EMPTY_HASH).copy()
+        h.update(prev)
+        if material:
+            h.update(len(material).to_bytes(4, "little"))
+            h.update(material)
+        h.update(data[offset : offset + step])
+        prev = h.digest()
+        out.append(prev.hex())
+    return out
 
 
 class Chunk(NamedTuple):
@@ -214,15 +245,16 @@ class ChunkedTokenDatabase:
         dtype, fingerprint = self._key_suffix
         return CacheEngineKey(model, world, worker, chunk_hash, dtype, fingerprint)
 
-    def chunks(self, tokens, num_tokens: int | None = None) -> list[Chunk]:
+    def chunks(self, tokens, num_tokens: int | None = None,
+               key_material: Sequence[bytes | None] | None = None) -> list[Chunk]:
         """Every chunk of the first `num_tokens` tokens (default: all); the
-        trailing partial chunk only with save_unfull_chunk."""
+        trailing partial chunk only with save_unfull_chunk. `key_material`: see chunk_hashes."""
         total = len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
         if not self.save_unfull_chunk:
             total -= total % self.chunk_size
         if total <= 0:
             return []
-        hashes = chunk_hashes(tokens, self.chunk_size, total)
+        hashes = chunk_hashes(tokens, self.chunk_size, total, key_material)
         # tuple.__new__ skips the NamedTuple constructors' Python-level calls: a 131k-token
         # prompt has 512 chunks and lookups must stay in the low milliseconds.
         new, cs = tuple.__new__, self.chunk_size
@@ -235,11 +267,12 @@ class ChunkedTokenDatabase:
             for start, end, h in zip(range(0, total, cs), ends, hashes)
         ]
 
-    def process_tokens(self, tokens, mask: torch.Tensor | None = None) -> Iterator[tuple[int, int, CacheEngineKey]]:
+    def process_tokens(self, tokens, mask: torch.Tensor | None = None,
+                       key_material: Sequence[bytes | None] | None = None) -> Iterator[tuple[int, int, CacheEngineKey]]:
         """(start, end, key) per chunk, skipping the chunk-aligned prefix that
         `mask` marks False (tokens the caller already holds)."""
         skip = mask_skip(mask, len(tokens), self.chunk_size)
-        for chunk in self.chunks(tokens):
+        for chunk in self.chunks(tokens, key_material=key_material):
             if chunk.end > skip:
                 yield chunk.start, chunk.end, chunk.key
 

@@ -10,7 +10,9 @@ results (outputs with log-probabilities, TTFTs, LMCache counters) go to OUT.json
 
 Steps:
   {"op": "generate", "name": N, "prompts": [[ids...], ...], "max_tokens": 4,
-   "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together
+   "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together;
+      a prompt may also be {"ids": [...], "cache_salt": S, "lora": NAME (of spec["loras"]:
+      {name: path}), "images": [seed, ...] (random images, lmcache.testing.tiny_lora_vlm)}
   {"op": "control", "command": {...}}            LMCache test hooks (LMCACHE_TEST_HOOKS=1)
   {"op": "flush"}                                wait for queued disk/remote writes
   {"op": "stats"}                                LMCache counters of every rank
@@ -92,7 +94,27 @@ def reset_prefix_cache(llm, with_lmcache: bool, timeout: float = 10.0) -> bool:
     return True
 
 
-def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
+def vllm_prompt(prompt, loras: dict):
+    """(vLLM prompt, LoRARequest or None) of a spec prompt (a list of ids or an object)."""
+    if isinstance(prompt, list):
+        return {"prompt_token_ids": prompt}, None
+    out = {"prompt_token_ids": prompt["ids"]}
+    if prompt.get("cache_salt"):
+        out["cache_salt"] = prompt["cache_salt"]
+    if prompt.get("images"):
+        from lmcache.testing.tiny_lora_vlm import random_image
+
+        out["multi_modal_data"] = {"image": [random_image(seed) for seed in prompt["images"]]}
+    lora = None
+    if prompt.get("lora"):
+        from vllm.lora.request import LoRARequest
+
+        name = prompt["lora"]
+        lora = LoRARequest(name, sorted(loras).index(name) + 1, loras[name])
+    return out, lora
+
+
+def run_generate(llm, step: dict, with_lmcache: bool, loras: dict | None = None) -> dict:
     from vllm import SamplingParams
 
     reset_ok = reset_prefix_cache(llm, with_lmcache) if step.get("reset_prefix_cache", True) else None
@@ -100,14 +122,17 @@ def run_generate(llm, step: dict, with_lmcache: bool) -> dict:
                             extra_args=step.get("extra_args"))
     before = lmcache_stats(llm) if with_lmcache else None
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in step["prompts"]], params, use_tqdm=False)
+    prompts, lora_requests = zip(*(vllm_prompt(p, loras or {}) for p in step["prompts"]))
+    outputs = llm.generate(list(prompts), params, use_tqdm=False,
+                           lora_request=list(lora_requests) if any(lora_requests) else None)
     seconds = time.perf_counter() - start
     after = lmcache_stats(llm) if with_lmcache else None
     result = {
         "seconds": seconds,
         "reset_prefix_cache": reset_ok,
         "outputs": [
-            {"token_ids": list(o.outputs[0].token_ids), "logprobs": [top_logprobs(p) for p in o.outputs[0].logprobs]}
+            {"token_ids": list(o.outputs[0].token_ids), "logprobs": [top_logprobs(p) for p in o.outputs[0].logprobs],
+             "num_prompt_tokens": len(o.prompt_token_ids or ()), "num_cached_tokens": o.num_cached_tokens}
             for o in outputs
         ],
     }
@@ -137,7 +162,7 @@ def main(spec_path: str, out_path: str) -> int:
         name = step.get("name", f"step{i}")
         op = step["op"]
         if op == "generate":
-            results["steps"][name] = run_generate(llm, step, with_lmcache)
+            results["steps"][name] = run_generate(llm, step, with_lmcache, spec.get("loras"))
         elif op == "control":
             from lmcache.integration.vllm.worker_stats import control
 

@@ -207,3 +207,34 @@ def test_kv_events_for_what_lmcache_holds(served):
     assert removed_hashes & set(lmcache_hashes)  # the first prompt's blocks, the oldest, went first
     for e in removed[:4]:
         print(f"BlockRemoved medium={e.medium} blocks={len(e.block_hashes)} first_hash={e.block_hashes[0]}")
+
+
+def test_a_salted_request_counts_by_kind_and_its_events_carry_vllms_extra_keys(served):
+    """(Runs last: the other tests count from a fresh server.) A tenant's salted prompt,
+    then again after a prefix-cache reset: the hit counts under kind "salted" (and not
+    "text"), and LMCache's BlockStored carry the salt in the same per-block extra_keys
+    as vLLM's own BlockStored for those blocks."""
+    server, subscriber, model = served
+    prompt = prompt_token_ids(model, 600, seed=31)
+
+    def salted():
+        return server.post("/v1/completions", {"model": server_model(server), "prompt": prompt, "max_tokens": 1,
+                                               "temperature": 0.0, "cache_salt": "tenant-1"})
+
+    before = server.metrics_text()
+    salted()
+    events = wait_events(subscriber, lambda ev: len(chain(ev, "CPU", prompt)) >= 2)
+    assert server.post("/reset_prefix_cache") == {"success": True}
+    salted()
+    after = wait_for(server, "lmcache:num_lookup_hits_by_kind_total",
+                     (sample(before, "lmcache:num_lookup_hits_by_kind_total", kind="salted") or 0) + 512, kind="salted")
+    assert sample(after, "lmcache:num_lookup_hits_by_kind_total", kind="salted") - \
+        (sample(before, "lmcache:num_lookup_hits_by_kind_total", kind="salted") or 0) == 512
+    assert sample(after, "lmcache:num_lookup_requests_by_kind_total", kind="salted") == 2
+    assert sample(after, "lmcache:num_lookup_hits_by_kind_total", kind="text") == \
+        sample(before, "lmcache:num_lookup_hits_by_kind_total", kind="text")
+    ours, theirs = chain(events, "CPU", prompt), chain(events, "GPU", prompt)
+    our_keys = [(h, k) for e in ours for h, k in zip(e.block_hashes, e.extra_keys or [None] * len(e.block_hashes))]
+    their_keys = [(h, k) for e in theirs for h, k in zip(e.block_hashes, e.extra_keys or [None] * len(e.block_hashes))]
+    assert len(our_keys) == 512 // ours[0].block_size and our_keys == their_keys[: len(our_keys)]
+    assert our_keys[0][1] == ("tenant-1",)  # the salt, on the first block, as vLLM publishes it

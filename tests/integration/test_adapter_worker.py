@@ -233,7 +233,7 @@ def test_scheduler_holds_blocks_only_for_async_saves():
     for async_save in (False, True):
         impl = LMCacheConnectorV1Impl.__new__(LMCacheConnectorV1Impl)
         impl.async_save = async_save
-        impl._planner = SchedulerPlanner(SchedulerPolicy(chunk_size=32, block_size=BLOCK), lambda t: 0)
+        impl._planner = SchedulerPlanner(SchedulerPolicy(chunk_size=32, block_size=BLOCK), lambda t, k=None: 0)
         from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
 
         impl._leases = SchedulerLeases()

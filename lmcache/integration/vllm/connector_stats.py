@@ -45,6 +45,13 @@ METRICS: dict[str, MetricSpec] = {
     "lookup_tokens": MetricSpec("lmcache:num_lookup_tokens", COUNTER, "Prompt tokens looked up in LMCache"),
     "lookup_hit_tokens": MetricSpec("lmcache:num_lookup_hits", COUNTER,
                                     "Tokens LMCache held at lookup time (prefix hits)"),
+    "lookup_requests_by_kind": MetricSpec("lmcache:num_lookup_requests_by_kind", COUNTER,
+                                          "Lookups by kind of request: text (only), multimodal, lora, salted "
+                                          "(a request of several kinds counts under each)", ("kind",)),
+    "lookup_tokens_by_kind": MetricSpec("lmcache:num_lookup_tokens_by_kind", COUNTER,
+                                        "Prompt tokens looked up, by kind of request", ("kind",)),
+    "lookup_hit_tokens_by_kind": MetricSpec("lmcache:num_lookup_hits_by_kind", COUNTER,
+                                            "Tokens LMCache held at lookup time, by kind of request", ("kind",)),
     "lookup_hit_rate": MetricSpec("lmcache:lookup_hit_rate", GAUGE,
                                   "Hit tokens / looked-up tokens over the last reporting interval"),
     "retrieve_requests": MetricSpec("lmcache:num_retrieve_requests", COUNTER, "Requests that loaded KV from LMCache"),

@@ -16,7 +16,10 @@ stores its own shard: a chunk is announced when every rank holds it and removed
 when the first rank loses it, so a router never sees one chunk twice.
 
 Media as vLLM names them: the CPU tier is "CPU"; the disk and remote tiers are
-"STORAGE", with locality "LOCAL" and "REMOTE".
+"STORAGE", with locality "LOCAL" and "REMOTE". A block of a LoRA, media or salted
+request carries what vLLM's own events carry: `lora_name` (and `lora_id`) and its
+per-block `extra_keys` (request_keys.py; `extra_keys` only where vLLM's BlockStored
+has the field).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
+from lmcache.integration.vllm.request_keys import Uncacheable, kv_event_extra_keys_supported, request_keys
 from lmcache.v1.token_database import chunk_hashes
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,9 @@ class _Chunk:
     block_hashes: list
     parent: object
     token_ids: list[int]
+    lora_name: str | None = None
+    lora_id: int | None = None
+    extra_keys: list | None = None  # per block, vLLM's event format; None: none in any block
     holders: dict[str, set[int]] = field(default_factory=dict)  # tier -> ranks holding it
     announced: set[str] = field(default_factory=set)  # tiers a BlockStored went out for
 
@@ -59,6 +66,7 @@ class KVEventTracker:
         self.max_chunks = int(max_chunks)
         self._chunks: OrderedDict[str, _Chunk] = OrderedDict()
         self._events: list = []
+        self._with_extra_keys = kv_event_extra_keys_supported()
 
     # -- scheduler: what a save will store -----------------------------------------
     def record_save(self, request, plan) -> None:
@@ -67,7 +75,14 @@ class KVEventTracker:
         if not block_hashes or plan.num_tokens <= plan.skip_tokens:
             return
         tokens = plan.token_ids
-        hashes = chunk_hashes(tokens, self.chunk_size, plan.num_tokens)
+        # the chunk hashes the workers' tier events name (with the plan's key material)
+        hashes = chunk_hashes(tokens, self.chunk_size, plan.num_tokens, getattr(plan, "key_material", None))
+        try:
+            keys = request_keys(request)
+        except Uncacheable:
+            return
+        lora = getattr(request, "lora_request", None)
+        lora_id = getattr(lora, "adapter_id", getattr(lora, "lora_int_id", None)) if lora is not None else None
         C, B = self.chunk_size, self.block_size
         for i, chunk_hash in enumerate(hashes):
             start, end = i * C, min((i + 1) * C, plan.num_tokens)
@@ -79,7 +94,10 @@ class KVEventTracker:
             first, stop = (start + B) // B - 1, min(end // B, len(block_hashes))
             if stop <= first:
                 continue  # no vLLM block ends in this chunk
+            extra = [keys.event_extra_keys(b * B, (b + 1) * B) for b in range(first, stop)]
             self._chunks[chunk_hash] = _Chunk(
+                lora_name=keys.lora_name, lora_id=lora_id,
+                extra_keys=extra if any(k is not None for k in extra) else None,
                 block_hashes=[maybe_convert_block_hash(h) for h in block_hashes[first:stop]],
                 parent=maybe_convert_block_hash(block_hashes[first - 1]) if first > 0 else None,
                 token_ids=[int(t) for t in tokens[first * B:stop * B].tolist()] if hasattr(tokens, "tolist")
@@ -127,10 +145,11 @@ class KVEventTracker:
 
     def _stored(self, chunk: _Chunk, tier: str) -> BlockStored:
         medium, locality = TIER_MEDIA[tier]
+        extra = {"extra_keys": list(chunk.extra_keys)} if chunk.extra_keys and self._with_extra_keys else {}
         return BlockStored(
             block_hashes=list(chunk.block_hashes), parent_block_hash=chunk.parent, token_ids=list(chunk.token_ids),
-            block_size=self.block_size, lora_id=None, medium=medium, lora_name=None, group_idx=0,
-            locality=locality,
+            block_size=self.block_size, lora_id=chunk.lora_id, medium=medium, lora_name=chunk.lora_name, group_idx=0,
+            locality=locality, **extra,
         )
 
     def take(self) -> list:

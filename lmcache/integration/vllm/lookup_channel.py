@@ -15,6 +15,9 @@ names the operation.
       ttl; chunks that end at or before hold_from (vLLM holds them) are only checked
   [b"lookup", token ids, lease id, int64 hold_from, b"prefetch"] -> the same, but chunks
       not in host memory are read in the background (lmcache.v1.leases: the load waits)
+  [b"lookup_keyed", token ids, key material, ...the frames of b"lookup" after its token
+      ids] -> as b"lookup", for a request whose KV depends on more than its tokens
+      (media, LoRA, salt: request_keys.py): 16 bytes per chunk, zeros for none
   [b"lookup", ...] replies may carry a second frame, JSON [[tier, tokens], ...]: which
       tier holds the hit, in order; only where the worker has more than one tier
   [b"stats"]                                 -> [JSON object]
@@ -61,6 +64,27 @@ def decode_tokens(payload: bytes) -> np.ndarray:
     if len(payload) % _TOKEN_DTYPE.itemsize:
         raise ValueError(f"token payload of {len(payload)} bytes is not a whole number of int64")
     return np.frombuffer(payload, dtype=_TOKEN_DTYPE)
+
+
+_MATERIAL_SIZE = 16
+_NO_MATERIAL = bytes(_MATERIAL_SIZE)
+
+
+def encode_key_material(material) -> bytes:
+    """Per-chunk key material (16-byte digests, None for none) as one frame."""
+    parts = []
+    for digest in material:
+        if digest is not None and len(digest) != _MATERIAL_SIZE:
+            raise ValueError(f"key material must be {_MATERIAL_SIZE}-byte digests, got {len(digest)} bytes")
+        parts.append(digest or _NO_MATERIAL)
+    return b"".join(parts)
+
+
+def decode_key_material(payload: bytes) -> list[bytes | None]:
+    if len(payload) % _MATERIAL_SIZE:
+        raise ValueError(f"key material of {len(payload)} bytes is not a whole number of {_MATERIAL_SIZE}-byte digests")
+    return [None if chunk == _NO_MATERIAL else chunk
+            for chunk in (payload[i : i + _MATERIAL_SIZE] for i in range(0, len(payload), _MATERIAL_SIZE))]
 
 
 def lease_id_of(req_id: str, generation: int) -> str:
@@ -135,13 +159,21 @@ class LookupServer:
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         op = frames[0] if frames else b""
+        keyed = {}
+        if op == b"lookup_keyed" and len(frames) >= 3:
+            try:
+                keyed = {"key_material": decode_key_material(frames[2])}
+            except ValueError as exc:
+                logger.warning("LMCache lookup server: bad key material: %s", exc)
+                return [np.asarray([0], dtype=_TOKEN_DTYPE).tobytes()]
+            op, frames = b"lookup", [b"lookup", frames[1], *frames[3:]]
         try:
             if op == b"lookup" and len(frames) in (2, 3, 4, 5):
                 tokens = decode_tokens(frames[1])
                 if len(frames) == 2:
-                    answer = self._lookup(tokens)
+                    answer = self._lookup(tokens, **keyed)
                 elif len(frames) == 3:
-                    answer = self._lookup(tokens, decode_lease_id(frames[2]))
+                    answer = self._lookup(tokens, decode_lease_id(frames[2]), **keyed)
                 else:
                     hold_from = decode_tokens(frames[3])
                     if hold_from.shape != (1,):
@@ -149,7 +181,7 @@ class LookupServer:
                     if len(frames) == 5 and frames[4] != b"prefetch":
                         raise ValueError(f"the fifth lookup frame must be b'prefetch', got {frames[4][:32]!r}")
                     args = (tokens, decode_lease_id(frames[2]), int(hold_from[0]))
-                    answer = self._lookup(*args, True) if len(frames) == 5 else self._lookup(*args)
+                    answer = self._lookup(*args, True, **keyed) if len(frames) == 5 else self._lookup(*args, **keyed)
                 runs = None
                 if isinstance(answer, tuple):
                     answer, runs = answer
@@ -235,11 +267,12 @@ class LookupClient:
             logger.warning("LMCache lookup at %s got no answer (%s): counted as a miss", address, exc)
 
     def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
-               prefetch: bool = False) -> int:
-        return self.lookup_with_sources(tokens, lease_id, hold_from, prefetch)[0]
+               prefetch: bool = False, key_material=None) -> int:
+        return self.lookup_with_sources(tokens, lease_id, hold_from, prefetch, key_material)[0]
 
     def lookup_with_sources(
-        self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False
+        self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False,
+        key_material=None,
     ) -> tuple[int, list | None]:
         """The prefix every rank holds, and [[tier, tokens], ...] in prefix order as the
         rank with the shortest hit reported it (None: that rank has a single tier, the
@@ -247,10 +280,13 @@ class LookupClient:
         that lease (or its release): send the release even when the hit is 0, since some
         ranks may hold a lease. Chunks ending at or before `hold_from` (vLLM's own prefix
         hit) are checked but not held. `prefetch` (with a lease): chunks outside host
-        memory are read in the background rather than before the answer."""
+        memory are read in the background rather than before the answer. `key_material`:
+        per chunk, what besides the tokens names its KV (request_keys.py)."""
         if not tokens:
             return 0, None
         frames = [b"lookup", encode_tokens(tokens)]
+        if key_material is not None:
+            frames = [b"lookup_keyed", frames[1], encode_key_material(key_material)]
         if lease_id is not None:
             frames.append(lease_id.encode("utf-8"))
             if hold_from > 0 or prefetch:

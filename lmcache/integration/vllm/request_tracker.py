@@ -12,6 +12,8 @@ most one save (tokens whose KV is complete after this step, chunk-aligned):
 
 Slot mappings cover the request's tokens from position 0; positions that must not be
 touched (vLLM already holds them, or they are beyond what the step moves) carry -1.
+Lookups and plans of a request with media, a LoRA adapter or a cache salt carry its
+per-chunk key material (request_keys.py); prompt embeddings are neither looked up nor saved.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys, Uncacheable, request_keys
+from lmcache.integration.vllm.request_keys import uncacheable_reason  # noqa: F401 - its old home
 from lmcache.integration.vllm.utils import SKIP_SAVE_PARAM, truthy
 
 logger = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class TransferPlan:
     slot_mapping: torch.Tensor  # int64, one per token, -1 where nothing moves
     skip_tokens: int  # chunk-aligned prefix not moved
     num_tokens: int  # move tokens [skip_tokens, num_tokens)
+    # per chunk, what besides the tokens names its KV (media, LoRA, salt); None: text only
+    key_material: list[bytes | None] | None = None
 
 
 @dataclass
@@ -97,6 +103,10 @@ class RequestTracker:
     skip_save: bool = False
     pending_load: _PendingLoad | None = None
     had_save: bool = False
+    keys: RequestKeys = PLAIN
+
+    def key_material(self, chunk_size: int, num_tokens: int) -> list[bytes | None] | None:
+        return self.keys.chunk_key_material(chunk_size, num_tokens)
 
     @property
     def prompt_len(self) -> int:
@@ -106,19 +116,6 @@ class RequestTracker:
         if self.request is not None:
             return self.request.all_token_ids
         return self.prompt_token_ids
-
-
-def uncacheable_reason(request) -> str | None:
-    """Why a request's KV must not be shared through token-keyed chunks, if so."""
-    if getattr(request, "prompt_token_ids", None) is None:
-        return "it has no prompt token ids (prompt embeddings)"
-    if getattr(request, "mm_features", None):
-        return "it has multimodal inputs (placeholder tokens do not name the data)"
-    if getattr(request, "lora_request", None) is not None:
-        return "it uses a LoRA adapter"
-    if getattr(request, "cache_salt", None):
-        return "it carries a cache_salt"
-    return None
 
 
 def request_skips_save(request) -> bool:
@@ -144,7 +141,7 @@ def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int
 class SchedulerPlanner:
     """The scheduler half of the connector: lookups, and per-step load/save plans."""
 
-    def __init__(self, policy: SchedulerPolicy, lookup: Callable[[Sequence[int]], int]):
+    def __init__(self, policy: SchedulerPolicy, lookup: Callable[[Sequence[int], RequestKeys], int]):
         self.policy = policy
         self._lookup = lookup
         self._trackers: dict[str, RequestTracker] = {}
@@ -158,15 +155,13 @@ class SchedulerPlanner:
         on vLLM; remembers the answer for `after_alloc`."""
         if not self.policy.load_enabled:
             return 0
-        reason = uncacheable_reason(request)
-        if reason is not None:
-            if reason not in self._warned_reasons:
-                self._warned_reasons.add(reason)
-                logger.info("LMCache skips requests for which %s", reason)
+        keys = self._keys_or_none(request)
+        if keys is None:
             return 0
         num_tokens = int(request.num_tokens)
         tokens = request.all_token_ids[:num_tokens]  # one copy (a list slice)
-        hit = max(0, min(int(self._lookup(tokens)), num_tokens))
+        answer = self._lookup(tokens) if keys.is_plain else self._lookup(tokens, keys)  # text: the old call
+        hit = max(0, min(int(answer), num_tokens))
         # vLLM must compute at least the last token to sample from it.
         usable = min(hit, num_tokens - 1)
         num_external = usable - num_computed_tokens
@@ -175,21 +170,30 @@ class SchedulerPlanner:
         self._lookups[request.request_id] = _LookupResult(hit, num_computed_tokens, num_external)
         return num_external
 
+    def _keys_or_none(self, request) -> RequestKeys | None:
+        """The request's extra keys; None (said once per reason) when it stays uncacheable."""
+        try:
+            return request_keys(request)
+        except Uncacheable as exc:
+            reason = str(exc)
+            if reason not in self._warned_reasons:
+                self._warned_reasons.add(reason)
+                logger.info("LMCache skips requests for which %s", reason)
+            return None
+
     def after_alloc(self, request, num_external_tokens: int, async_block_ids: Sequence[int] | None = None) -> None:
         """`async_block_ids`: vLLM parked the request to load asynchronously; these are its
         blocks (it is not in the next scheduler output's batch)."""
         req_id = request.request_id
         tracker = self._trackers.get(req_id)
         if tracker is None:
+            keys = self._keys_or_none(request)
             tracker = RequestTracker(
                 req_id=req_id,
                 request=request,
                 prompt_token_ids=list(request.prompt_token_ids or []),
-                skip_save=(
-                    self.policy.skip_all_saves
-                    or request_skips_save(request)
-                    or uncacheable_reason(request) is not None
-                ),
+                skip_save=self.policy.skip_all_saves or request_skips_save(request) or keys is None,
+                keys=keys or PLAIN,
             )
             self._trackers[req_id] = tracker
         tracker.request = request
@@ -230,11 +234,9 @@ class SchedulerPlanner:
         for new in scheduler_output.scheduled_new_reqs:
             tracker = self._trackers.get(new.req_id)
             if tracker is None:
-                # Never offered to us (e.g. vLLM skipped the connector for it).
-                tracker = RequestTracker(
-                    new.req_id, None, list(new.prompt_token_ids or []),
-                    skip_save=self.policy.skip_all_saves or new.prompt_token_ids is None,
-                )
+                # Never offered to us (e.g. vLLM skipped the connector for it). Without the
+                # Request its cache_salt is unknown: a save could hand its KV to other tenants.
+                tracker = RequestTracker(new.req_id, None, list(new.prompt_token_ids or []), skip_save=True)
                 self._trackers[new.req_id] = tracker
             tracker.block_ids = list(new.block_ids[0]) if new.block_ids else []
             meta = self._plan(tracker, new.num_computed_tokens,
@@ -281,6 +283,7 @@ class SchedulerPlanner:
             slot_mapping=slot_mapping(tracker.block_ids, self.policy.block_size, pending.start, pending.end, hit),
             skip_tokens=self.policy.chunk_floor(pending.start),
             num_tokens=hit,
+            key_material=tracker.key_material(self.policy.chunk_size, hit),
         )
 
     def _save_plan(self, tracker: RequestTracker, tokens: Sequence[int], computed_after: int) -> TransferPlan | None:
@@ -302,6 +305,7 @@ class SchedulerPlanner:
             slot_mapping=slot_mapping(tracker.block_ids, policy.block_size, skip, save_end, save_end),
             skip_tokens=skip,
             num_tokens=save_end,
+            key_material=tracker.key_material(policy.chunk_size, save_end),
         )
 
     # -- the end ----------------------------------------------------------------

@@ -67,13 +67,18 @@ class SchedulerMetrics:
 
     # -- lookups ----------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
-               prefetch: bool = False) -> int:
+               prefetch: bool = False, key_material=None, kinds: Sequence[str] = ("text",)) -> int:
         start = time.perf_counter()
-        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch)
+        keyed = {} if key_material is None else {"key_material": key_material}
+        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch, **keyed)
         self._pending.observe("lookup_seconds", [time.perf_counter() - start])
         self._pending.inc("lookup_requests", 1)
         self._pending.inc("lookup_tokens", len(tokens))
         self._pending.inc("lookup_hit_tokens", hit)
+        for kind in kinds:  # a request of several kinds counts under each
+            self._pending.inc("lookup_requests_by_kind", 1, kind)
+            self._pending.inc("lookup_tokens_by_kind", len(tokens), kind)
+            self._pending.inc("lookup_hit_tokens_by_kind", hit, kind)
         self.last_runs = runs
         return hit
 

@@ -12,6 +12,7 @@ import logging
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.kv_events import KVEventTracker, kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
+from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
 from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
 from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
@@ -90,8 +91,10 @@ class SchedulerSide:
             self._leased_lookup,
         )
 
-    def _leased_lookup(self, tokens) -> int:
-        return self._metrics.lookup(tokens, self._lookup_lease, self._lookup_hold_from, self.async_load)
+    def _leased_lookup(self, tokens, keys: RequestKeys = PLAIN) -> int:
+        material = keys.chunk_key_material(self.config.chunk_size, len(tokens))
+        return self._metrics.lookup(tokens, self._lookup_lease, self._lookup_hold_from, self.async_load,
+                                    material, keys.kinds)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int | None:
         # The workers hold what they answer until this request's load (or its release).

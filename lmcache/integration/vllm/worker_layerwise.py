@@ -30,7 +30,7 @@ class WorkerLayerwise:
                 mask = torch.ones(plan.num_tokens, dtype=torch.bool)
                 mask[: plan.skip_tokens] = False
                 gen = self.engine.retrieve_layer(plan.token_ids, mask, slot_mapping=plan.slot_mapping,
-                                                 lease_id=r.lease_id)
+                                                 lease_id=r.lease_id, key_material=plan.key_material)
                 self._layer_retrievers.append((r, gen))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -67,7 +67,8 @@ class WorkerLayerwise:
                     mask = torch.ones(plan.num_tokens, dtype=torch.bool)
                     mask[: plan.skip_tokens] = False
                     self._layer_storers.append(
-                        (r, self.engine.store_layer(plan.token_ids, mask, slot_mapping=plan.slot_mapping))
+                        (r, self.engine.store_layer(plan.token_ids, mask, slot_mapping=plan.slot_mapping,
+                                                    key_material=plan.key_material))
                     )
         with self._engine_lock:
             for _, gen in self._layer_storers:

@@ -97,14 +97,14 @@ def usage(engine) -> dict[str, int]:
     return out
 
 
-def hit_runs(engine, tokens, hit: int) -> list | None:
+def hit_runs(engine, tokens, hit: int, key_material=None) -> list | None:
     """[[tier, tokens], ...] in prefix order for the first `hit` tokens; None where
     the engine has only the CPU tier (every hit is a host-memory hit)."""
     storage = engine.storage
     if storage.disk is None and storage.remote is None:
         return None
     runs: list = []
-    for chunk in engine.token_db.chunks(tokens, hit):
+    for chunk in engine.token_db.chunks(tokens, hit, key_material):
         if storage.cpu is not None and storage.cpu.contains(chunk.key):
             tier = "cpu"
         elif storage.disk is not None and storage.disk.contains(chunk.key):

@@ -187,21 +187,23 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
         )
 
     # -- the lookup server's handlers (background thread) ----------------------
-    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False) -> int:
-        return self._lookup_with_sources(tokens, lease_id, hold_from, prefetch)[0]
+    def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False,
+                key_material=None) -> int:
+        return self._lookup_with_sources(tokens, lease_id, hold_from, prefetch, key_material)[0]
 
     def _lookup_with_sources(self, tokens, lease_id: str | None = None, hold_from: int = 0,
-                             prefetch: bool = False) -> tuple[int, list | None]:
+                             prefetch: bool = False, key_material=None) -> tuple[int, list | None]:
         """The hit, and which tier holds which part of it (worker_metrics.hit_runs)."""
         engine = self.engine
         if engine is None:
             return 0, None
         # A lease reads disk/remote chunks into host memory: say where they were found.
-        found_in = hit_runs(engine, tokens, len(tokens)) if lease_id is not None else None
-        hit = int(engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from, prefetch=prefetch))
+        found_in = hit_runs(engine, tokens, len(tokens), key_material) if lease_id is not None else None
+        hit = int(engine.lookup(tokens, lease_id=lease_id, hold_from=hold_from, prefetch=prefetch,
+                                key_material=key_material))
         if not hit:
             return 0, None
-        return hit, (clip_runs(found_in, hit) if lease_id is not None else hit_runs(engine, tokens, hit))
+        return hit, (clip_runs(found_in, hit) if lease_id is not None else hit_runs(engine, tokens, hit, key_material))
 
     def stats(self) -> dict:
         out = {"rank": self._rank, "world_size": self._world_size, "layerwise": self.use_layerwise,
