@@ -1,6 +1,6 @@
 """HEALTH of an `lm://host:port` cache server, with its own small socket code.
 
-Upstream's framing (docs: /work/shared/reference/lm-protocol.md): a request header is
+Upstream's framing (the lm:// protocol, as docs/configuration.md describes it): a request header is
 9 native 32-bit ints (command first) and a 150-byte key field padded with spaces, 186
 bytes; the reply header is 9 ints, 36 bytes, its reply code first. HEALTH is command 5
 and a healthy server answers 200. Upstream's server parses the key of every request,
