@@ -23,8 +23,8 @@ import torch
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.leases import LeaseTable
 from lmcache.v1.memory import MemoryFormat, MemoryObj
+from lmcache.v1.mp.storage_choice import build_storage
 from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
-from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, mask_skip
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,9 @@ class LMCacheEngine:
         self.metadata = metadata
         self.stats = EngineStats()
         self.token_db = ChunkedTokenDatabase(config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk)
-        self.storage = StorageManager(config, self.stats)
-        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
+        self.storage = build_storage(config, self.stats)  # in process, or the node's lmcache server
+        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl,
+                                 get_many=getattr(self.storage, "get_many", None))
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)

@@ -26,12 +26,14 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     _Bad,
     _disk_path,
     _extra,
+    _mp_host,
     _nixl_off,
     _non_negative_float,
     _non_negative_int,
     _none_or,
     _parse_bool,
     _positive_float,
+    _port,
     _positive_int,
     _remote_url,
     _serde,
@@ -86,6 +88,11 @@ class LMCacheEngineConfig:
     lookup_lease_ttl: float = 60.0
     # upstream's NIXL switch: only false is accepted (there is no NIXL transport here)
     enable_nixl: bool = False
+    # the shared host cache (`lmcache server`, docs/server.md); upstream's keys are
+    # lmcache.mp.host / lmcache.mp.port. None: the host tier lives in this process;
+    # "auto": the server at 127.0.0.1:mp_port if one answers at start-up, else in process
+    mp_host: str | None = None
+    mp_port: int = 5555
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -154,7 +161,12 @@ KEYS: dict[str, _Key] = {
     "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
     "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
     "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
+    "mp_host": _Key(_none_or(_mp_host), 'none, "auto", or the lmcache server\'s host (127.0.0.1, tcp://localhost)'),
+    "mp_port": _Key(_port, "a TCP port, 1..65535"),
 }
+
+# upstream's dotted names of the same keys ("lmcache.mp.host" in vLLM's extra config)
+KEY_ALIASES = {"mp.host": "mp_host", "mp.port": "mp_port"}
 
 
 def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:
@@ -204,6 +216,7 @@ def apply_overrides(
     """A copy of `config` with plain `key: value` overrides applied and checked."""
     new = dataclasses.replace(config, sources=dict(config.sources))
     for key, value in (overrides or {}).items():
+        key = KEY_ALIASES.get(key, key)
         if key in KEYS:
             _set(new, key, value, source)
         else:
@@ -220,7 +233,7 @@ def apply_vllm_extra_config(
     for name, value in (extra_config or {}).items():
         if not isinstance(name, str) or not name.startswith(VLLM_PREFIX):
             continue
-        key = name[len(VLLM_PREFIX):]
+        key = KEY_ALIASES.get(name[len(VLLM_PREFIX):], name[len(VLLM_PREFIX):])
         source = f"vLLM kv_connector_extra_config[{name!r}]"
         if key in KEYS:
             _set(new, key, value, source)

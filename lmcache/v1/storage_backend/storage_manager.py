@@ -72,7 +72,7 @@ class StorageManager:
         obj = self.pool.allocate(shape, dtype, fmt)
         if obj is None and self.cpu is not None:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            self.cpu.evict_until(lambda: self.pool.free_bytes >= nbytes)
+            self.cpu.evict_until(lambda: self.pool.fits(nbytes))
             obj = self.pool.allocate(shape, dtype, fmt)
         if obj is None and not self._no_memory_logged:
             self._no_memory_logged = True

@@ -1,0 +1,22 @@
+import pytest
+
+from tests.server.cache_server import CacheServerProcess
+
+
+@pytest.fixture
+def cache_server_factory():
+    started = []
+
+    def make(**kwargs) -> CacheServerProcess:
+        server = CacheServerProcess(**kwargs)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def cache_server(cache_server_factory) -> CacheServerProcess:
+    return cache_server_factory().start()

@@ -1,0 +1,116 @@
+"""The real engine against a real `lmcache server` process: what one process stores
+another loads bit-exact; nothing leaks when a client dies; a dead server is misses
+and a restarted one is found again; the disk L2 survives a restart, host memory not."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+from lmcache.bench.soak_checks import wait_until
+from lmcache.v1.config import LMCacheEngineConfig
+from tests.server.cache_server import REPO
+from tests.storage.conftest import child_result, spawn_child
+from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+
+N = 64  # tokens: 4 chunks of 16
+
+
+def test_one_process_stores_another_loads_bit_exact(cache_server):
+    config = cache_server.config()
+    stored = child_result(spawn_child({"config": config, "mode": "store", "prompts": [1, 2, 3], "tokens": N}))
+    assert stored["stored"] == 3 * N
+    checked = child_result(spawn_child({"config": config, "mode": "check", "prompts": [1, 2, 3, 9], "tokens": N}))
+    assert checked["wrong"] == 0
+    assert checked["loaded"] == 3 * N  # prompt 9 was never stored
+    assert checked["stats"]["tier_server.hit_tokens"] == 3 * N
+    status = cache_server.status()
+    assert status["l1_chunks"] == 12
+    assert status["pins"] == 0 and status["slots_being_written"] == 0  # both children gave everything back
+
+
+def test_a_lookup_lease_pins_on_the_server_and_the_load_unpins(cache_server):
+    engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config()), N)
+    try:
+        store_prompt(engine, conn, 1, N)
+        assert engine.lookup(prompt_tokens(1, N), lease_id="1:req") == N
+        assert cache_server.status()["pins"] == 4  # one per chunk, held for the load
+        assert check_prompt(engine, conn, 1, N) == (N, True)
+        engine.release_lease("1:req")
+        assert wait_until(lambda: cache_server.status()["pins"] == 0, 5)
+    finally:
+        engine.close()
+
+
+HOLDER = """
+import sys, time, torch
+from lmcache.v1.config import LMCacheEngineConfig
+from tests.storage.workload import make_engine, prompt_tokens
+engine, conn = make_engine(LMCacheEngineConfig.from_defaults(chunk_size=16, mp_host="127.0.0.1", mp_port=int(sys.argv[1])), 64)
+held = [engine.storage.allocate(conn.get_shape(16), conn.kv_dtype, conn.memory_format) for _ in range(3)]
+assert all(h is not None for h in held)
+assert engine.lookup(prompt_tokens(1, 64), lease_id="held") == 64
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_killed_mid_store_and_mid_load_leaks_nothing(cache_server):
+    engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config()), N)
+    store_prompt(engine, conn, 1, N)
+    engine.close()
+    before = cache_server.status()["l1_used_bytes"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(cache_server.port)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        status = cache_server.status()
+        assert status["slots_being_written"] == 3 and status["pins"] == 4
+        assert status["l1_used_bytes"] > before
+        holder.kill()  # SIGKILL: no goodbye
+        holder.wait()
+        assert wait_until(lambda: cache_server.status()["slots_being_written"] == 0, 10)
+        status = cache_server.status()
+        assert status["pins"] == 0 and status["l1_used_bytes"] == before
+        assert "reclaimed 3 unwritten slot(s) and 4 pin(s)" in cache_server.log()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_server_killed_is_misses_and_a_restarted_one_is_found_again(cache_server, caplog):
+    engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config()), N)
+    try:
+        store_prompt(engine, conn, 1, N)
+        assert engine.lookup(prompt_tokens(1, N)) == N
+        cache_server.kill()
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="lmcache"):
+            for p in (2, 3, 4):
+                store_prompt(engine, conn, p, N)  # dropped, never an error
+                assert engine.lookup(prompt_tokens(p, N)) == 0
+                assert engine.lookup(prompt_tokens(1, N), lease_id=f"{p}:r") == 0
+                assert check_prompt(engine, conn, 1, N)[0] == 0
+        assert time.monotonic() - started < 10
+        assert caplog.text.count("unreachable") == 1, caplog.text
+        cache_server.start()  # same port; its host memory starts empty
+        assert wait_until(lambda: engine.lookup(prompt_tokens(1, N)) == 0 and store_prompt(engine, conn, 5, N) == N
+                          and engine.lookup(prompt_tokens(5, N)) == N, 10)
+        assert check_prompt(engine, conn, 5, N) == (N, True)
+    finally:
+        engine.close()
+
+
+def test_disk_l2_is_found_again_after_a_restart_host_memory_is_not(cache_server_factory, tmp_path):
+    adapter = '{"type": "fs", "base_path": "%s", "max_capacity_gb": 0.05}' % tmp_path
+    server = cache_server_factory(extra_args=("--l2-adapter", adapter)).start()
+    config = server.config()
+    assert child_result(spawn_child({"config": config, "mode": "store", "prompts": [1], "tokens": N}))["stored"] == N
+    server.stop()  # SIGTERM: queued disk writes are finished
+    assert "the disk tier keeps its files" in server.log()
+    server.start()
+    checked = child_result(spawn_child({"config": config, "mode": "check", "prompts": [1], "tokens": N}))
+    assert checked["loaded"] == N and checked["wrong"] == 0
+    assert server.status()["stats"]["tier_disk.hit_tokens"] == N
