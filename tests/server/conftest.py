@@ -20,3 +20,11 @@ def cache_server_factory():
 @pytest.fixture
 def cache_server(cache_server_factory) -> CacheServerProcess:
     return cache_server_factory().start()
+
+
+@pytest.fixture(scope="module")
+def module_server():
+    """One server for a module's tests that leave it as they found it."""
+    server = CacheServerProcess().start()
+    yield server
+    server.stop()

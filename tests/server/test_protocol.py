@@ -16,20 +16,20 @@ from tests.server.cache_server import RawClient
 from tests.storage.workload import make_engine, prompt_tokens, store_prompt
 
 
-def test_a_server_refuses_a_client_of_another_version_with_one_line(cache_server):
-    with RawClient(cache_server.port, admit=False) as c:
+def test_a_server_refuses_a_client_of_another_version_with_one_line(module_server):
+    with RawClient(module_server.port, admit=False) as c:
         reply = c.exchange({"op": "hello", "protocol": P.PROTOCOL, "version": 99})
         assert "speaks protocol lmcache-mp v1 but the client speaks v99" in reply["error"]
         with pytest.raises((P.PeerClosed, ConnectionError)):
             c.exchange({"op": "ping", "id": 1})
-    assert cache_server.log().count("v99") == 1
-    assert cache_server.status()["clients"] == 1  # the one asking
+    assert module_server.log().count("v99") == 1
+    assert module_server.status()["clients"] == 1  # the one asking
 
 
-def test_a_client_refuses_a_server_of_another_version_with_one_line(cache_server, monkeypatch, caplog):
+def test_a_client_refuses_a_server_of_another_version_with_one_line(module_server, monkeypatch, caplog):
     monkeypatch.setattr(P, "VERSION", 2)  # this process now speaks v2; the server v1
     with caplog.at_level(logging.INFO, logger="lmcache"):
-        engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config()), 64)
+        engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**module_server.config()), 64)
         try:
             assert store_prompt(engine, conn, 1, 64) == 0  # no slot: dropped, not an error
             assert engine.lookup(prompt_tokens(1, 64)) == 0
@@ -40,32 +40,32 @@ def test_a_client_refuses_a_server_of_another_version_with_one_line(cache_server
     assert "client speaks protocol lmcache-mp v2 but the server speaks v1" in refusals[0]
 
 
-def test_no_admission_without_the_arena_token(cache_server):
-    with RawClient(cache_server.port, admit=False) as c:
+def test_no_admission_without_the_arena_token(module_server):
+    with RawClient(module_server.port, admit=False) as c:
         assert c.exchange(P.hello())["ok"]
         reply = c.exchange({"op": "auth", "token": "00" * 32})
         assert "wrong arena token" in reply["error"]
-    with RawClient(cache_server.port, admit=False) as c:
+    with RawClient(module_server.port, admit=False) as c:
         assert c.exchange(P.hello())["ok"]
         reply = c.exchange({"op": "lookup", "id": 1, "keys": []})  # skipping auth
         assert "error" in reply
-    assert cache_server.status()["clients"] == 1  # the one asking
+    assert module_server.status()["clients"] == 1  # the one asking
 
 
-def test_oversized_or_garbage_frames_before_admission_close_only_that_connection(cache_server):
-    with RawClient(cache_server.port, admit=False) as c:
+def test_oversized_or_garbage_frames_before_admission_close_only_that_connection(module_server):
+    with RawClient(module_server.port, admit=False) as c:
         c.sock.sendall(struct.pack(">I", 1 << 30))  # a 1 GiB "hello"
         assert c.sock.recv(16) == b""
-    with RawClient(cache_server.port, admit=False) as c:
+    with RawClient(module_server.port, admit=False) as c:
         c.sock.sendall(struct.pack(">I", 5) + b"\xff\xfe{[x")
         assert c.sock.recv(16) == b""
-    assert "frame of 1073741824 bytes" in cache_server.log()
-    with RawClient(cache_server.port) as ok:
+    assert "frame of 1073741824 bytes" in module_server.log()
+    with RawClient(module_server.port) as ok:
         assert ok.call("ping")["ok"]
 
 
-def test_bad_requests_get_an_error_naming_what_is_accepted_and_the_connection_goes_on(cache_server):
-    with RawClient(cache_server.port) as c:
+def test_bad_requests_get_an_error_naming_what_is_accepted_and_the_connection_goes_on(module_server):
+    with RawClient(module_server.port) as c:
         assert "unknown op 'nope'" in c.call("nope")["error"]
         assert "accepted: float16" in c.call("alloc", shape=[2, 2, 16, 64], dtype="complex64", fmt="kv_2ltd")["error"]
         assert "4 positive integers" in c.call("alloc", shape=[2, -1, 16, 64], dtype="float16", fmt="kv_2ltd")["error"]
@@ -76,7 +76,7 @@ def test_bad_requests_get_an_error_naming_what_is_accepted_and_the_connection_go
         too_big = c.call("alloc", shape=[2, 64, 1 << 20, 1024], dtype="float32", fmt="kv_2ltd")
         assert too_big == {"ok": True, "offset": None, "id": too_big["id"]}
         assert c.call("ping")["ok"]
-    log = cache_server.log()
+    log = module_server.log()
     assert "commit of slot 4096, which this client has not allocated" in log
     assert "unpin of slot 123, which this client has not pinned" in log
 

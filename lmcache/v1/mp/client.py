@@ -169,6 +169,10 @@ class ServerLink:
         self.outage.worked()
         return conn
 
+    def current(self) -> Connection | None:
+        conn = self._conn
+        return conn if conn is not None and not conn.retired else None
+
     def failed(self, conn: Connection, exc: Exception) -> None:
         """A request on `conn` failed: the server is treated as down until the back-off passes."""
         conn.retire()

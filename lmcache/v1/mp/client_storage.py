@@ -175,9 +175,19 @@ class ServerStorage:
         conn.took_back()
 
     def flush(self, timeout: float | None = None) -> bool:
-        return True  # commits are sent as they happen; the server's own writer feeds its lower tiers
+        """Commits are one-way; a round trip after them means the server has them all
+        (it reads a connection in order), so other processes find them from now on."""
+        conn = self.link.current()  # never a new connection just for this
+        if conn is None:
+            return True
+        try:
+            conn.call("ping")
+        except RequestFailed as exc:
+            self.link.failed(conn, exc)
+        return True
 
     def close(self, timeout: float = 30.0) -> None:
+        self.flush()
         self.link.close()  # the server gives back whatever this process still held
         with self._lock:
             self._pinned.clear()
