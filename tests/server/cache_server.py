@@ -18,8 +18,9 @@ CHUNK = 16
 
 
 class CacheServerProcess:
-    def __init__(self, l1_gb: float = 0.02, extra_args: tuple[str, ...] = ()):
+    def __init__(self, l1_gb: float = 0.02, extra_args: tuple[str, ...] = (), chunk_size: int = CHUNK):
         self.port = free_port()
+        self.chunk_size = chunk_size
         self.l1_gb = l1_gb
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
@@ -27,13 +28,14 @@ class CacheServerProcess:
 
     def start(self) -> "CacheServerProcess":
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcache", "server", "--port", str(self.port), "--l1-size-gb", str(self.l1_gb),
-             "--chunk-size", str(CHUNK), *self.extra_args],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         assert wait_until(lambda: "listening on" in self.log() or self.proc.poll() is not None, 60), self.log()
         assert self.proc.poll() is None, self.log()
         return self
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "lmcache", "server", "--port", str(self.port), "--l1-size-gb", str(self.l1_gb),
+                "--chunk-size", str(self.chunk_size), *self.extra_args]
 
     def log(self) -> str:
         with open(self._log.name) as f:
@@ -56,7 +58,7 @@ class CacheServerProcess:
             return c.call("stats")["status"]
 
     def config(self, **more) -> dict:
-        return {"chunk_size": CHUNK, "mp_host": "127.0.0.1", "mp_port": self.port,
+        return {"chunk_size": self.chunk_size, "mp_host": "127.0.0.1", "mp_port": self.port,
                 "remote_retry_interval": 0.3, "remote_timeout": 2.0, **more}
 
 
