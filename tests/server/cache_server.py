@@ -27,9 +27,11 @@ class CacheServerProcess:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="lmcache-server-", suffix=".log", delete=False)
 
     def start(self) -> "CacheServerProcess":
+        starts = self.log().count("listening on")  # the log goes on across restarts
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
         self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        assert wait_until(lambda: "listening on" in self.log() or self.proc.poll() is not None, 60), self.log()
+        assert wait_until(lambda: self.log().count("listening on") > starts or self.proc.poll() is not None,
+                          60), self.log()
         assert self.proc.poll() is None, self.log()
         return self
 

@@ -24,6 +24,7 @@ from lmcache.v1.mp.arena import SlotObj
 from lmcache.v1.mp.client import Connection, RequestFailed, ServerLink
 from lmcache.v1.mp.shared_cache import DTYPES, FORMATS, dtype_name
 from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.storage_backend.storage_manager import ALREADY_HELD
 from lmcache.v1.token_database import CacheEngineKey
 
 logger = logging.getLogger("lmcache.v1.mp")
@@ -75,6 +76,33 @@ class ServerStorage:
             return None
         conn.gave_out()
         return SlotObj(tensor, fmt, conn, int(offset))
+
+    def reserve(self, keys: list[CacheEngineKey], shapes: list, dtype: torch.dtype, fmt: MemoryFormat) -> list:
+        """StorageManager.reserve in one round trip: the server answers, per key, -1
+        (cached already) or a slot's offset, and stops where its memory runs out."""
+        shapes = [torch.Size(s) for s in shapes]
+        reply, conn = self._call("reserve", keys=[k.to_string() for k in keys], shapes=[list(s) for s in shapes],
+                                 dtype=dtype_name(dtype), fmt=fmt.value)
+        if reply is None:
+            return []
+        out: list = []
+        for offset, shape in zip(reply.get("slots") or [], shapes):
+            if offset == -1:
+                out.append(ALREADY_HELD)
+                continue
+            try:
+                tensor = conn.arena.view(int(offset), shape, dtype)
+            except (ValueError, TypeError) as exc:
+                logger.warning("lmcache server %s gave slot %r: %s", self.link.address, offset, exc)
+                conn.post("free", offset=offset)
+                break
+            conn.gave_out()
+            out.append(SlotObj(tensor, fmt, conn, int(offset)))
+        if len(out) < len(keys) and not self._full_logged:
+            self._full_logged = True
+            logger.warning("lmcache server %s has no free slot (all pinned or being written): stores beyond "
+                           "it are dropped", self.link.address)
+        return out
 
     # -- lookup -------------------------------------------------------------------
     def lookup_prefix(self, keys: list[CacheEngineKey]) -> int:

@@ -26,7 +26,7 @@ MAX_KEYS = 16384  # keys in one request
 _LEN = struct.Struct(">I")
 
 # ops with a reply / without
-REQUESTS = frozenset({"lookup", "resident", "contains", "alloc", "pin", "stats", "ping"})
+REQUESTS = frozenset({"lookup", "resident", "contains", "alloc", "reserve", "pin", "stats", "ping"})
 ONE_WAY = frozenset({"commit", "free", "unpin"})
 
 

@@ -150,6 +150,9 @@ class ClientConnection(socketserver.BaseRequestHandler):
         if op == "alloc":
             obj = cache.alloc(client, message.get("shape"), message.get("dtype"), message.get("fmt"))
             return {"ok": True, "offset": None if obj is None else obj.offset}
+        if op == "reserve":
+            return {"ok": True, "slots": cache.reserve(client, P.str_list(message, "keys"), message.get("shapes"),
+                                                       message.get("dtype"), message.get("fmt"))}
         if op == "pin":
             objs = cache.pin(client, P.str_list(message, "keys"))
             return {"ok": True, "slots": [[o.offset, list(o.metadata.shape), dtype_name(o.metadata.dtype),

@@ -117,6 +117,22 @@ class SharedCache:
                 client.allocated[obj.offset] = obj
         return obj
 
+    def reserve(self, client: ClientState, keys: list[str], shapes: list, dtype: str, fmt: str) -> list[int]:
+        """Per key: -1 if a tier holds it already, else a slot allocated for the client;
+        the list ends where memory runs out."""
+        if not isinstance(shapes, list) or len(shapes) != len(keys):
+            raise ProtocolError("shapes: one shape per key is expected")
+        out = []
+        for key, shape in zip(keys, shapes):
+            if self.storage.contains_local(parse_key(key)):
+                out.append(-1)
+                continue
+            obj = self.alloc(client, shape, dtype, fmt)
+            if obj is None:
+                break
+            out.append(obj.offset)
+        return out
+
     def commit(self, client: ClientState, offset: int, key: str) -> None:
         parsed = parse_key(key)
         with self._lock:

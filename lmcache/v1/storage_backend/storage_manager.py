@@ -28,6 +28,8 @@ from lmcache.v1.token_database import CacheEngineKey
 
 logger = logging.getLogger(__name__)
 
+ALREADY_HELD = "already held"  # reserve(): the chunk is cached already (nothing to store)
+
 
 class StorageManager:
     def __init__(self, config: LMCacheEngineConfig, stats: EngineStats | None = None, pool: HostMemoryPool | None = None):
@@ -81,6 +83,21 @@ class StorageManager:
                 "stores and loads beyond it are skipped", self.config.max_local_cpu_size
             )
         return obj
+
+    def reserve(self, keys: list[CacheEngineKey], shapes: list, dtype: torch.dtype,
+                fmt: MemoryFormat) -> list:
+        """For each key to store: ALREADY_HELD, or a buffer to fill and put(); the list
+        ends early where memory ran out."""
+        out: list = []
+        for key, shape in zip(keys, shapes):
+            if self.contains_local(key):
+                out.append(ALREADY_HELD)
+                continue
+            obj = self.allocate(shape, dtype, fmt)
+            if obj is None:
+                break
+            out.append(obj)
+        return out
 
     # -- lookup -------------------------------------------------------------
     def contains_local(self, key: CacheEngineKey) -> bool:
