@@ -25,6 +25,10 @@ def cache_server(cache_server_factory) -> CacheServerProcess:
 @pytest.fixture(scope="module")
 def module_server():
     """One server for a module's tests that leave it as they found it."""
-    server = CacheServerProcess().start()
+    from tests.fixtures.redis import free_port
+
+    http_port = free_port()
+    server = CacheServerProcess(extra_args=("--http-port", str(http_port))).start()
+    server.http_port = http_port
     yield server
     server.stop()

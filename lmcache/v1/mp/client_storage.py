@@ -34,6 +34,7 @@ TIER = "server"
 
 class ServerStorage:
     cpu = disk = remote = None  # the server's tiers are not this process's
+    reads_lower_tiers_here = False  # the server reads its disk/remote tiers itself when it pins
 
     def __init__(self, config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int):
         self.config = config
