@@ -114,3 +114,29 @@ def test_disk_l2_is_found_again_after_a_restart_host_memory_is_not(cache_server_
     checked = child_result(spawn_child({"config": config, "mode": "check", "prompts": [1], "tokens": N}))
     assert checked["loaded"] == N and checked["wrong"] == 0
     assert server.status()["stats"]["tier_disk.hit_tokens"] == N
+
+
+def test_a_request_timing_out_keeps_the_pins_of_chunks_still_held(cache_server):
+    """A server too slow to answer in time is a miss, but the connection that holds pins
+    stays open (no slot is reused under a reader) until the last of them is given back."""
+    import os
+    import signal
+
+    engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config(remote_timeout=0.5)), N)
+    try:
+        store_prompt(engine, conn, 1, N)
+        assert engine.lookup(prompt_tokens(1, N), lease_id="held") == N
+        os.kill(cache_server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert engine.lookup(prompt_tokens(1, N)) == 0  # no answer in time: a miss
+            assert time.monotonic() - started < 3
+        finally:
+            os.kill(cache_server.proc.pid, signal.SIGCONT)
+        assert cache_server.status()["pins"] == 4  # the lease's pins outlived the timeout
+        assert wait_until(lambda: engine.lookup(prompt_tokens(1, N)) == N, 10)  # a new connection
+        engine.release_lease("held")  # the last object of the old connection: it closes
+        assert wait_until(lambda: cache_server.status()["pins"] == 0, 10)
+        assert check_prompt(engine, conn, 1, N) == (N, True)
+    finally:
+        engine.close()
