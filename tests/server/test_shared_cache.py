@@ -140,3 +140,52 @@ def test_a_request_timing_out_keeps_the_pins_of_chunks_still_held(cache_server):
         assert check_prompt(engine, conn, 1, N) == (N, True)
     finally:
         engine.close()
+
+
+def _leased_load(engine, conn, p: int, lease_id: str) -> tuple[int, bool]:
+    import torch
+
+    from lmcache.v1.cache_engine import TransferSpec
+    from tests.storage.host_connector import bits
+    from tests.storage.workload import prompt_kv
+
+    conn.cache.zero_()
+    got = engine.batched_retrieve([TransferSpec(prompt_tokens(p, N), torch.arange(N), lease_id=lease_id)])[0]
+    return got, torch.equal(bits(conn.cache[:got]), bits(prompt_kv(p, N, conn.kv_dtype)[:got]))
+
+
+def test_concurrent_writers_and_readers_under_eviction_never_see_wrong_bytes(cache_server_factory):
+    """Two processes store overlapping prompts into a server whose host tier holds about
+    a third of them (LRU evicts all the time) while this process keeps loading them: a
+    pinned slot is never reused under a reader, so every hit is exact."""
+    server = cache_server_factory(l1_gb=24 * 16 * 1024 / 1024**3).start()  # 24 chunks of 16 KiB
+    config = server.config()
+    writers = [spawn_child({"config": config, "mode": "store", "prompts": list(range(0, 10)), "tokens": N,
+                            "rounds": 3}),
+               spawn_child({"config": config, "mode": "check", "prompts": list(range(5, 15)), "tokens": N,
+                            "rounds": 3})]
+    reader, conn = make_engine(LMCacheEngineConfig.from_defaults(**config), N)
+    loaded = wrong = 0
+    try:
+        while any(w.poll() is None for w in writers) or loaded == 0:
+            for p in range(15):
+                # a lease pins what the lookup found; stores of 3 other prompts (12 chunks)
+                # push the LRU meanwhile; then the load must get the pinned bytes
+                hit = reader.lookup(prompt_tokens(p, N), lease_id="r")
+                for q in (100 + p, 200 + p, 300 + p):
+                    store_prompt(reader, conn, q, N)
+                got, exact = _leased_load(reader, conn, p, "r")
+                assert got >= hit  # a lease's promise holds (others may have stored more meanwhile)
+                loaded += got
+                wrong += not exact
+        results = [child_result(w) for w in writers]
+    finally:
+        reader.close()
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+    assert loaded > 0 and wrong == 0
+    assert results[1]["wrong"] == 0
+    status = server.status()
+    assert status["stats"]["misses_evicted"] > 0  # the pressure was real
+    assert status["pins"] == 0 and status["slots_being_written"] == 0
