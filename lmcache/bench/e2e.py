@@ -105,7 +105,8 @@ def _run(args) -> dict:
         server, port, _ = start_server(2.0)
     where = "an lmcache server's shared memory" if server else "LMCache's CPU tier"
     try:
-        with Phase(step(), total, f"starting vLLM on {device_type} with {where}", eta_key=f"e2e.start_vllm.{device_type}"):
+        with Phase(step(), total, f"starting vLLM on {device_type} with {where}",
+                   eta_key=f"e2e.start_vllm.{device_type}"):
             llm = _start_vllm(args, model, llm_args, port if server else None)
         return _measure(args, model, llm, device_type, step, total, where)
     finally:

@@ -48,7 +48,8 @@ HOLDER = """
 import sys, time, torch
 from lmcache.v1.config import LMCacheEngineConfig
 from tests.storage.workload import make_engine, prompt_tokens
-engine, conn = make_engine(LMCacheEngineConfig.from_defaults(chunk_size=16, mp_host="127.0.0.1", mp_port=int(sys.argv[1])), 64)
+config = LMCacheEngineConfig.from_defaults(chunk_size=16, mp_host="127.0.0.1", mp_port=int(sys.argv[1]))
+engine, conn = make_engine(config, 64)
 held = [engine.storage.allocate(conn.get_shape(16), conn.kv_dtype, conn.memory_format) for _ in range(3)]
 assert all(h is not None for h in held)
 assert engine.lookup(prompt_tokens(1, 64), lease_id="held") == 64

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l1-size-gb", type=float, default=None,
                         help="GB of shared host memory for chunks (default: 5, at most half of this machine's memory)")
     parser.add_argument("--eviction-policy", default="LRU", help="LRU (the only policy)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk clients should use (default 256)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="tokens per chunk clients should use (default 256)")
     parser.add_argument("--l2-adapter", action="append", default=[], metavar="JSON",
                         help='a tier below host memory, repeatable: {"type": "fs"|"resp"|"valkey"|"lm", ...}')
     parser.add_argument("--http-port", type=int, default=None,

@@ -34,7 +34,8 @@ def _field(spec: dict, *names: str, required: bool = True):
 def _netloc(host: str, port, user, password) -> str:
     auth = ""
     if user or password:
-        auth = urllib.parse.quote(str(user or ""), safe="") + ":" + urllib.parse.quote(str(password or ""), safe="") + "@"
+        quote = urllib.parse.quote
+        auth = quote(str(user or ""), safe="") + ":" + quote(str(password or ""), safe="") + "@"
     return f"{auth}{host}:{int(port)}"
 
 
@@ -44,8 +45,8 @@ def parse_adapters(texts: list[str]) -> dict:
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise AdapterError(f"--l2-adapter {text!r} is not JSON ({exc}); e.g. "
-                               '\'{"type": "fs", "base_path": "/var/cache/lmcache", "max_capacity_gb": 100}\'') from None
+            example = '\'{"type": "fs", "base_path": "/var/cache/lmcache", "max_capacity_gb": 100}\''
+            raise AdapterError(f"--l2-adapter {text!r} is not JSON ({exc}); e.g. {example}") from None
         if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
             raise AdapterError(f"--l2-adapter {text!r}: a JSON object with a \"type\" is expected; types: {ACCEPTED}")
         kind = spec["type"]

@@ -45,6 +45,6 @@ def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
             logger.warning("LMCache: chunk_size=%d here, %s on the server: chunks are shared only between "
                            "instances of the same chunk_size", config.chunk_size, conn.server_chunk_size)
     else:
-        logger.info("LMCache: host cache is the lmcache server at %s:%d, not usable now (the line above says why): lookups "
-                    "miss and stores are dropped until it is", host, config.mp_port)
+        logger.info("LMCache: host cache is the lmcache server at %s:%d, not usable now (the line above says "
+                    "why): lookups miss and stores are dropped until it is", host, config.mp_port)
     return storage
