@@ -53,3 +53,27 @@ def test_the_mp_connector_means_auto_and_explicit_keys_win():
     explicit = lmcache_config_from_vllm(vllm_config("lmcache", {"lmcache.mp.host": "tcp://localhost",
                                                                 "lmcache.mp.port": 6000}))
     assert (explicit.mp_host, explicit.mp_port) == ("localhost", 6000)
+
+
+def test_auto_with_something_else_on_the_port_keeps_the_in_process_cache(caplog):
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def answer_garbage():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        storage, lines = _choice(caplog, mp_host="auto", mp_port=port, max_local_cpu_size=0.5)
+    finally:
+        listener.close()
+    assert isinstance(storage, StorageManager)
+    assert len(lines) == 1 and "is not a usable lmcache server" in lines[0] and "in this process (0.5 GB)" in lines[0]

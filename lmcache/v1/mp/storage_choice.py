@@ -5,7 +5,6 @@ when the engine is built, and said in one start-up line."""
 from __future__ import annotations
 
 import logging
-import socket
 
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -16,12 +15,20 @@ logger = logging.getLogger("lmcache.v1.mp")
 AUTO_HOST = "127.0.0.1"
 
 
-def _answering(host: str, port: int, timeout: float) -> bool:
+def _why_not(host: str, port: int, timeout: float) -> str | None:
+    """None if our server answers there (a full hello and auth), else why not."""
+    from lmcache.v1.mp import protocol as P
+    from lmcache.v1.mp.client import Connection, Refused
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        Connection(host, port, timeout, timeout, "start-up probe", {}).close()
+        return None
+    except ConnectionRefusedError:
+        return "no lmcache server answers"
+    except Refused as exc:
+        return f"the lmcache server refused us ({exc})"
+    except (OSError, ValueError, P.ProtocolError, P.PeerClosed) as exc:
+        return f"what answers is not a usable lmcache server ({type(exc).__name__}: {exc})"
 
 
 def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
@@ -29,9 +36,10 @@ def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
     if host is None:
         return StorageManager(config, stats)
     if host == "auto":
-        if not _answering(AUTO_HOST, config.mp_port, config.remote_connect_timeout):
-            logger.info("LMCache: no lmcache server answers at %s:%d: host cache in this process (%.3g GB)",
-                        AUTO_HOST, config.mp_port, config.max_local_cpu_size)
+        why = _why_not(AUTO_HOST, config.mp_port, config.remote_connect_timeout)
+        if why is not None:
+            logger.info("LMCache: %s at %s:%d: host cache in this process (%.3g GB)",
+                        why, AUTO_HOST, config.mp_port, config.max_local_cpu_size)
             return StorageManager(config, stats)
         host = AUTO_HOST
     from lmcache.v1.mp.client_storage import ServerStorage
