@@ -117,6 +117,11 @@ def test_disk_l2_is_found_again_after_a_restart_host_memory_is_not(cache_server_
     assert server.status()["stats"]["tier_disk.hit_tokens"] == N
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_request_timing_out_keeps_the_pins_of_chunks_still_held(cache_server):
     """A server too slow to answer in time is a miss, but the connection that holds pins
     stays open (no slot is reused under a reader) until the last of them is given back."""
@@ -129,6 +134,7 @@ def test_a_request_timing_out_keeps_the_pins_of_chunks_still_held(cache_server):
         assert engine.lookup(prompt_tokens(1, N), lease_id="held") == N
         os.kill(cache_server.proc.pid, signal.SIGSTOP)
         try:
+            assert wait_until(lambda: _state(cache_server.proc.pid) == "T", 5)  # every thread stopped
             started = time.monotonic()
             assert engine.lookup(prompt_tokens(1, N)) == 0  # no answer in time: a miss
             assert time.monotonic() - started < 3

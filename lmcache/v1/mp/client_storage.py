@@ -32,6 +32,13 @@ logger = logging.getLogger("lmcache.v1.mp")
 TIER = "server"
 
 
+def _offset(slot) -> int | None:
+    try:
+        return int(slot[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 class ServerStorage:
     cpu = disk = remote = None  # the server's tiers are not this process's
     reads_lower_tiers_here = False  # the server reads its disk/remote tiers itself when it pins
@@ -148,15 +155,16 @@ class ServerStorage:
         if reply is None:
             return out
         slots = reply.get("slots") or []
-        duplicates = []
-        for key, slot in zip(wanted, slots):
+        give_back = []  # offsets pinned by this reply that nobody here will use
+        for i, (key, slot) in enumerate(zip(wanted, slots)):
             obj = self._view(conn, slot)
             with self._lock:
                 held = self._pinned.get(key)
-                if held is not None or obj is None:  # pinned meanwhile by another thread, or unusable
-                    duplicates.append(slot[0])
-                    if held is None:
-                        break
+                if held is None and obj is None:  # unusable: the prefix ends here
+                    give_back.extend(_offset(s) for s in slots[i:])
+                    break
+                if held is not None:  # pinned meanwhile by another thread: use that one
+                    give_back.append(_offset(slot))
                     obj = held[0]
                 else:
                     self._pinned[key] = (obj, conn)
@@ -165,9 +173,10 @@ class ServerStorage:
                 obj.ref_count_up()
             out.append(obj)
             self.stats.tier_hit(TIER, obj.num_tokens)
-        if duplicates:
-            conn.post("unpin", offsets=duplicates)
-        if len(slots) < len(wanted):
+        give_back = [o for o in give_back if o is not None]
+        if give_back:
+            conn.post("unpin", offsets=give_back)
+        if len(out) < len(keys):
             self.stats.miss("absent")
         return out
 
