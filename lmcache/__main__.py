@@ -1,4 +1,4 @@
-"""`python -m lmcache <command>`: demo, doctor, bench <name>."""
+"""`python -m lmcache <command>`: server, demo, doctor, bench <name>."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from lmcache.bench import BENCHES
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run the shared host cache of this node", add_help=False)
+    server.set_defaults(module="lmcache.v1.mp.cli")
 
     demo = commands.add_parser("demo", help="run vLLM with LMCache on a long prompt twice", add_help=False)
     demo.set_defaults(module="lmcache.demo")

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per round, LMCache hit then vLLM hit this many times, alternating (default 3)")
     parser.add_argument("--model", help="a local model directory (default: the reference random Llama)")
     parser.add_argument("--connector", default="LMCacheConnectorV1", choices=["LMCacheConnectorV1", "lmcache"])
+    parser.add_argument("--server", action="store_true",
+                        help="the host tier is a real `lmcache server` the bench starts (lmcache.mp.host/port): "
+                             "the LMCache hit goes through its shared memory")
     parser.add_argument("--verbose", action="store_true",
                         help="show vLLM's own log lines here (default: a log file under ~/.cache/lmcache/logs)")
 
@@ -54,9 +57,12 @@ def run(args) -> dict:
         return _run(args)
 
 
-def _start_vllm(args, model: str, llm_args: dict):
+def _start_vllm(args, model: str, llm_args: dict, server_port: int | None = None):
     from vllm import LLM
 
+    extra = {"lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 2.0}
+    if server_port is not None:
+        extra.update({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": server_port})
     return LLM(
         model=model,
         max_model_len=args.prompt_tokens + 64,
@@ -66,7 +72,7 @@ def _start_vllm(args, model: str, llm_args: dict):
             "kv_connector": args.connector,
             "kv_role": "kv_both",
             "engine_id": f"lmcache-bench-{uuid.uuid4()}",
-            "kv_connector_extra_config": {"lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 2.0},
+            "kv_connector_extra_config": extra,
             "kv_load_failure_policy": "recompute",
         },
         **llm_args,
@@ -74,7 +80,6 @@ def _start_vllm(args, model: str, llm_args: dict):
 
 
 def _run(args) -> dict:
-    from lmcache.testing.tiny_llama import make_prompt
     from lmcache.testing.vllm_env import prepare_platform
     from lmcache.utils import get_device_type
 
@@ -93,12 +98,28 @@ def _run(args) -> dict:
         with Phase(step(), total, "building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads)"):
             model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))
     llm_args = prepare_platform(device_type)
-    with Phase(step(), total, f"starting vLLM on {device_type} with LMCache's CPU tier",
-               eta_key=f"e2e.start_vllm.{device_type}"):
-        llm = _start_vllm(args, model, llm_args)
+    server = None
+    if args.server:
+        from lmcache.bench.server_tier import start_server
+
+        server, port, _ = start_server(2.0)
+    where = "an lmcache server's shared memory" if server else "LMCache's CPU tier"
+    try:
+        with Phase(step(), total, f"starting vLLM on {device_type} with {where}",
+                   eta_key=f"e2e.start_vllm.{device_type}"):
+            llm = _start_vllm(args, model, llm_args, port if server else None)
+        return _measure(args, model, llm, device_type, step, total, where)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(20)
+
+
+def _measure(args, model, llm, device_type, step, total, where) -> dict:
     from vllm import SamplingParams
 
     from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
+    from lmcache.testing.tiny_llama import make_prompt
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -152,7 +173,7 @@ def _run(args) -> dict:
         ["case", "ttft_ms", "note"],
         [
             ["miss", best["miss"] * 1000, "cold prefill"],
-            ["lmcache_hit", best["lmcache_hit"] * 1000, f"{min(loaded_per_hit)} tokens loaded from the CPU tier"],
+            ["lmcache_hit", best["lmcache_hit"] * 1000, f"{min(loaded_per_hit)} tokens loaded from {where}"],
             ["vllm_hit", best["vllm_hit"] * 1000, "vLLM's own prefix cache (floor)"],
         ],
         say=_progress,
@@ -166,6 +187,7 @@ def _run(args) -> dict:
         "device": device_type,
         "machine": machine_name(),
         "model": "reference random Llama 8x1024 (8 heads, 4 KV heads)" if not args.model else args.model,
+        "host_tier": "lmcache server" if args.server else "in process",
         "prompt_tokens": args.prompt_tokens,
         "rounds": args.rounds,
         "hit_repeats": args.hit_repeats,

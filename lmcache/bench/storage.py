@@ -14,6 +14,8 @@ measured in the same run (alternating rounds):
                                                        baseline: redis-py SET / GET of the same blob
   redis-cluster, sentinel, s3: the same against a 3-master cluster, a sentinel group,
          SeaweedFS; baseline: the store's raw client (bench/storage_remote.py)
+  server the host tier through a real `lmcache server` (bench/server_tier.py)
+                                                       baseline: the in-process host tier
   lm     the lm:// tier's put/get against our server (a separate process)
                                                        baseline: raw TCP send / recv of the same
                                                        bytes on loopback (see bench/lm_tier.py)
@@ -45,7 +47,8 @@ from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
 from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey
 
-TARGETS = {"cpu": 0.8, "disk": 0.7, "redis": 0.7, "lm": 0.7, "redis-cluster": 0.7, "sentinel": 0.7, "s3": 0.7}
+TARGETS = {"cpu": 0.8, "server": 0.8, "disk": 0.7, "redis": 0.7, "lm": 0.7, "redis-cluster": 0.7, "sentinel": 0.7,
+           "s3": 0.7}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -57,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeat", type=int, default=15, help="rounds; the best of each is reported (default 15)")
-    parser.add_argument("--tiers", default="cpu,disk,redis,lm",
-                        help="comma-separated subset of " + ",".join(TARGETS) + " (default cpu,disk,redis,lm)")
+    parser.add_argument("--tiers", default="cpu,server,disk,redis,lm",
+                        help="comma-separated subset of " + ",".join(TARGETS) + " (default cpu,server,disk,redis,lm)")
     parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--chunk-secret", default=None,
@@ -224,6 +227,12 @@ def run(args: argparse.Namespace) -> dict:
         best = bench_cpu(sources, shape, dtype, args.repeat)
         record("cpu", "put", best, "memcpy", "put", "memcpy")
         record("cpu", "get", best, "memcpy", "get", "memcpy")
+    if "server" in tiers:
+        from lmcache.bench.server_tier import bench_server
+
+        best = bench_server(sources, shape, dtype, args.repeat, interleaved_best_with_setup)
+        record("server", "put", best, "in_process_put", "server_put", "in_process_put")
+        record("server", "get", best, "in_process_get", "server_get", "in_process_get")
     if "disk" in tiers:
         base_dir = args.disk_dir or tempfile.gettempdir()
         os.makedirs(base_dir, exist_ok=True)

@@ -23,8 +23,9 @@ import torch
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.leases import LeaseTable
 from lmcache.v1.memory import MemoryFormat, MemoryObj
+from lmcache.v1.mp.storage_choice import build_storage
 from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
-from lmcache.v1.storage_backend.storage_manager import StorageManager
+from lmcache.v1.storage_backend.storage_manager import ALREADY_HELD
 from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, mask_skip
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ class LMCacheEngine:
         self.token_db = ChunkedTokenDatabase(
             config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk, namespace=config.cache_namespace
         )
-        self.storage = StorageManager(config, self.stats)
-        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl)
+        self.storage = build_storage(config, self.stats)  # in process, or the node's lmcache server
+        self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl,
+                                 get_many=getattr(self.storage, "get_many", None))
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)
@@ -132,7 +134,8 @@ class LMCacheEngine:
             aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
             unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
             usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
-            resident = self.storage.in_host_memory if prefetch else None
+            # a server reads its own lower tiers when it pins: nothing here to prefetch
+            resident = self.storage.in_host_memory if prefetch and self.storage.reads_lower_tiers_here else None
             found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable, resident)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
@@ -166,29 +169,35 @@ class LMCacheEngine:
 
     def _plan_store(self, specs: Sequence[TransferSpec]) -> tuple[list[_Planned], torch.Tensor | None]:
         connector = self._connector()
-        plan: list[_Planned] = []
+        wanted: list[tuple[int, object, int]] = []  # (request, chunk, offset of its slot mapping)
         slot_parts = []
         offset = 0
         seen: set[CacheEngineKey] = set()
-        out_of_memory = False
         for index, spec in enumerate(specs):
             num_tokens, skip = self._check_spec(spec)
             for chunk in self.token_db.chunks(spec.tokens, num_tokens, spec.key_material):
-                if chunk.end <= skip or chunk.key in seen or out_of_memory:
-                    continue
-                if self.storage.contains_local(chunk.key):
-                    continue
-                obj = self.storage.allocate(
-                    connector.get_shape(chunk.end - chunk.start), connector.kv_dtype, connector.memory_format
-                )
-                if obj is None:
-                    out_of_memory = True
-                    self.stats.miss("dropped")
-                    continue
-                seen.add(chunk.key)
-                plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
+                if chunk.end > skip and chunk.key not in seen:
+                    seen.add(chunk.key)
+                    wanted.append((index, chunk, offset))
             slot_parts.append(spec.slot_mapping[:num_tokens])
             offset += num_tokens
+        # One call for the whole step (one round trip where the host tier is a server):
+        # which chunks are cached already, and a buffer for each of the others.
+        objs = self.storage.reserve([c.key for _, c, _ in wanted],
+                                    [connector.get_shape(c.end - c.start) for _, c, _ in wanted],
+                                    connector.kv_dtype, connector.memory_format) if wanted else []
+        plan: list[_Planned] = []
+        for i, (index, chunk, base) in enumerate(wanted):
+            obj = objs[i] if i < len(objs) else None
+            if obj is ALREADY_HELD:
+                continue
+            if obj is None:  # out of memory: this and the rest of the step are not stored
+                self.stats.miss("dropped")
+                for rest in objs[i + 1:]:
+                    if rest is not None and rest is not ALREADY_HELD:
+                        rest.free()
+                break
+            plan.append(_Planned(chunk.key, obj, base + chunk.start, base + chunk.end, index))
         if not plan:
             return plan, None
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)

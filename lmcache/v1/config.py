@@ -26,12 +26,14 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     _disk_path,
     _extra,
     _http_url,
+    _mp_host,
     _nixl_off,
     _non_negative_float,
     _non_negative_int,
     _none_or,
     _parse_bool,
     _positive_float,
+    _port,
     _positive_int,
     _remote_url,
     _serde,
@@ -109,6 +111,11 @@ class LMCacheEngineConfig:
     # shared secret: chunks carry an HMAC over key, header and payload, and a chunk
     # without a valid one is never loaded. Never shown (repr, doctor, errors).
     chunk_secret: str | None = field(default=None, repr=False)
+    # the shared host cache (`lmcache server`, docs/server.md); upstream's keys are
+    # lmcache.mp.host / lmcache.mp.port. None: the host tier lives in this process;
+    # "auto": the server at 127.0.0.1:mp_port if one answers at start-up, else in process
+    mp_host: str | None = None
+    mp_port: int = 5555
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -188,7 +195,13 @@ KEYS: dict[str, _Key] = {
     "chunk_secret": _Key(
         _none_or(_secret), f"a secret of at least {MIN_SECRET_CHARS} characters (env LMCACHE_CHUNK_SECRET), or none"
     ),
+    "mp_host": _Key(_none_or(_mp_host), 'none, "auto", or the lmcache server\'s host (127.0.0.1, tcp://localhost)'),
+    "mp_port": _Key(_port, "a TCP port, 1..65535"),
 }
+
+# upstream's dotted names of the same keys ("lmcache.mp.host" in vLLM's extra config)
+KEY_ALIASES = {"mp.host": "mp_host", "mp.port": "mp_port"}
+
 
 def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:
     spec = KEYS[key]
@@ -253,6 +266,7 @@ def apply_overrides(
     """A copy of `config` with plain `key: value` overrides applied and checked."""
     new = dataclasses.replace(config, sources=dict(config.sources))
     for key, value in (overrides or {}).items():
+        key = KEY_ALIASES.get(key, key)
         if key in KEYS:
             _set(new, key, value, source)
         else:
@@ -269,7 +283,7 @@ def apply_vllm_extra_config(
     for name, value in (extra_config or {}).items():
         if not isinstance(name, str) or not name.startswith(VLLM_PREFIX):
             continue
-        key = name[len(VLLM_PREFIX):]
+        key = KEY_ALIASES.get(name[len(VLLM_PREFIX):], name[len(VLLM_PREFIX):])
         source = f"vLLM kv_connector_extra_config[{name!r}]"
         if key in KEYS:
             _set(new, key, value, source)

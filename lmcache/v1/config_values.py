@@ -149,6 +149,30 @@ def _http_url(value: Any) -> str:
     return value.strip()
 
 
+def _mp_host(value: Any) -> str:
+    """A host name or address, optionally as tcp://HOST; "auto" as it is."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad
+    host = value.strip()
+    if host.lower() == "auto":
+        return "auto"
+    if "://" in host:
+        scheme, host = host.split("://", 1)
+        if scheme != "tcp":
+            raise _Bad
+    host = host.strip("[]")
+    if not host or not all(c.isalnum() or c in ".-_:" for c in host):
+        raise _Bad
+    return host
+
+
+def _port(value: Any) -> int:
+    port = _parse_int(value)
+    if not 0 < port < 65536:
+        raise _Bad
+    return port
+
+
 def _serde(value: Any) -> str | None:
     """naive, or null (YAML null or the string NULL/none, as production files write
     it): None, which the tiers treat as naive."""

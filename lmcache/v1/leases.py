@@ -52,11 +52,13 @@ class LeaseTable:
         release: Callable[[MemoryObj], None],
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        get_many: Callable[[list], list] | None = None,
     ):
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {ttl!r}")
         self._get = get  # the storage manager's get(): object with a reader reference, or None
         self._release = release  # ... and its release()
+        self._get_many = get_many  # several keys in one go (a prefix): one round trip to a server
         self.ttl = float(ttl)
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
@@ -87,6 +89,7 @@ class LeaseTable:
             self._sweep()
             lease = _Lease(self._clock() + self.ttl)
             later = len(keys)
+            fetched = self._fetch_ahead(keys) if resident is None else None
             for index, key in enumerate(keys):
                 entry = self._held.get(key)
                 if entry is not None:
@@ -95,7 +98,7 @@ class LeaseTable:
                     if resident is not None and not resident(key):
                         later = index
                         break
-                    obj = self._get(key)
+                    obj = self._get(key) if fetched is None else fetched.pop(key, None)
                     if obj is None:
                         break
                     if usable is not None and not usable(index, obj):
@@ -103,6 +106,8 @@ class LeaseTable:
                         break
                     self._held[key] = [obj, 1]
                 lease.keys.append(key)
+            for unused in (fetched or {}).values():
+                self._release(unused)
             old = self._leases.pop(lease_id, None)
             self._leases[lease_id] = lease
             if old is not None:
@@ -112,6 +117,13 @@ class LeaseTable:
                 return len(lease.keys)
             self._prefetch(lease_id, lease, keys, later, usable)
             return len(keys)
+
+    def _fetch_ahead(self, keys: list[CacheEngineKey]) -> dict | None:
+        """The keys not held yet, read in one call where the storage can (a prefix of them)."""
+        if self._get_many is None:
+            return None
+        need = [key for key in keys if key not in self._held]
+        return dict(zip(need, self._get_many(need))) if need else {}
 
     def wait(self, lease_id: str, timeout: float | None = None) -> bool:
         """Wait until the lease's prefetch is done (True at once for other leases and

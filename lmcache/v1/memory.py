@@ -137,6 +137,10 @@ class HostMemoryPool:
     def free_bytes(self) -> int:
         return self.budget_bytes - self._used
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether an object of `nbytes` could be allocated now."""
+        return self.free_bytes >= nbytes
+
     def _should_pin(self) -> bool:
         if self._pin is None:
             self._pin = current_platform().pin_available

@@ -19,6 +19,9 @@ Steps:
   {"op": "kill", "pid": P}                       SIGKILL a process (a Redis server)
   {"op": "remove_files", "dir": D}               delete every file in D (a disk tier's chunks)
   {"op": "copy_files", "src": S, "dir": D}       copy every file of S into D (put them back)
+  {"op": "start_process", "argv": [...], "log": L, "pid_file": F, "port": P}
+                                                 start a process of its own (an lmcache server)
+                                                 and wait until it accepts connections on P
 """
 
 from __future__ import annotations
@@ -149,6 +152,24 @@ def run_generate(llm, step: dict, with_lmcache: bool, loras: dict | None = None)
     return result
 
 
+def start_process(step: dict) -> dict:
+    import socket
+    import subprocess
+
+    with open(step["log"], "ab") as log:
+        proc = subprocess.Popen(step["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(step["pid_file"], "w") as f:
+        f.write(str(proc.pid))
+    deadline = time.monotonic() + step.get("timeout", 60)
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", int(step["port"])), timeout=0.5).close()
+            return {"pid": proc.pid}
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{step['argv']} did not listen on port {step['port']} (log {step['log']})")
+
+
 def main(spec_path: str, out_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -186,6 +207,8 @@ def main(spec_path: str, out_path: str) -> int:
             for file_name in names:
                 shutil.copyfile(os.path.join(step["src"], file_name), os.path.join(step["dir"], file_name))
             results["steps"][name] = {"copied": len(names)}
+        elif op == "start_process":
+            results["steps"][name] = start_process(step)
         else:
             raise ValueError(f"unknown step op {op!r}")
         print(f"driver: {name} done", file=sys.stderr, flush=True)

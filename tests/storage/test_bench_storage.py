@@ -20,7 +20,8 @@ def test_bench_storage_reports_every_tier_against_its_baseline(tmp_path):
                          "--disk-dir", str(tmp_path))
     assert result["bench"] == "storage" and isinstance(result["targets_met"], bool)
     for ratio in ("cpu_put_vs_memcpy", "cpu_get_vs_memcpy", "disk_put_vs_raw_write", "disk_get_vs_raw_read",
-                  "redis_put_vs_raw_set", "redis_get_vs_raw_get", "lm_put_vs_socket_send", "lm_get_vs_socket_recv"):
+                  "redis_put_vs_raw_set", "redis_get_vs_raw_get", "lm_put_vs_socket_send", "lm_get_vs_socket_recv",
+                  "server_put_vs_in_process_put", "server_get_vs_in_process_get"):
         assert result[ratio] > 0, ratio
     assert "raw_read" in text and list(tmp_path.iterdir()) == []  # its files are cleaned up
 

@@ -3,13 +3,14 @@
 
 vLLM maps that flag pair to kv_connector="LMCacheMPConnector" with kv_role "kv_both",
 and its connector module prefers this class over its built-in one. It is our
-`LMCacheConnectorV1Dynamic` (same engine, async saving, stats) running inside vLLM's
-own processes, NOT upstream's separate LMCache server: the host-memory tier is
-N GiB per worker (vLLM does not forward N for this backend; it is read from vLLM's
-cache config, see `lmcache.integration.vllm.utils.offloading_overrides`), and every
-other setting comes from the usual sources (LMCACHE_CONFIG_FILE, LMCACHE_* env vars,
-"lmcache.*" keys of kv_connector_extra_config). Upstream's `lmcache.mp.*` keys
-(server host/port) have no meaning here and are ignored.
+`LMCacheConnectorV1Dynamic` (same engine, async saving, stats). Its host tier is the
+node's shared `lmcache server` (docs/server.md) at `lmcache.mp.host`/`lmcache.mp.port`
+when those are given, or when a server answers at 127.0.0.1:5555 (lmcache.mp.port);
+otherwise it lives in vLLM's own processes, N GiB per worker (vLLM does not forward N
+for this backend; it is read from vLLM's cache config, see
+`lmcache.integration.vllm.utils.offloading_overrides`). The worker says which in one
+start-up line. Every other setting comes from the usual sources (LMCACHE_CONFIG_FILE,
+LMCACHE_* env vars, "lmcache.*" keys of kv_connector_extra_config).
 """
 
 from __future__ import annotations

@@ -68,7 +68,18 @@ def lmcache_config_from_vllm(vllm_config):
             logger.info("LMCache: host tier %s GiB from %s replaces %s GiB from %s",
                         overrides["max_local_cpu_size"], source, config.max_local_cpu_size, earlier)
         config = apply_overrides(config, overrides, source=source)
+    if config.mp_host is None and _connector_name(vllm_config) == MP_CONNECTOR:
+        # upstream's MP connector means "the node's lmcache server": use it when one answers
+        # (lmcache.v1.mp.storage_choice says which in one start-up line)
+        config = apply_overrides(config, {"mp_host": "auto"}, source=f"kv_connector={MP_CONNECTOR}")
     return config
+
+
+MP_CONNECTOR = "LMCacheMPConnector"
+
+
+def _connector_name(vllm_config) -> str | None:
+    return getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_connector", None)
 
 
 def offloading_overrides(vllm_config) -> dict:

@@ -2,10 +2,10 @@
 multi-process adapter, so that the module imports with this package installed.
 
 vLLM then prefers our `lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector`,
-which runs LMCache in vLLM's own processes. Upstream's separate LMCache server
-(`tcp://host:5555`, what vLLM's built-in `LMCacheMPConnectorUpstream` talks to, chosen
-with LMCACHE_USE_UPSTREAM_MP=1) is not part of this package: its adapters refuse to
-start with a message saying what to do instead.
+which uses this package's own `lmcache server` (its own versioned protocol, docs/server.md).
+Upstream's wire protocol (what vLLM's built-in `LMCacheMPConnectorUpstream` speaks, chosen
+with LMCACHE_USE_UPSTREAM_MP=1) is not spoken here: its adapters refuse to start with a
+message saying what to do instead.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ UNSUPPORTED = (
     "upstream LMCache's multi-process server mode (vLLM's LMCacheMPConnectorUpstream, "
     "selected by LMCACHE_USE_UPSTREAM_MP) is not provided by this lmcache package. "
     "Unset LMCACHE_USE_UPSTREAM_MP: vLLM then uses lmcache.integration.vllm.lmcache_mp_connector."
-    "LMCacheMPConnector, which runs LMCache inside vLLM's processes (see docs/vllm.md). "
-    "To share KV between vLLM instances, give them a common remote_url (lm:// or redis://)."
+    "LMCacheMPConnector, whose host tier is this package's own `lmcache server` at lmcache.mp.host/"
+    "lmcache.mp.port (docs/server.md), or vLLM's own processes when no server answers."
 )
 
 

@@ -35,6 +35,8 @@ from lmcache.v1.token_database import CacheEngineKey
 
 logger = logging.getLogger(__name__)
 
+ALREADY_HELD = "already held"  # reserve(): the chunk is cached already (nothing to store)
+
 
 class StorageManager:
     def __init__(self, config: LMCacheEngineConfig, stats: EngineStats | None = None, pool: HostMemoryPool | None = None):
@@ -88,7 +90,7 @@ class StorageManager:
         obj = self.pool.allocate(shape, dtype, fmt)
         if obj is None and self.cpu is not None:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            self.cpu.evict_until(lambda: self.pool.free_bytes >= nbytes)
+            self.cpu.evict_until(lambda: self.pool.fits(nbytes))
             obj = self.pool.allocate(shape, dtype, fmt)
         if obj is None and not self._no_memory_logged:
             self._no_memory_logged = True
@@ -97,6 +99,21 @@ class StorageManager:
                 "stores and loads beyond it are skipped", self.config.max_local_cpu_size
             )
         return obj
+
+    def reserve(self, keys: list[CacheEngineKey], shapes: list, dtype: torch.dtype,
+                fmt: MemoryFormat) -> list:
+        """For each key to store: ALREADY_HELD, or a buffer to fill and put(); the list
+        ends early where memory ran out."""
+        out: list = []
+        for key, shape in zip(keys, shapes):
+            if self.contains_local(key):
+                out.append(ALREADY_HELD)
+                continue
+            obj = self.allocate(shape, dtype, fmt)
+            if obj is None:
+                break
+            out.append(obj)
+        return out
 
     # -- lookup -------------------------------------------------------------
     def contains_local(self, key: CacheEngineKey) -> bool:
@@ -109,6 +126,11 @@ class StorageManager:
         with self._lock:
             transient = len(self._transient)
         return {"cpu_tier": self.cpu.pinned_count() if self.cpu is not None else 0, "transient": transient}
+
+    @property
+    def reads_lower_tiers_here(self) -> bool:
+        """Whether a get() may read the disk or remote tier in this process (prefetch helps)."""
+        return self.disk is not None or self.remote is not None
 
     def in_host_memory(self, key: CacheEngineKey) -> bool:
         return self.cpu is not None and self.cpu.contains(key)

@@ -1,0 +1,101 @@
+"""`bench storage --tiers server`: the host tier through a real `lmcache server` process
+next to the in-process host tier, in the same run (interleaved rounds).
+
+  put  allocate a slot, copy the chunk in, commit (in process: pool buffer, copy, LRU insert);
+       the round ends with a round trip, so the server holds every chunk
+  get  a hit: look the prefix up, pin every chunk (one round trip), copy it out, unpin
+       (in process: look up, hold, copy out, release)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from lmcache.testing.processes import wait_until
+from lmcache.bench.workload_services import free_port
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.memory import MemoryFormat
+from lmcache.v1.storage_backend.stats import EngineStats
+from lmcache.v1.storage_backend.storage_manager import ALREADY_HELD, StorageManager
+from lmcache.v1.token_database import CacheEngineKey
+
+
+def _key(i: int, round_: int = 0) -> CacheEngineKey:
+    return CacheEngineKey("bench/llama-3.1-8b", 1, 0, f"{round_:08x}{i:024x}", "server", "kv.L32.H8.D128")
+
+
+def start_server(l1_gb: float) -> tuple[subprocess.Popen, int, str]:
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="lmcache-bench-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "lmcache", "server", "--port", str(port), "--l1-size-gb",
+                             f"{l1_gb:.4f}", "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def up() -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return proc.poll() is not None
+
+    if not wait_until(up, 60) or proc.poll() is not None:
+        proc.kill()
+        raise SystemExit(f"lmcache server did not start; log {log.name}")
+    return proc, port, log.name
+
+
+def bench_server(sources, shape, dtype, repeat, interleaved) -> dict[str, float]:
+    from lmcache.v1.mp.client_storage import ServerStorage
+
+    nbytes = sources[0].nbytes
+    budget_gb = (3 * len(sources) + 1) * nbytes / 1024**3
+    proc, port, _ = start_server(budget_gb)
+    config = LMCacheEngineConfig.from_defaults(max_local_cpu_size=budget_gb, remote_timeout=30.0)
+    local = StorageManager(config)
+    remote = ServerStorage(config, EngineStats(), "127.0.0.1", port)
+    keys = [_key(i) for i in range(len(sources))]
+    dsts = [src.clone() for src in sources]
+    rounds = iter(range(1, 1 << 30))
+
+    def putter(storage, fresh_keys: bool):
+        def put():
+            # new chunks each round: the in-process tier is cleared before its round, the
+            # server's cannot be (its LRU evicts the older rounds' chunks instead)
+            round_keys = [_key(i, next(rounds)) for i in range(len(sources))] if fresh_keys else keys
+            objs = storage.reserve(round_keys, [shape] * len(keys), dtype, MemoryFormat.KV_2LTD)
+            assert len(objs) == len(keys) and ALREADY_HELD not in objs, "no room for a chunk"
+            for key, src, obj in zip(round_keys, sources, objs):
+                obj.tensor.copy_(src)
+                storage.put(key, obj)
+            storage.flush()
+        return put
+
+    def getter(storage):
+        def get():
+            assert storage.lookup_prefix(keys) == len(keys)
+            objs = storage.get_many(keys) if hasattr(storage, "get_many") else [storage.get(k) for k in keys]
+            assert len(objs) == len(keys), "a chunk went missing during the benchmark"
+            for obj, dst in zip(objs, dsts):
+                dst.copy_(obj.tensor)
+                storage.release(obj)
+        return get
+
+    try:
+        putter(local, False)()
+        putter(remote, False)()
+        return interleaved({
+            "in_process_put": (local.cpu.clear, putter(local, False)),
+            "server_put": (lambda: None, putter(remote, True)),
+            "in_process_get": (lambda: None, getter(local)),
+            "server_get": (lambda: None, getter(remote)),
+        }, repeat)
+    finally:
+        remote.close()
+        local.close()
+        proc.terminate()
+        proc.wait(20)
