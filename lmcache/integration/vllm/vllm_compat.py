@@ -69,14 +69,17 @@ CacheHitSource = _VLLM_CACHE_HIT_SOURCE or _StandInCacheHitSource
 
 # vLLM's own KV event media names: "CPU", and "STORAGE" (0.27+) for the disk and remote
 # tiers; vLLM 0.26 had "FS" and "OBJ" instead of "STORAGE".
-_kv_events = _optional("vllm.distributed.kv_events")
-MEDIUM_CPU = getattr(_kv_events, "MEDIUM_CPU", "CPU")
-_MEDIUM_STORAGE = getattr(_kv_events, "MEDIUM_STORAGE", None)
-MEDIA: dict[str, tuple[str, str]] = {
-    "cpu": (MEDIUM_CPU, "LOCAL"),
-    "disk": (_MEDIUM_STORAGE or getattr(_kv_events, "MEDIUM_FS", "FS"), "LOCAL"),
-    "remote": (_MEDIUM_STORAGE or getattr(_kv_events, "MEDIUM_OBJ", "OBJ"), "REMOTE"),
-}
+def media_of(kv_events) -> dict[str, tuple[str, str]]:
+    """(medium, locality) per LMCache tier, in the names `kv_events` (vLLM's module) has."""
+    storage = getattr(kv_events, "MEDIUM_STORAGE", None)
+    return {
+        "cpu": (getattr(kv_events, "MEDIUM_CPU", "CPU"), "LOCAL"),
+        "disk": (storage or getattr(kv_events, "MEDIUM_FS", "FS"), "LOCAL"),
+        "remote": (storage or getattr(kv_events, "MEDIUM_OBJ", "OBJ"), "REMOTE"),
+    }
+
+
+MEDIA = media_of(_optional("vllm.distributed.kv_events"))
 
 # vLLM 0.34+: how a connector reaches the device KV cache (None before).
 KVCacheAccess = _optional("vllm.config.kv_transfer", "KVCacheAccess")
