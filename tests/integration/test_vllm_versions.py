@@ -410,3 +410,25 @@ def test_a_resumed_request_arrives_in_full_in_scheduled_new_reqs_on_034():
     # then it runs on as a cached request of 0.34's shape, extending that new table
     (meta,) = p.build(_step034(cached=[("r", [48, 49], 1024)], scheduled={"r": 256}))
     assert meta.save.slot_mapping[1024:1280].tolist() == expected_slots(fresh + [48, 49], range(1024, 1280))
+
+
+# -- python -m lmcache doctor ----------------------------------------------------------------
+
+def test_the_doctor_says_the_range_and_what_each_connector_cannot_do():
+    from lmcache.doctor import vllm_setup
+    from lmcache.doctor.report import FAIL, OK, WARN
+
+    assert vllm_setup.range_finding("0.27.1").status == OK
+    below = vllm_setup.range_finding("0.25.0")
+    assert below.status == FAIL and "refuses to start" in below.fact and "0.26.0" in below.fix
+    assert vllm_setup.range_finding("0.35.0").status == WARN
+    reply = {"name": "features", "version": "0.26.0",
+             "missing": {k: [[f.key, f.lost, f.since, f.without] for f in NO_FEATURES.missing(k)]
+                         for k in vllm_compat.KINDS}}
+    ours, wrapper = vllm_setup.findings_from([reply])
+    assert ours.check == "vllm.features.lmcache" and "pending_block_frees (vLLM 0.30+): " in ours.fact
+    assert wrapper.check == "vllm.features.LMCacheConnectorV1"
+    assert "cannot do here: sleep_hooks (vLLM 0.33+)" in wrapper.fact and "wrapper_binds_metadata: " in wrapper.fact
+    # the child process's own answer, on the installed vLLM
+    (installed,) = [r for r in vllm_setup._resolve_here() if r["name"] == "features"]
+    assert installed["version"] == vllm_compat.features().version

@@ -54,7 +54,10 @@ def _optional(module: str, name: str | None = None) -> Any:
     return mod if name is None else getattr(mod, name, None)
 
 
-# -- symbols with a stand-in where vLLM lacks them (resolved at import) -----------------
+# -- symbols with a stand-in where vLLM lacks them --------------------------------------
+# `CacheHitSource`, `MEDIA` and `KVCacheAccess` are looked up on first use (module
+# __getattr__), so that importing this module imports no vLLM (the doctor reads the
+# supported range without starting vLLM).
 
 class _StandInCacheHitSource(str, enum.Enum):
     """vLLM's CacheHitSource members we use (vLLM before 0.32 has none; never reported there)."""
@@ -64,13 +67,10 @@ class _StandInCacheHitSource(str, enum.Enum):
     EXTERNAL_UNSPECIFIED = "external_unspecified"
 
 
-_VLLM_CACHE_HIT_SOURCE = _optional("vllm.v1.metrics.cache_hit_source", "CacheHitSource")
-CacheHitSource = _VLLM_CACHE_HIT_SOURCE or _StandInCacheHitSource
-
-# vLLM's own KV event media names: "CPU", and "STORAGE" (0.27+) for the disk and remote
-# tiers; vLLM 0.26 had "FS" and "OBJ" instead of "STORAGE".
 def media_of(kv_events) -> dict[str, tuple[str, str]]:
-    """(medium, locality) per LMCache tier, in the names `kv_events` (vLLM's module) has."""
+    """(medium, locality) per LMCache tier, in the names `kv_events` (vLLM's module) has:
+    "CPU", and "STORAGE" (0.27+) for the disk and remote tiers; vLLM 0.26 had "FS" and
+    "OBJ" instead of "STORAGE"."""
     storage = getattr(kv_events, "MEDIUM_STORAGE", None)
     return {
         "cpu": (getattr(kv_events, "MEDIUM_CPU", "CPU"), "LOCAL"),
@@ -79,10 +79,22 @@ def media_of(kv_events) -> dict[str, tuple[str, str]]:
     }
 
 
-MEDIA = media_of(_optional("vllm.distributed.kv_events"))
+_LAZY = {
+    # vLLM 0.32+'s enum, or the stand-in
+    "CacheHitSource": lambda: _optional("vllm.v1.metrics.cache_hit_source", "CacheHitSource")
+    or _StandInCacheHitSource,
+    "MEDIA": lambda: media_of(_optional("vllm.distributed.kv_events")),
+    # vLLM 0.34+: how a connector reaches the device KV cache (None before)
+    "KVCacheAccess": lambda: _optional("vllm.config.kv_transfer", "KVCacheAccess"),
+}
 
-# vLLM 0.34+: how a connector reaches the device KV cache (None before).
-KVCacheAccess = _optional("vllm.config.kv_transfer", "KVCacheAccess")
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = _LAZY[name]()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- features -------------------------------------------------------------------------
@@ -116,8 +128,8 @@ class VllmFeatures:
             Feature("hit_sources", self.hit_sources, "0.32", (OURS,),
                     "no per-tier hit labels (vLLM's prompt_tokens_cached_by_source metric is newer)"),
             Feature("medium_storage", self.medium_storage, "0.27", (OURS,),
-                    f"KV events name the disk/remote tiers {MEDIA['disk'][0]!r}/{MEDIA['remote'][0]!r} "
-                    "(this vLLM's media names), not 'STORAGE'"),
+                    "KV events name the disk/remote tiers 'FS'/'OBJ' (this vLLM's media names), "
+                    "not 'STORAGE'"),
             Feature("stats_to_dict", self.stats_to_dict, "0.30", (WRAPPER,),
                     "stats payloads read from KVConnectorStats.data, as this vLLM ships them", lost=False),
             Feature("pending_block_frees", self.pending_block_frees, "0.30", (OURS,),
@@ -299,4 +311,5 @@ def stats_payload(stats) -> dict:
 def in_process_kv_cache_access():
     """KVCacheAccess.IN_PROCESS (vLLM 0.34+): our connector copies with torch ops in the
     worker's own process. None where vLLM has no such notion (it never asks there)."""
-    return None if KVCacheAccess is None else KVCacheAccess.IN_PROCESS
+    access = __getattr__("KVCacheAccess")
+    return None if access is None else access.IN_PROCESS
