@@ -26,9 +26,11 @@ esac
 run_pytest() {  # venv dir, pytest arguments...
   local venv=$1 rc
   shift
-  echo "[test] $venv: $("$venv/bin/python" -c 'import vllm; print("vllm", vllm.__version__)' 2>/dev/null)"
   set +e
-  "$venv/bin/python" -m pytest "$@"
+  # activated: scripts the tests start (python3, vllm serve) must find this venv's Python
+  ( . "$venv/bin/activate"
+    echo "[test] $venv: $(python -c 'import vllm; print("vllm", vllm.__version__)' 2>/dev/null)"
+    python -m pytest "$@" )
   rc=$?
   set -e
   if [ "$rc" = "5" ]; then

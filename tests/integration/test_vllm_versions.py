@@ -432,3 +432,19 @@ def test_the_doctor_says_the_range_and_what_each_connector_cannot_do():
     # the child process's own answer, on the installed vLLM
     (installed,) = [r for r in vllm_setup._resolve_here() if r["name"] == "features"]
     assert installed["version"] == vllm_compat.features().version
+
+
+def test_the_offloading_fallback_names_the_real_cause(monkeypatch):
+    """vLLM falls back to its built-in LMCacheMPConnectorUpstream (which builds these stub
+    adapters) when our LMCacheMPConnector does not import: say why, not "unset a variable"."""
+    from lmcache.integration.vllm import vllm_multi_process_adapter as stubs
+
+    monkeypatch.delenv("LMCACHE_USE_UPSTREAM_MP", raising=False)
+    assert stubs._why_not_ours() is None  # here it imports: vLLM never falls back
+    monkeypatch.setattr(stubs, "_why_not_ours", lambda: "UnsupportedVllmError: LMCache supports vLLM 0.26.0 ...")
+    with pytest.raises(RuntimeError, match="fell back to its built-in LMCacheMPConnectorUpstream because .* "
+                                           "did not import \\(UnsupportedVllmError"):
+        stubs.LMCacheMPSchedulerAdapter()
+    monkeypatch.setenv("LMCACHE_USE_UPSTREAM_MP", "1")
+    with pytest.raises(RuntimeError, match="Unset LMCACHE_USE_UPSTREAM_MP"):
+        stubs.LMCacheMPWorkerAdapter()
