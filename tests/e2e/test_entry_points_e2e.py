@@ -85,6 +85,7 @@ def offload(tiny_llama, prompts, workdir):
     return run_engine(spec, workdir, "offload")["steps"]
 
 
+@pytest.mark.e2e_core
 def test_offloading_backend_flag_runs_our_connector_with_that_host_tier(offload):
     (stats,) = offload["stats"]
     assert stats["host_tier_gb"] == 1.0  # kv_offloading_size, which vLLM does not forward
@@ -93,6 +94,7 @@ def test_offloading_backend_flag_runs_our_connector_with_that_host_tier(offload)
     assert_identical_outputs(offload["vllm_hit"], offload["hit"])
 
 
+@pytest.mark.e2e_core
 def test_offloading_comparison_catches_corrupted_kv(offload):
     assert_caught(offload["vllm_hit"], offload["hit_corrupted"])
 

@@ -121,6 +121,7 @@ def loaded(step) -> int:
     return step["loaded_tokens"][0]
 
 
+@pytest.mark.e2e_core
 def test_same_prompt_twice_loads_from_lmcache_and_matches(baseline, wrapper):
     assert loaded(wrapper["p1_cold"]) == 0
     assert loaded(wrapper["p1_vllm_hit"]) == 0  # vLLM's own prefix cache served it
@@ -130,6 +131,19 @@ def test_same_prompt_twice_loads_from_lmcache_and_matches(baseline, wrapper):
     assert_identical_outputs(wrapper["p1_vllm_hit"], wrapper["p1_hit"])
 
 
+def lease_figures(stats_of_ranks) -> list[tuple[int, int, int]]:
+    return [(s["leases"]["active"], s["leases"]["held_chunks"], s["leases"]["expired"]) for s in stats_of_ranks]
+
+
+@pytest.mark.e2e_core
+def test_no_lookup_lease_outlives_its_request_with_either_connector_name(wrapper, writer):
+    # vLLM 0.26/0.27's LMCacheConnectorV1 does not forward bind_connector_metadata, where
+    # released leases reach the workers: they must be released all the same (by the step)
+    assert lease_figures(wrapper["long_again"]["stats"]) == [(0, 0, 0)]
+    assert lease_figures(writer["stats"]) == [(0, 0, 0)]
+
+
+@pytest.mark.e2e_core
 def test_corrupted_loaded_kv_is_caught_by_the_comparisons(baseline, wrapper):
     step = wrapper["p1_corrupted"]
     assert loaded(step) == 768
@@ -237,6 +251,7 @@ def redis_reader(tiny_llama, prompts, workdir, writer, redis):
     return run_engine(spec, workdir, "redis_reader")["steps"]
 
 
+@pytest.mark.e2e_core
 def test_short_name_lmcache_with_async_saving(baseline, writer):
     assert loaded(writer["p3_cold"]) == 0
     assert loaded(writer["p3_hit"]) == 768
@@ -249,6 +264,7 @@ def test_short_name_lmcache_with_async_saving(baseline, writer):
     assert stats["adapter"]["held_requests_released"] == 2  # warmup and p3_cold saved
 
 
+@pytest.mark.e2e_core
 def test_second_process_hits_the_disk_tier_with_an_async_load(writer, disk_reader):
     step = disk_reader["p3"]
     assert loaded(step) == 768
@@ -259,6 +275,7 @@ def test_second_process_hits_the_disk_tier_with_an_async_load(writer, disk_reade
     assert stats["leases"]["prefetched"] == 3  # the lookup started reading p3's 3 chunks
 
 
+@pytest.mark.e2e_core
 def test_an_async_load_whose_chunks_vanished_is_recomputed(baseline, disk_reader):
     assert disk_reader["files_gone"]["removed"] > 0
     step = disk_reader["warmup_files_gone"]

@@ -23,12 +23,12 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash  # noqa: E402
-from vllm.v1.metrics.cache_hit_source import CacheHitSource  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic  # noqa: E402
+from lmcache.integration.vllm.vllm_compat import CacheHitSource, stats_payload  # noqa: E402
 from lmcache.integration.vllm.utils import ENGINE_NAME  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from tests.connector import kv_layouts as kl  # noqa: E402
@@ -92,7 +92,7 @@ class GaudiRun:
     def take(self):
         stats = self.scheduler.get_kv_connector_stats()
         # what vLLM ships to the API-server process and rebuilds there
-        wire = msgspec.msgpack.decode(msgspec.msgpack.encode(stats.to_dict()))
+        wire = msgspec.msgpack.decode(msgspec.msgpack.encode(stats_payload(stats)))
         return LMCacheConnectorV1Dynamic.build_kv_connector_stats(wire), list(self.scheduler.take_events())
 
     def close(self):
@@ -180,7 +180,7 @@ def test_prometheus_series_from_the_payload(run):
     for rid in ("a", "b"):
         run.serve(make_request(rid, prompt(6)))
         stats, _ = run.take()
-        prom.observe(stats.to_dict(), 0)
+        prom.observe(stats_payload(stats), 0)
     assert registry.get_sample_value("lmcache:num_lookup_hits_total", labels) == 64
     assert registry.get_sample_value("lmcache:num_stored_tokens_total", labels) == 64
     assert registry.get_sample_value("lmcache:num_hit_tokens_total", labels) == 64

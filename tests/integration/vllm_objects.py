@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from vllm import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.request import Request
@@ -30,7 +32,10 @@ def step(new=(), cached=(), *, scheduled: dict[str, int], finished=(), resumed=(
         num_computed_tokens=[c[2] for c in cached],
         num_output_tokens=[0 for _ in cached],
     )
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    older = {"num_common_prefix_blocks": [0]} if "num_common_prefix_blocks" in fields else {}  # vLLM 0.26/0.27
     return SchedulerOutput(
+        **older,
         scheduled_new_reqs=list(new),
         scheduled_cached_reqs=cached_data,
         num_scheduled_tokens=dict(scheduled),

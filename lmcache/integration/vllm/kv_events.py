@@ -16,7 +16,7 @@ stores its own shard: a chunk is announced when every rank holds it and removed
 when the first rank loses it, so a router never sees one chunk twice.
 
 Media as vLLM names them: the CPU tier is "CPU"; the disk and remote tiers are
-"STORAGE", with locality "LOCAL" and "REMOTE". A block of a LoRA, media or salted
+"STORAGE" (vLLM 0.26: "FS" and "OBJ"), with locality "LOCAL" and "REMOTE". A block of a LoRA, media or salted
 request carries what vLLM's own events carry: `lora_name` (and `lora_id`) and its
 per-block `extra_keys` (request_keys.py; `extra_keys` only where vLLM's BlockStored
 has the field).
@@ -28,15 +28,16 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored
+from vllm.distributed.kv_events import BlockRemoved, BlockStored
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from lmcache.integration.vllm.request_keys import Uncacheable, kv_event_extra_keys_supported, request_keys
+from lmcache.integration.vllm.vllm_compat import MEDIA
 from lmcache.v1.token_database import chunk_hashes
 
 logger = logging.getLogger(__name__)
 
-TIER_MEDIA = {"cpu": (MEDIUM_CPU, "LOCAL"), "disk": (MEDIUM_STORAGE, "LOCAL"), "remote": (MEDIUM_STORAGE, "REMOTE")}
+TIER_MEDIA = MEDIA  # (medium, locality) per tier, in this vLLM's names (vllm_compat)
 MAX_TRACKED_CHUNKS = 65536
 
 

@@ -41,8 +41,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from lmcache.integration.vllm import vllm_compat
 from lmcache.integration.vllm.utils import ASYNC_LOAD_KEY, ASYNC_SAVE_KEY, truthy
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
 
@@ -90,7 +90,7 @@ def _async_load(vllm_config, extra: dict, role) -> bool:
 
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
-    _cache_hit_source = CacheHitSource.HOST
+    _cache_hit_source = vllm_compat.CacheHitSource.HOST
 
     # -- metrics (built by vLLM in the API-server process) ------------------------------
     @classmethod
@@ -109,6 +109,13 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         return _layerwise_in(extra_config)
 
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config):
+        """vLLM 0.34+: the workers copy with torch ops in their own process (any KV cache
+        allocation, the extensible one included). Declared, so that vLLM does not treat
+        our LMCacheMPConnector (--kv-offloading-backend lmcache) as a legacy CUDA IPC one."""
+        return vllm_compat.in_process_kv_cache_access()
+
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
@@ -123,6 +130,13 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     # -- worker side ---------------------------------------------------------
     def register_kv_caches(self, kv_caches) -> None:
         self._impl.register_kv_caches(kv_caches)
+
+    # sleep mode (vLLM 0.33+; 0.34 also around weight updates of the extensible KV cache)
+    def unregister_kv_caches(self) -> None:
+        self._impl.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        self._impl.restore_kv_caches()
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -157,6 +171,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         self._impl.shutdown()
 
     # -- scheduler side --------------------------------------------------------
+    def may_load_async(self, request) -> bool:
+        """vLLM 0.34+ (--max-num-inflight-kv-loads): whether this request's hit may need a
+        slower tier, so that vLLM queues it with the loads that can start while the batch
+        is full instead of in front of the others."""
+        return self._impl.may_load_async(request)
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         matched = self._impl.get_num_new_matched_tokens(request, num_computed_tokens)
         return matched, bool(matched) and self._impl.load_is_async(request.request_id)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
 from lmcache.integration.vllm.connector_stats import LMCacheConnectorStats
+from lmcache.integration.vllm.vllm_compat import CacheHitSource
 
 POLL_INTERVAL_S = 0.5
 BACKOFF_S = 5.0  # after a rank did not answer: the scheduler must not wait on it every step

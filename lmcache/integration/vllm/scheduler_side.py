@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 
+from lmcache.integration.vllm import vllm_compat
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.kv_events import KVEventTracker, kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
 from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys
-from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
+from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy, uncacheable_reason
 from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
 from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
 from lmcache.integration.vllm.utils import (
@@ -47,6 +48,7 @@ class SchedulerSide:
     _metrics: SchedulerMetrics | None = None
     _events: KVEventTracker | None = None
     _standalone_prom = None
+    _has_slow_tier = False
 
     def _init_scheduler(self, vllm_config, extra: dict) -> None:
         _, world_size = parallel_rank_and_size(vllm_config)
@@ -59,6 +61,8 @@ class SchedulerSide:
         self._async_requests: set[str] = set()  # looked up, and their hit needs a slow tier
         self._lookup_lease: str | None = None  # the lease id of the lookup in progress
         self._lookup_hold_from = 0  # ... and vLLM's own prefix hit (not held by the workers)
+        config = self.config
+        self._has_slow_tier = bool((config.local_disk and config.max_local_disk_size > 0) or config.remote_url)
         from lmcache.integration.vllm.prom_metrics import StandaloneProm, is_our_connector
 
         self._events = None
@@ -114,6 +118,24 @@ class SchedulerSide:
                 self._async_requests.add(request.request_id)
         return matched
 
+    def may_load_async(self, request) -> bool:
+        """Whether `request`'s hit may be loaded asynchronously (vLLM 0.34 asks when the
+        request enters its waiting queues, with --max-num-inflight-kv-loads only). Only
+        with async loads and a disk or remote tier; then a lookup without a lease says
+        whether the hit reaches past host memory (a false positive only holds other async
+        loads back until a slot frees; a false negative queues the request as before)."""
+        if not (self.async_load and self._planner.policy.load_enabled and self._has_slow_tier):
+            return False
+        if request.request_id in self._async_requests:
+            return True
+        if uncacheable_reason(request) is not None:
+            return False
+        try:
+            hit, runs = self._lookup_client.lookup_with_sources(request.all_token_ids[:int(request.num_tokens)])
+        except Exception:  # noqa: BLE001 - a guess only: the admission lookup decides
+            return False
+        return bool(hit) and needs_slow_tier(runs, 0, hit)
+
     def load_is_async(self, req_id: str) -> bool:
         """Whether the last lookup of `req_id` is loaded asynchronously (a part of the hit
         is outside host memory: the workers are reading it in the background)."""
@@ -150,7 +172,7 @@ class SchedulerSide:
         if self._standalone_prom is not None:  # vLLM's wrapper calls no stats hook
             stats = self.get_kv_connector_stats()
             if stats is not None:
-                self._standalone_prom.observe(stats.to_dict())
+                self._standalone_prom.observe(vllm_compat.stats_payload(stats))
         return LMCacheConnectorMetadata(metas, preempted, self._leases.take_released())
     # -- metrics and KV events (connector_stats.py, kv_events.py) ----------------------
     def get_kv_connector_stats(self):

@@ -10,6 +10,7 @@ message saying what to do instead.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 UNSUPPORTED = (
@@ -44,8 +45,25 @@ class LoadStoreOp:
         return len(self.block_ids)
 
 
+def _why_not_ours() -> str | None:
+    """Why vLLM could not import our LMCacheMPConnector (it then falls back to its
+    built-in upstream class, which builds these adapters), or None if it imports."""
+    try:
+        from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the cause is the message
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 class _Unsupported:
     def __init__(self, *args, **kwargs):
+        if not os.environ.get("LMCACHE_USE_UPSTREAM_MP"):
+            cause = _why_not_ours()
+            if cause is not None:
+                raise RuntimeError(
+                    "vLLM fell back to its built-in LMCacheMPConnectorUpstream because "
+                    f"lmcache.integration.vllm.lmcache_mp_connector did not import ({cause}); "
+                    "`python -m lmcache doctor` shows what the installed vLLM lacks.")
         raise RuntimeError(UNSUPPORTED)
 
 

@@ -13,6 +13,7 @@ scheduler process (role SCHEDULER) and once in every worker (role WORKER), and c
 The two halves read top to bottom in their own modules: scheduler_side.py (planning,
 lookups over the workers' sockets) and worker_side.py (the engine, one batched
 retrieve and one batched store per step; worker_saves.py, worker_layerwise.py).
+What the installed vLLM offers (hooks, symbols; 0.26 to 0.34) is asked of vllm_compat.py.
 Saves run synchronously unless `async_save=True`, loads unless `async_load=True` (our
 own connector class turns both on: stores then run on a background thread, and
 finished requests keep their blocks until their saves are done; loads that need the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+from lmcache.integration.vllm import vllm_compat
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.scheduler_side import SchedulerSide
 from lmcache.integration.vllm.utils import (
@@ -40,6 +42,7 @@ __all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1Impl"]
 class LMCacheConnectorV1Impl(SchedulerSide, WorkerSide):
     def __init__(self, vllm_config, role, parent=None, *, async_save: bool = False, async_load: bool = False):
         ensure_log_handler()
+        vllm_compat.require_supported()  # below the supported range: one clear line
         self._vllm_config = vllm_config
         self._parent = parent
         self.role = role
@@ -52,6 +55,10 @@ class LMCacheConnectorV1Impl(SchedulerSide, WorkerSide):
         self.async_load = bool(async_load) and not self.use_layerwise
         self._engine_id = engine_id_of(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
+            from lmcache.integration.vllm.prom_metrics import is_our_connector
+
+            # what this connector cannot do on the installed vLLM, once per process
+            vllm_compat.log_startup(vllm_compat.OURS if is_our_connector(parent) else vllm_compat.WRAPPER)
             self._init_scheduler(vllm_config, extra)
         else:
             self._init_worker(vllm_config)

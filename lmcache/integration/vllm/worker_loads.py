@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 
 from lmcache.integration.vllm.connector_metadata import transfer_specs
 from lmcache.integration.vllm.request_tracker import ReqMeta
@@ -72,8 +73,27 @@ class WorkerLoads:
         return done
 
     def _wait_loads(self) -> None:
+        # waits (a cancelled future counts as done); the results are read by the next _finished_loads
+        wait_futures([future for _, future in self._loads_in_flight])
+
+    def _abandon_async_loads(self) -> None:
+        """Sleep mode: the parked requests' blocks are about to lose their contents. Loads
+        not started are cancelled, running ones awaited; every parked request is then
+        reported done at the next get_finished with all its positions as load errors, so
+        that vLLM recomputes them (and frees the blocks of those it aborted)."""
+        if not self._loads_in_flight:
+            return
         for _, future in self._loads_in_flight:
-            future.exception()  # waits; the result is read by the next _finished_loads
+            future.cancel()
+        self._wait_loads()
+        abandoned = []
+        for loads, _ in self._loads_in_flight:
+            nothing: Future = Future()
+            nothing.set_result([r.load_from for r in loads])
+            abandoned.append((loads, nothing))
+        self._loads_in_flight = abandoned
+        logger.info("LMCache: %d parked load(s) stopped for sleep mode; vLLM recomputes them",
+                    sum(len(loads) for loads, _ in abandoned))
 
     def _stop_load_pool(self) -> None:
         if self._load_pool is not None:

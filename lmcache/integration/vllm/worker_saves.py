@@ -46,6 +46,9 @@ class WorkerSaves:
         saves = md.saves
         if not saves:
             return
+        if getattr(self, "_kv_asleep", None) is not None:  # asleep: nothing may touch the KV cache
+            logger.warning("LMCache: %d save(s) skipped: the KV cache is unregistered (sleep mode)", len(saves))
+            return
         if self._save_pool is None:
             self._store(saves)
             return

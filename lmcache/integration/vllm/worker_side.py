@@ -19,6 +19,7 @@ import atexit
 import logging
 import os
 import threading
+import weakref
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -81,7 +82,10 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
         self.gpu_connector = None
         self._rank, self._world_size = parallel_rank_and_size(vllm_config)
         self._metadata: LMCacheConnectorMetadata | None = None
+        self._step_metadata: LMCacheConnectorMetadata | None = None  # the step _begin_step ran for
         self._load_errors: set[int] = set()
+        self._kv_caches: dict[str, Any] | None = None  # what vLLM registered (None while asleep)
+        self._kv_asleep: dict[str, Any] | None = None  # weak references to it while asleep
         self._engine_lock = threading.RLock()
         self._lookup_server: LookupServer | None = None
         self._runner_reads_load_errors = True  # vllm-gaudi never calls get_block_ids_with_load_errors
@@ -118,6 +122,7 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
             self._wait_saves()
             self._wait_loads()
         backend = attention_backend_name(self._vllm_config, layer_names)
+        self._kv_caches, self._kv_asleep = dict(kv_caches), None
         with self._engine_lock:
             self.gpu_connector = create_gpu_connector(
                 kv_caches, use_layerwise=self.use_layerwise, attn_backend=backend, platform=current_platform(),
@@ -186,6 +191,42 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
             model_identity=model_identity(self._vllm_config),  # revision, weights, quantization, ...
         )
 
+    # -- sleep mode (vLLM 0.33+; 0.34 also around weight updates) ----------------
+    def unregister_kv_caches(self) -> None:
+        """vLLM is about to release the KV cache's memory. Queued saves finish first
+        (they read blocks that are still valid now); parked loads are stopped, or awaited
+        if already running, and reported at the next step as done with every position a
+        load error (their blocks lose their contents: vLLM recomputes them); then no
+        reference to a device tensor is left (weak ones, to take them back on wake-up).
+        Idempotent."""
+        if self._kv_asleep is not None or self._kv_caches is None:
+            return
+        self._wait_saves()
+        self._abandon_async_loads()
+        with self._engine_lock:
+            self._kv_asleep = {name: _weak(kv) for name, kv in self._kv_caches.items()}
+            self._kv_caches = None
+            self._reset_layerwise_step()
+            self.gpu_connector = None
+            if self.engine is not None:
+                self.engine.gpu_connector = None  # store/retrieve refuse until restore
+        logger.info("LMCache worker %d: KV caches unregistered (sleep mode): saves finished, parked loads "
+                    "stopped, no device tensor held", self._rank)
+
+    def restore_kv_caches(self) -> None:
+        """vLLM woke up: take the KV cache tensors back (the same tensors, their memory
+        mapped again) through the re-registration path. Idempotent."""
+        asleep = self._kv_asleep
+        if asleep is None:
+            return
+        caches = {name: _resolve(ref) for name, ref in asleep.items()}
+        gone = [name for name, kv in caches.items() if kv is None]
+        if gone:
+            logger.warning("LMCache worker %d: vLLM woke up with new KV cache tensors it did not hand over "
+                           "(%d layers); LMCache stays off until register_kv_caches", self._rank, len(gone))
+            return
+        self.register_kv_caches(caches)
+
     # -- the lookup server's handlers (background thread) ----------------------
     def _lookup(self, tokens, lease_id: str | None = None, hold_from: int = 0, prefetch: bool = False,
                 key_material=None) -> int:
@@ -246,6 +287,16 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
     # -- each step ----------------------------------------------------------------
     def bind_connector_metadata(self, metadata: LMCacheConnectorMetadata) -> None:
         self._metadata = metadata
+        self._begin_step(metadata)
+
+    def _begin_step(self, metadata) -> None:
+        """What each step's metadata brings, once per step: lookup leases the scheduler
+        released, and the per-step resets. Run by bind_connector_metadata, or, where vLLM's
+        LMCacheConnectorV1 wrapper does not forward that hook (vLLM 0.26 to 0.28,
+        vllm_compat "wrapper_binds_metadata"), by the first hook that reads the step's
+        metadata from the wrapper (`_bound`; start_load_kv runs every step), so that no
+        chunk stays pinned past the step that releases it on any vLLM."""
+        self._step_metadata = metadata
         self._reset_layerwise_step()
         # Load errors belong to the step that made them: the runner reads them after that
         # step's loads or never (vllm-gaudi); a later step must not report them against
@@ -267,7 +318,11 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
                 md = self._parent._get_connector_metadata()
             except AssertionError:
                 md = None
-        return md if isinstance(md, LMCacheConnectorMetadata) else None
+        if not isinstance(md, LMCacheConnectorMetadata):
+            return None
+        if md is not self._step_metadata:  # bound by a wrapper that did not tell us
+            self._begin_step(md)
+        return md
 
     def start_load_kv(self, forward_context=None, **kwargs) -> None:
         md = self._bound()
@@ -275,6 +330,11 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
             return
         loads = md.loads
         if not loads:
+            return
+        if self._kv_asleep is not None:  # asleep: nothing may touch the KV cache
+            logger.warning("LMCache: %d load(s) asked for while the KV cache is unregistered (sleep "
+                           "mode); vLLM recomputes them", len(loads))
+            self._account_loads(loads, [r.load_from for r in loads])
             return
         if self.use_layerwise:
             self._start_layerwise_loads(loads)
@@ -363,3 +423,18 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
                 self.engine.flush(10.0)
             except Exception:  # noqa: BLE001 - best effort at exit
                 logger.warning("LMCache: queued writes not finished at shutdown", exc_info=True)
+
+
+def _weak(kv):
+    """A weak reference to one layer's cache (a tensor, or vllm-gaudi's (K, V) tuple)."""
+    if isinstance(kv, (tuple, list)):
+        return type(kv), [weakref.ref(t) for t in kv]
+    return None, weakref.ref(kv)
+
+
+def _resolve(ref):
+    kind, refs = ref
+    if kind is None:
+        return refs()
+    tensors = [r() for r in refs]
+    return None if any(t is None for t in tensors) else kind(tensors)
