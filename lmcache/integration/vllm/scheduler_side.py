@@ -13,7 +13,7 @@ from lmcache.integration.vllm import vllm_compat
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.kv_events import KVEventTracker, kv_events_enabled
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address
-from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys
+from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys, request_keys
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy, uncacheable_reason
 from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
 from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
@@ -130,8 +130,12 @@ class SchedulerSide:
             return True
         if uncacheable_reason(request) is not None:
             return False
+        tokens = request.all_token_ids[:int(request.num_tokens)]
         try:
-            hit, runs = self._lookup_client.lookup_with_sources(request.all_token_ids[:int(request.num_tokens)])
+            # the request's own keys (salt, LoRA, media): another tenant's chunks are no hit
+            material = request_keys(request).chunk_key_material(self.config.chunk_size, len(tokens))
+            keyed = {} if material is None else {"key_material": material}
+            hit, runs = self._lookup_client.lookup_with_sources(tokens, **keyed)
         except Exception:  # noqa: BLE001 - a guess only: the admission lookup decides
             return False
         return bool(hit) and needs_slow_tier(runs, 0, hit)
