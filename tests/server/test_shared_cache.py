@@ -173,11 +173,14 @@ def test_concurrent_writers_and_readers_under_eviction_never_see_wrong_bytes(cac
                             "rounds": 3})]
     reader, conn = make_engine(LMCacheEngineConfig.from_defaults(**config), N)
     loaded = wrong = 0
+    deadline = time.monotonic() + 180  # bounded: once the writers are done, one more pass
     try:
-        while any(w.poll() is None for w in writers) or loaded == 0:
+        while (any(w.poll() is None for w in writers) or loaded == 0) and time.monotonic() < deadline:
             for p in range(15):
-                # a lease pins what the lookup found; stores of 3 other prompts (12 chunks)
-                # push the LRU meanwhile; then the load must get the pinned bytes
+                # the reader stores p too (so a hit does not depend on the writers' timing); a
+                # lease pins what the lookup found; stores of 3 other prompts (12 chunks) push
+                # the LRU meanwhile; then the load must get the pinned bytes
+                store_prompt(reader, conn, p, N)
                 hit = reader.lookup(prompt_tokens(p, N), lease_id="r")
                 for q in (100 + p, 200 + p, 300 + p):
                     store_prompt(reader, conn, q, N)
