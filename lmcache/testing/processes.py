@@ -24,3 +24,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             return False
         time.sleep(interval)
     return True
+
+
+def kill_and_reap(proc) -> None:
+    """SIGKILL a started server by PID (what it held in memory is lost) and reap it; None or
+    an exited process is left as it is (reaped)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 
-from lmcache.testing.processes import free_port
+from lmcache.testing.processes import free_port, kill_and_reap
 
 
 
@@ -63,11 +63,7 @@ class RedisServer:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        kill_and_reap(self.proc)
         self.proc = None
 
     def kill(self) -> None:

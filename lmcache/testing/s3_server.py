@@ -12,7 +12,7 @@ import sys
 import time
 
 
-from lmcache.testing.processes import free_port
+from lmcache.testing.processes import free_port, kill_and_reap
 
 BUCKET = "lmcache-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lmcache-test", "AWS_SECRET_ACCESS_KEY": "lmcache-test-secret",
@@ -81,11 +81,7 @@ class SeaweedS3:
 
     def stop(self) -> None:
         """SIGKILL by PID."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        kill_and_reap(self.proc)
         self.proc = None
 
     def empty_bucket(self) -> None:
