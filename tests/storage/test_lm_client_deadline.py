@@ -94,7 +94,7 @@ def test_get_ends_by_its_deadline(trickler, chunk):
     stats = EngineStats()
     tier = LMServerBackend(f"lm://127.0.0.1:{trickler.port}", timeout=2.0, stats=stats)
     got, took = timed(lambda: tier.get(key(1), pool.allocate))
-    assert got is None and 1.5 < took < 3.0, took
+    assert got is None and 1.5 < took < 4.0, took  # ec5d26c: 8 s (a timeout per read)
     assert stats.as_dict()["misses_tier_down"] == 1
     tier.close()
 
@@ -102,7 +102,7 @@ def test_get_ends_by_its_deadline(trickler, chunk):
 def test_lookup_ends_by_its_deadline(trickler):
     tier = LMServerBackend(f"lm://127.0.0.1:{trickler.port}", timeout=2.0)
     found, took = timed(lambda: tier.prefix_count([key(i) for i in range(64)]))  # two batches of EXISTs
-    assert found == 0 and took < 3.0, took
+    assert found == 0 and took < 4.0, took
     tier.close()
 
 
@@ -112,6 +112,6 @@ def test_put_to_a_peer_that_never_reads_ends_by_its_deadline(trickler):
     stats = EngineStats()
     tier = LMServerBackend(f"lm://127.0.0.1:{trickler.port}", timeout=2.0, stats=stats)
     stored, took = timed(lambda: tier.put(key(2), obj))
-    assert not stored and took < 3.0, took
+    assert not stored and took < 4.0, took
     assert stats.as_dict()["misses_dropped"] == 1
     tier.close()
