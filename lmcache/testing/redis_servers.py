@@ -8,6 +8,7 @@ restarted. The pytest fixtures are in tests/fixtures/redis.py.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import shutil
 import subprocess
 import time
@@ -17,10 +18,24 @@ from lmcache.testing.processes import free_port, kill_and_reap
 
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A server certificate, its key, and the CA file the server trusts (PEM paths)."""
+    cert: str
+    key: str
+    ca: str
+
+    def server_args(self, tls_port: int) -> tuple[str, ...]:
+        """TLS on `tls_port` besides the plain port (kept for set-up); clients need no certificate."""
+        return ("--tls-port", str(tls_port), "--tls-cert-file", self.cert, "--tls-key-file", self.key,
+                "--tls-ca-cert-file", self.ca, "--tls-auth-clients", "no")
+
+
 class RedisServer:
     def __init__(self, workdir: str, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 sentinel_conf: str | None = None):
+                 sentinel_conf: str | None = None, tls_port: int | None = None):
         self.workdir = workdir
+        self.tls_port = tls_port  # set when extra_args turn TLS on there
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.sentinel_conf = sentinel_conf  # a sentinel: this (writable) config file, no data options
@@ -118,7 +133,9 @@ class RedisClusterGroup:
     A master that stops answering for `node_timeout_ms` is failed over to its replica;
     the other shards keep serving (cluster-require-full-coverage no)."""
 
-    def __init__(self, workdir: str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+    def __init__(self, workdir: str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
+                 tls: TLSFiles | None = None):
+        self.tls = tls  # TLS on every node (also its bus and replication) besides the plain ports
         self.masters, self.replicas = masters, replicas
         self.workdir, self.node_timeout_ms = workdir, node_timeout_ms
         self._taken: set[int] = set()
@@ -137,7 +154,11 @@ class RedisClusterGroup:
                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
                 "--repl-diskless-sync-delay", "0")
-        return RedisServer(os.path.join(self.workdir, f"node{i}"), port=port, extra_args=args)
+        tls_port = None
+        if self.tls is not None:
+            tls_port = self._port()
+            args += (*self.tls.server_args(tls_port), "--tls-cluster", "yes", "--tls-replication", "yes")
+        return RedisServer(os.path.join(self.workdir, f"node{i}"), port=port, extra_args=args, tls_port=tls_port)
 
     def _start_node(self, i: int) -> None:
         """Start node i; if its port was taken meanwhile (by another process), once more on new ports."""
@@ -150,6 +171,11 @@ class RedisClusterGroup:
     @property
     def url(self) -> str:
         return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    @property
+    def tls_seeds(self) -> str:
+        """h1:p1,h2:p2 of two nodes' TLS ports (a cluster made with `tls`)."""
+        return ",".join(f"127.0.0.1:{n.tls_port}" for n in self.nodes[:2])
 
     def start(self) -> "RedisClusterGroup":
         try:
