@@ -56,15 +56,6 @@ def sentinel_roles(tiny_llama, prompts, workdir, redis_sentinels):  # noqa: F811
     return steps
 
 
-def test_producer_and_consumer_over_redis_sentinel(sentinel_roles):
-    assert_roles_share_kv(*sentinel_roles)
-
-
-def test_consumer_comparison_over_sentinel_catches_corrupted_kv(sentinel_roles):
-    producer, consumer = sentinel_roles
-    assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
-
-
 def test_consumer_answers_through_a_sentinel_failover_and_hits_again(sentinel_roles, redis_sentinels):
     producer, consumer = sentinel_roles
     assert loaded(consumer["other_server_down"]) == 0  # never stored
@@ -103,15 +94,6 @@ def s3_roles(tiny_llama, prompts, workdir, s3_server):  # noqa: F811
     return steps
 
 
-def test_producer_and_consumer_over_s3(s3_roles):
-    assert_roles_share_kv(*s3_roles)
-
-
-def test_consumer_comparison_over_s3_catches_corrupted_kv(s3_roles):
-    producer, consumer = s3_roles
-    assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
-
-
 def test_consumer_answers_misses_while_s3_is_down_and_hits_after_its_restart(s3_roles):
     producer, consumer = s3_roles
     assert loaded(consumer["other_server_down"]) == 0 and loaded(consumer["shared_server_down"]) == 0
@@ -120,3 +102,20 @@ def test_consumer_answers_misses_while_s3_is_down_and_hits_after_its_restart(s3_
     back = consumer["shared_after_restart"]
     assert loaded(back) == 768, f"no hit {BACK_WITHIN_S}s after the restart ({back['attempts']} tries)"
     assert_identical_outputs(producer["vllm_hit"], back)  # what was stored before the crash
+
+
+# --- both stores: the consumer's hit is the producer's KV -----------------------------
+
+
+@pytest.fixture(scope="module", params=["sentinel", "s3"])
+def roles(request):
+    return request.getfixturevalue(f"{request.param}_roles")
+
+
+def test_producer_and_consumer_share_kv(roles):
+    assert_roles_share_kv(*roles)
+
+
+def test_consumer_comparison_catches_corrupted_kv(roles):
+    producer, consumer = roles
+    assert_caught(producer["vllm_hit"], consumer["hit_corrupted"])
