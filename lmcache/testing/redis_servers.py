@@ -219,21 +219,35 @@ class RedisClusterGroup:
 class SentinelGroup:
     """One master, one replica, three sentinels watching them as `service`."""
 
-    def __init__(self, workdir: str, service: str = "redismaster", down_after_ms: int = 1000):
+    def __init__(self, workdir: str, service: str = "redismaster", down_after_ms: int = 1000,
+                 tls: TLSFiles | None = None):
+        """With `tls`, the data nodes also serve TLS (replication over it too) and the
+        sentinels name their TLS ports; the sentinels answer clients in plain text."""
         self.service = service
-        fast_sync = ("--repl-diskless-sync-delay", "0")
-        self.master = RedisServer(os.path.join(workdir, "master"), extra_args=fast_sync)
-        self.replica = RedisServer(os.path.join(workdir, "replica"),
-                                   extra_args=("--replicaof", "127.0.0.1", str(self.master.port), *fast_sync))
+        data_args = ("--repl-diskless-sync-delay", "0")
+        ports = {"master": None, "replica": None}
+        if tls is not None:
+            ports = {name: free_port() for name in ports}
+        nodes = {}
+        for name in ports:
+            extra = data_args if tls is None else (*data_args, *tls.server_args(ports[name]), "--tls-replication", "yes")
+            if name == "replica":
+                master = nodes["master"]
+                extra = ("--replicaof", "127.0.0.1", str(master.tls_port or master.port), *extra)
+            nodes[name] = RedisServer(os.path.join(workdir, name), extra_args=extra, tls_port=ports[name])
+        self.master, self.replica = nodes["master"], nodes["replica"]
         self.sentinels = []
         for i in range(3):
             sdir = os.path.join(workdir, f"sentinel{i}")
             os.makedirs(sdir, exist_ok=True)
             conf = os.path.join(sdir, "sentinel.conf")
             with open(conf, "w") as f:
-                f.write(f"sentinel monitor {service} 127.0.0.1 {self.master.port} 2\n"
+                f.write(f"sentinel monitor {service} 127.0.0.1 {self.master.tls_port or self.master.port} 2\n"
                         f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
                         f"sentinel failover-timeout {service} 10000\n")
+                if tls is not None:
+                    f.write(f"tls-replication yes\ntls-cert-file {tls.cert}\ntls-key-file {tls.key}\n"
+                            f"tls-ca-cert-file {tls.ca}\n")
             self.sentinels.append(RedisServer(sdir, sentinel_conf=conf))
 
     @property
@@ -275,7 +289,8 @@ class SentinelGroup:
                     state = s.client(socket_timeout=0.5).sentinel_master(self.service)
                 except Exception:  # noqa: BLE001 - not ready yet
                     return False
-                if int(state["port"]) != master[0].port or int(state.get("num-other-sentinels", 0)) < 2:
+                if (int(state["port"]) not in (master[0].port, master[0].tls_port)
+                        or int(state.get("num-other-sentinels", 0)) < 2):
                     return False
             return True
         _wait("the sentinels to agree on the master", agree, timeout)

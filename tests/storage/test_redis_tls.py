@@ -1,4 +1,4 @@
-"""rediss:// and rediss-cluster:// against real redis-servers speaking TLS (Debian's
+"""rediss://, rediss-cluster:// and rediss-sentinel:// against real redis-servers speaking TLS (Debian's
 redis-server 7, `--tls-port`), with a throwaway CA made by the test (tls_certs.py):
 chunks are stored and hit through TLS with the CA named by `ssl_ca_certs`, and a server
 whose certificate another CA signed is refused: one clear log line, misses, no crash."""
@@ -10,7 +10,7 @@ import urllib.parse
 
 import pytest
 
-from lmcache.testing.redis_servers import RedisClusterGroup, RedisServer, TLSFiles, free_port
+from lmcache.testing.redis_servers import RedisClusterGroup, RedisServer, SentinelGroup, TLSFiles, free_port
 from lmcache.v1.config import LMCacheEngineConfig
 from tests.storage.tls_certs import make_authority, make_server_cert
 from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
@@ -42,6 +42,17 @@ def tls_cluster(tmp_path_factory, certs):
     group = RedisClusterGroup(str(tmp_path_factory.mktemp("redis-tls-cluster")), tls=certs[0]).start()
     yield group
     group.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_sentinels(tmp_path_factory, certs):
+    group = SentinelGroup(str(tmp_path_factory.mktemp("redis-tls-sentinel")), tls=certs[0]).start()
+    yield group
+    group.stop()
+
+
+def sentinel_url(group) -> str:
+    return "rediss-sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in group.sentinels) + f"/{group.service}"
 
 
 def config(url: str) -> LMCacheEngineConfig:
@@ -97,3 +108,13 @@ def test_rediss_cluster_stores_and_hits_with_the_configured_ca(tls_cluster, cert
 
 def test_rediss_cluster_refuses_a_server_certificate_of_another_ca(tls_cluster, certs, caplog):
     refused_with_one_line(with_ca(f"rediss-cluster://{tls_cluster.tls_seeds}", certs[2]), caplog)
+
+
+def test_rediss_sentinel_stores_and_hits_with_the_configured_ca(tls_sentinels, certs):
+    tls_sentinels.master.client().flushall()
+    store_then_hit_from_a_fresh_engine(with_ca(sentinel_url(tls_sentinels), certs[1]))
+    assert tls_sentinels.master.client().dbsize() == N // CS
+
+
+def test_rediss_sentinel_refuses_a_data_node_certificate_of_another_ca(tls_sentinels, certs, caplog):
+    refused_with_one_line(with_ca(sentinel_url(tls_sentinels), certs[2]), caplog)
