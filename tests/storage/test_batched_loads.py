@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from lmcache.v1.cache_engine import TransferSpec
@@ -17,6 +18,7 @@ from tests.storage.host_connector import bits
 from tests.storage.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 from tests.storage.workload import make_engine, prompt_kv, prompt_tokens, store_prompt
 
+pytestmark = pytest.mark.redis
 CS, N = 16, 512  # 32 chunks per prompt
 
 
