@@ -78,7 +78,7 @@ def bench_server(sources, shape, dtype, repeat, interleaved) -> dict[str, float]
     def getter(storage):
         def get():
             assert storage.lookup_prefix(keys) == len(keys)
-            objs = storage.get_many(keys) if hasattr(storage, "get_many") else [storage.get(k) for k in keys]
+            objs = storage.get_many(keys)
             assert len(objs) == len(keys), "a chunk went missing during the benchmark"
             for obj, dst in zip(objs, dsts):
                 dst.copy_(obj.tensor)

@@ -8,6 +8,7 @@ restarted. The pytest fixtures are in tests/helpers/redis_fixtures.py.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import shutil
 import subprocess
 import time
@@ -17,10 +18,24 @@ from lmcache.testing.processes import free_port, kill_and_reap
 
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A server certificate, its key, and the CA file the server trusts (PEM paths)."""
+    cert: str
+    key: str
+    ca: str
+
+    def server_args(self, tls_port: int) -> tuple[str, ...]:
+        """TLS on `tls_port` besides the plain port (kept for set-up); clients need no certificate."""
+        return ("--tls-port", str(tls_port), "--tls-cert-file", self.cert, "--tls-key-file", self.key,
+                "--tls-ca-cert-file", self.ca, "--tls-auth-clients", "no")
+
+
 class RedisServer:
     def __init__(self, workdir: str, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 sentinel_conf: str | None = None):
+                 sentinel_conf: str | None = None, tls_port: int | None = None):
         self.workdir = workdir
+        self.tls_port = tls_port  # set when extra_args turn TLS on there
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.sentinel_conf = sentinel_conf  # a sentinel: this (writable) config file, no data options
@@ -118,7 +133,9 @@ class RedisClusterGroup:
     A master that stops answering for `node_timeout_ms` is failed over to its replica;
     the other shards keep serving (cluster-require-full-coverage no)."""
 
-    def __init__(self, workdir: str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+    def __init__(self, workdir: str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
+                 tls: TLSFiles | None = None):
+        self.tls = tls  # TLS on every node (also its bus and replication) besides the plain ports
         self.masters, self.replicas = masters, replicas
         self.workdir, self.node_timeout_ms = workdir, node_timeout_ms
         self._taken: set[int] = set()
@@ -137,7 +154,11 @@ class RedisClusterGroup:
                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
                 "--repl-diskless-sync-delay", "0")
-        return RedisServer(os.path.join(self.workdir, f"node{i}"), port=port, extra_args=args)
+        tls_port = None
+        if self.tls is not None:
+            tls_port = self._port()
+            args += (*self.tls.server_args(tls_port), "--tls-cluster", "yes", "--tls-replication", "yes")
+        return RedisServer(os.path.join(self.workdir, f"node{i}"), port=port, extra_args=args, tls_port=tls_port)
 
     def _start_node(self, i: int) -> None:
         """Start node i; if its port was taken meanwhile (by another process), once more on new ports."""
@@ -150,6 +171,11 @@ class RedisClusterGroup:
     @property
     def url(self) -> str:
         return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    @property
+    def tls_seeds(self) -> str:
+        """h1:p1,h2:p2 of two nodes' TLS ports (a cluster made with `tls`)."""
+        return ",".join(f"127.0.0.1:{n.tls_port}" for n in self.nodes[:2])
 
     def start(self) -> "RedisClusterGroup":
         try:
@@ -193,21 +219,35 @@ class RedisClusterGroup:
 class SentinelGroup:
     """One master, one replica, three sentinels watching them as `service`."""
 
-    def __init__(self, workdir: str, service: str = "redismaster", down_after_ms: int = 1000):
+    def __init__(self, workdir: str, service: str = "redismaster", down_after_ms: int = 1000,
+                 tls: TLSFiles | None = None):
+        """With `tls`, the data nodes also serve TLS (replication over it too) and the
+        sentinels name their TLS ports; the sentinels answer clients in plain text."""
         self.service = service
-        fast_sync = ("--repl-diskless-sync-delay", "0")
-        self.master = RedisServer(os.path.join(workdir, "master"), extra_args=fast_sync)
-        self.replica = RedisServer(os.path.join(workdir, "replica"),
-                                   extra_args=("--replicaof", "127.0.0.1", str(self.master.port), *fast_sync))
+        data_args = ("--repl-diskless-sync-delay", "0")
+        ports = {"master": None, "replica": None}
+        if tls is not None:
+            ports = {name: free_port() for name in ports}
+        nodes = {}
+        for name in ports:
+            extra = data_args if tls is None else (*data_args, *tls.server_args(ports[name]), "--tls-replication", "yes")
+            if name == "replica":
+                master = nodes["master"]
+                extra = ("--replicaof", "127.0.0.1", str(master.tls_port or master.port), *extra)
+            nodes[name] = RedisServer(os.path.join(workdir, name), extra_args=extra, tls_port=ports[name])
+        self.master, self.replica = nodes["master"], nodes["replica"]
         self.sentinels = []
         for i in range(3):
             sdir = os.path.join(workdir, f"sentinel{i}")
             os.makedirs(sdir, exist_ok=True)
             conf = os.path.join(sdir, "sentinel.conf")
             with open(conf, "w") as f:
-                f.write(f"sentinel monitor {service} 127.0.0.1 {self.master.port} 2\n"
+                f.write(f"sentinel monitor {service} 127.0.0.1 {self.master.tls_port or self.master.port} 2\n"
                         f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
                         f"sentinel failover-timeout {service} 10000\n")
+                if tls is not None:
+                    f.write(f"tls-replication yes\ntls-cert-file {tls.cert}\ntls-key-file {tls.key}\n"
+                            f"tls-ca-cert-file {tls.ca}\n")
             self.sentinels.append(RedisServer(sdir, sentinel_conf=conf))
 
     @property
@@ -249,7 +289,8 @@ class SentinelGroup:
                     state = s.client(socket_timeout=0.5).sentinel_master(self.service)
                 except Exception:  # noqa: BLE001 - not ready yet
                     return False
-                if int(state["port"]) != master[0].port or int(state.get("num-other-sentinels", 0)) < 2:
+                if (int(state["port"]) not in (master[0].port, master[0].tls_port)
+                        or int(state.get("num-other-sentinels", 0)) < 2):
                     return False
             return True
         _wait("the sentinels to agree on the master", agree, timeout)

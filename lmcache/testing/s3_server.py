@@ -51,13 +51,21 @@ class SeaweedS3:
             config=Config(retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=5,
                           s3={"addressing_style": "path"}))
 
+    def command(self) -> list[str]:
+        """The server's command line (the same ports and data directory every time);
+        it needs CREDENTIALS in its environment."""
+        return [weed_binary(), "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer",
+                "-s3", "-master.volumeSizeLimitMB=256", f"-volume.max={self.max_volumes}",
+                "-master.electionTimeout=500ms", *(f"-{name}={port}" for name, port in self.ports.items())]
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "weed.log")
+
     def start(self, timeout: float = 60.0) -> "SeaweedS3":
-        args = [weed_binary(), "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer",
-                "-s3", "-master.volumeSizeLimitMB=256", f"-volume.max={self.max_volumes}", "-master.electionTimeout=500ms",
-                *(f"-{name}={port}" for name, port in self.ports.items())]
-        log = open(os.path.join(self.workdir, "weed.log"), "ab")
+        log = open(self.log_path, "ab")
         # The credentials in its environment become its admin identity: requests are authenticated.
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                      env=dict(os.environ, **CREDENTIALS))
         log.close()
         client = self.client()

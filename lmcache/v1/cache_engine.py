@@ -62,7 +62,7 @@ class LMCacheEngine:
         )
         self.storage = build_storage(config, self.stats)  # in process, or the node's lmcache server
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl,
-                                 get_many=getattr(self.storage, "get_many", None))
+                                 get_many=self.storage.get_many)
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)

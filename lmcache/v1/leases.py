@@ -159,6 +159,22 @@ class LeaseTable:
                 lease.settled.set()
 
     def _fetch_into(self, lease_id: str, lease: _Lease, keys: list, start: int, usable) -> None:
+        with self._lock:
+            if self._leases.get(lease_id) is not lease:
+                return
+            need = [key for key in keys[start:] if key not in self._held]
+        fetched: dict = {}
+        if self._get_many is not None and need:  # the slow reads in one call, outside the lock
+            fetched = dict(zip(need, self._get_many(need)))
+        asked = set(need) if self._get_many is not None else set()
+        try:
+            self._hold_fetched(lease_id, lease, keys, start, usable, fetched, asked)
+        finally:
+            for unused in fetched.values():
+                self._release(unused)
+
+    def _hold_fetched(self, lease_id: str, lease: _Lease, keys: list, start: int, usable,
+                      fetched: dict, asked: set) -> None:
         for index in range(start, len(keys)):
             key = keys[index]
             with self._lock:
@@ -169,7 +185,8 @@ class LeaseTable:
                     entry[1] += 1
                     lease.keys.append(key)
                     continue
-            obj = self._get(key)  # the slow read, outside the lock
+            # read above (None: after the first miss), or now if it was held then
+            obj = fetched.pop(key, None) if key in asked else self._get(key)
             if obj is None or (usable is not None and not usable(index, obj)):
                 if obj is not None:
                     self._release(obj)

@@ -4,6 +4,8 @@
       valkey-cluster, valkeys-cluster: the `s` means TLS)
   redis-sentinel://[user:password@]h1:p1,h2:p2,...[/service_name][?read_from_replicas=true]
       (also rediss-sentinel); the service name defaults to $REDIS_SERVICE_NAME, then `redismaster`
+  With TLS, `ssl_ca_certs=/path/ca.pem` names the CA that signs the servers' certificates
+  (default: the system's), as redis-py's rediss:// URLs do.
   s3://bucket[/prefix]   (the endpoint of a non-AWS store: config key s3_endpoint_url)
 
 Parsing never looks at the network. Errors are ValueError with a message that never
@@ -24,7 +26,8 @@ SENTINEL_SCHEMES = {"redis-sentinel": False, "rediss-sentinel": True}
 S3_SCHEMES = ("s3",)
 DISTRIBUTED_SCHEMES = (*CLUSTER_SCHEMES, *SENTINEL_SCHEMES, *S3_SCHEMES)
 DEFAULT_SERVICE = "redismaster"
-_OPTIONS = {"read_from_replicas"}
+_FLAGS = {"read_from_replicas"}  # true|false
+_PATHS = {"ssl_ca_certs"}  # a file (TLS schemes only)
 # S3 bucket names: 3-63 of lower-case letters, digits, dots and hyphens.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -39,6 +42,7 @@ class RedisSeeds:
     password: str | None = field(default=None, repr=False)
     service: str | None = None  # sentinel only
     read_from_replicas: bool = False
+    ssl_ca_certs: str | None = None  # the CA file for the data nodes' certificates (TLS)
 
 
 @dataclass(frozen=True)
@@ -92,16 +96,16 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _options(query: str, url: str) -> dict[str, bool]:
-    out = {}
+def _options(query: str, url: str, tls: bool) -> dict:
+    out: dict = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        try:
-            if name not in _OPTIONS:
-                raise ValueError(name)
+        if name in _FLAGS and value.strip().lower() in (*booleans.TRUE_WORDS, *booleans.FALSE_WORDS):
             out[name] = booleans.parse_bool(value)
-        except ValueError:
+        elif name in _PATHS and value and tls:
+            out[name] = value
+        else:
             raise ValueError(f"remote_url {redact_url(url)!r}: option {name}={value!r} is not known; accepted: "
-                             "read_from_replicas=true|false") from None
+                             "read_from_replicas=true|false, and with a TLS scheme ssl_ca_certs=PATH")
     return out
 
 
@@ -133,8 +137,9 @@ def parse_redis_seeds(url: str, environ: dict | None = None) -> RedisSeeds:
         service = path or environ.get("REDIS_SERVICE_NAME") or DEFAULT_SERVICE
     elif path:
         raise ValueError(f"remote_url {redact_url(url)!r}: a cluster URL has no path (a cluster has one database)")
-    opts = _options(query, url)
-    return RedisSeeds(kind, seeds, tls, username, password, service, opts.get("read_from_replicas", False))
+    opts = _options(query, url, tls)
+    return RedisSeeds(kind, seeds, tls, username, password, service, opts.get("read_from_replicas", False),
+                      opts.get("ssl_ca_certs"))
 
 
 def parse_s3(url: str) -> S3Location:

@@ -120,10 +120,11 @@ def lm_server(tmp_path_factory):
         server.terminate()
 
 
-def run_roles(tiny_llama, prompts, workdir, env, victim_pid, tag):
+def run_roles(tiny_llama, prompts, workdir, env, victim_pid, tag, between=None, after_kill=()):
     """A kv_producer prefills the shared prompt into the store at env's remote_url; a
     separately started kv_consumer loads it, then `victim_pid` (the server, or one
-    cluster master) is SIGKILLed under the consumer, whose requests must still be answered."""
+    cluster master) is SIGKILLed under the consumer, whose requests must still be answered.
+    `between()` runs after the producer; the consumer ends with the steps `after_kill`."""
     p = prompts["shared"]
     producer = run_engine(role_spec(tiny_llama, "kv_producer", [
         gen("warmup", prompts["warmup"]), gen("cold", p),
@@ -131,10 +132,12 @@ def run_roles(tiny_llama, prompts, workdir, env, victim_pid, tag):
         gen("after_reset", p),  # stored, but a producer never loads
         {"op": "flush", "name": "flush"}, {"op": "stats", "name": "stats"},
     ]), workdir, f"{tag}_producer", env=env)
+    if between is not None:
+        between()
     consumer = run_engine(role_spec(tiny_llama, "kv_consumer", [
         gen("hit", p), gen("hit_again", p), *corrupted("hit_corrupted", p), {"op": "stats", "name": "stats"},
         {"op": "kill", "name": "server_down", "pid": victim_pid},
-        gen("other_server_down", prompts["offload"]), gen("shared_server_down", p),
+        gen("other_server_down", prompts["offload"]), gen("shared_server_down", p), *after_kill,
     ]), workdir, f"{tag}_consumer", env=env)
     return producer["steps"], consumer["steps"]
 

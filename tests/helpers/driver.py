@@ -12,7 +12,10 @@ Steps:
   {"op": "generate", "name": N, "prompts": [[ids...], ...], "max_tokens": 4,
    "logprobs": 5, "reset_prefix_cache": true}   one batch of prompts, submitted together;
       a prompt may also be {"ids": [...], "cache_salt": S, "lora": NAME (of spec["loras"]:
-      {name: path}), "images": [seed, ...] (random images, lmcache.testing.tiny_lora_vlm)}
+      {name: path}), "images": [seed, ...] (random images, lmcache.testing.tiny_lora_vlm)};
+      with "until_loaded": T (and "timeout": S) the batch is generated again, a second
+      apart, until LMCache loaded T tokens for its first prompt or S seconds passed
+      (a store coming back after a failover or a restart); "attempts" says how often
   {"op": "control", "command": {...}}            LMCache test hooks (LMCACHE_TEST_HOOKS=1)
   {"op": "flush"}                                wait for queued disk/remote writes
   {"op": "stats"}                                LMCache counters of every rank
@@ -152,6 +155,18 @@ def run_generate(llm, step: dict, with_lmcache: bool, loras: dict | None = None)
     return result
 
 
+def generate_until_loaded(llm, step: dict, with_lmcache: bool, loras: dict | None = None) -> dict:
+    deadline = time.monotonic() + step.get("timeout", 60)
+    attempts = 1
+    result = run_generate(llm, step, with_lmcache, loras)
+    while (result["loaded_tokens"][0] or 0) < step["until_loaded"] and time.monotonic() < deadline:
+        time.sleep(1.0)
+        attempts += 1
+        result = run_generate(llm, step, with_lmcache, loras)
+    result["attempts"] = attempts
+    return result
+
+
 def start_process(step: dict) -> dict:
     import socket
     import subprocess
@@ -182,7 +197,9 @@ def main(spec_path: str, out_path: str) -> int:
     for i, step in enumerate(spec["steps"]):
         name = step.get("name", f"step{i}")
         op = step["op"]
-        if op == "generate":
+        if op == "generate" and "until_loaded" in step:
+            results["steps"][name] = generate_until_loaded(llm, step, with_lmcache, spec.get("loras"))
+        elif op == "generate":
             results["steps"][name] = run_generate(llm, step, with_lmcache, spec.get("loras"))
         elif op == "control":
             from lmcache.integration.vllm.worker_stats import control

@@ -24,6 +24,7 @@ def test_distributed_urls_accepted(url):
 @pytest.mark.parametrize("url", [
     "redis-cluster://", "redis-cluster://h", "redis-cluster://h:0", "redis-cluster://h:1,h:x",
     "redis-cluster://h:1/2", "redis-cluster://h:1?bogus=1", "redis-sentinel://h:1?read_from_replicas=maybe",
+    "redis-cluster://h:1?ssl_ca_certs=/ca.pem", "rediss-cluster://h:1?ssl_ca_certs=",  # a CA file needs TLS
     "s3://", "s3://B", "s3://key:secret@bucket/p",
 ])
 def test_bad_distributed_urls_are_config_errors_naming_what_is_accepted(url):
@@ -40,6 +41,13 @@ def test_cluster_seeds_credentials_and_tls():
     assert (seeds.username, seeds.password) == ("me", "p@ss")
     assert "p%40ss" not in repr(seeds) and "p@ss" not in repr(seeds)
     assert redact_url("redis-cluster://me:p%40ss@a:1,b:2/x") == "redis-cluster://me:***@a:1,b:2/x"
+
+
+def test_a_ca_file_for_tls_cluster_and_sentinel_urls():
+    assert parse_redis_seeds("rediss-cluster://a:1?ssl_ca_certs=%2Fetc%2Fca.pem").ssl_ca_certs == "/etc/ca.pem"
+    seeds = parse_redis_seeds("rediss-sentinel://a:1/svc?ssl_ca_certs=/ca.pem&read_from_replicas=true")
+    assert (seeds.ssl_ca_certs, seeds.read_from_replicas, seeds.service) == ("/ca.pem", True, "svc")
+    assert parse_redis_seeds("rediss-cluster://a:1").ssl_ca_certs is None  # the system's CAs
 
 
 def test_s3_location():

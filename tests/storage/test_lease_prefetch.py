@@ -83,3 +83,28 @@ def test_a_lease_released_or_renewed_during_its_prefetch_holds_nothing_after():
     leases.release("M")
     leases.release("N")
     assert leases.held_chunks == 0 and tier.in_use() == []
+
+
+def test_the_prefetch_reads_its_chunks_in_one_get_many_call():
+    tier = SlowTier("abcde", fast="a", missing="d")
+    tier.gate.set()
+    calls = []
+
+    def get_many(keys):  # as StorageManager.get_many: the prefix it could read
+        calls.append(list(keys))
+        out = []
+        for key in keys:
+            obj = tier.get(key)
+            if obj is None:
+                break
+            out.append(obj)
+        return out
+
+    leases = LeaseTable(tier.get, tier.release, ttl=60, get_many=get_many)
+    assert leases.acquire("L", list("abcde"), resident=lambda k: k in tier.fast) == 5  # optimistic
+    assert leases.wait("L", timeout=10)
+    assert calls == [list("bcde")]  # one call for every chunk the prefetch reads
+    assert tier.reads == list("abcd")  # nothing asked again after the miss
+    assert leases.held_chunks == 3 and leases.prefetched == 2 and leases.prefetch_stopped == 1
+    leases.release("L")
+    assert tier.in_use() == []

@@ -231,6 +231,15 @@ class LMServerBackend:
             self._stats.miss(outcome, tier=self.name if outcome != "absent" else None)
         return obj
 
+    def get_many(self, keys: list[CacheEngineKey], allocate: Allocator) -> list[MemoryObj | None]:
+        """get() of each key in turn (the protocol has no batched read), None from the first miss."""
+        out: list[MemoryObj | None] = [None] * len(keys)
+        for i, key in enumerate(keys):
+            out[i] = self.get(key, allocate)
+            if out[i] is None:
+                break
+        return out
+
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """PUT the chunk (the protocol has no reply to a PUT); False, counted as
         dropped, if the server is down or the chunk cannot be sent."""

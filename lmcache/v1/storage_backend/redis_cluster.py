@@ -51,6 +51,8 @@ class ClusterRouter:
             retry=Retry(NoBackoff(), 0),  # our shards' back-off decides when to try again
             require_full_coverage=False, read_from_replicas=seeds.read_from_replicas,
         )
+        if seeds.tls and seeds.ssl_ca_certs:
+            self._kwargs["ssl_ca_certs"] = seeds.ssl_ca_certs
         self._stats, self._tier, self._retry_interval = stats, tier, retry_interval
         self._rc: RedisCluster | None = None
         self._seeds = Shard(self._outage(f"{self.url} (no seed answered)", retry_interval))

@@ -146,7 +146,7 @@ def on_connection(pool, timeout: float, work: Callable[[Any], Any]) -> Any:
     return result
 
 
-def _as_bytes_or_none(reply) -> bytes | None:
+def as_bytes_or_none(reply) -> bytes | None:
     if reply is None or isinstance(reply, (bytes, bytearray, memoryview)):
         return reply
     raise BadReply(f"GET answered {type(reply).__name__}, not a bulk string")
@@ -176,9 +176,15 @@ def exists_many(conn, names: list[str]) -> list:
     return read_each(conn, len(names), _as_count)
 
 
+def get_many(conn, names: list[str]) -> list:
+    """GET of each name, pipelined on one connection: the value, None, or the error reply."""
+    conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]), check_health=False)
+    return read_each(conn, len(names), as_bytes_or_none)
+
+
 def get_one(conn, name: str) -> bytes | None:
     conn.send_command("GET", name, check_health=False)
-    return _as_bytes_or_none(conn.read_response())
+    return as_bytes_or_none(conn.read_response())
 
 
 def set_blob(conn, name: str, header: bytes, payload: memoryview) -> None:

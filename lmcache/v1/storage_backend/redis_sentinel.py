@@ -43,6 +43,8 @@ class SentinelRouter:
                            username=seeds.username, password=seeds.password)
         if seeds.tls:
             data_kwargs["ssl"] = True
+            if seeds.ssl_ca_certs:
+                data_kwargs["ssl_ca_certs"] = seeds.ssl_ca_certs
         sentinel_kwargs = dict(socket_timeout=connect_timeout, socket_connect_timeout=connect_timeout)
         self._sentinel = Sentinel(list(seeds.seeds), sentinel_kwargs=sentinel_kwargs, **data_kwargs)
         self._master = self._sentinel.master_for(self.service)

@@ -31,7 +31,8 @@ from lmcache.v1.memory import MemoryObj
 from lmcache.v1.remote_urls import redact_url
 from lmcache.v1.storage_backend import redis_ops, serde
 from lmcache.v1.storage_backend.outage import Outage
-from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
+from lmcache.v1.storage_backend.remote_blob import chunk_or_miss
+from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
@@ -42,6 +43,8 @@ _SCHEME_FOR_REDIS_PY = {"redis": "redis", "rediss": "rediss", "valkey": "redis",
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterDownError,
                redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
 REDIRECTS = (redis.exceptions.AskError,)  # MovedError is an AskError
+
+NOT_READ = object()  # a reply that did not come (the fault is logged and counted where it was seen)
 
 __all__ = ["RemoteBackend", "redis_py_url"]
 
@@ -200,43 +203,48 @@ class RemoteBackend:
         return n
 
     def exists_many(self, names: list[str]) -> list[bool]:
+        return [reply is not NOT_READ and bool(reply) for reply in
+                self._per_node("EXISTS", names, redis_ops.exists_many, lambda reply: reply == 1)]
+
+    def _per_node(self, op: str, names: list[str], send, value) -> list:
+        """`send(conn, batch)`'s replies for `names`, in order: one pipelined round trip
+        per node, the nodes in parallel where the router has several. Each reply is
+        `value(reply)`, a redirection's answer, or NOT_READ (a fault, logged and counted)."""
         groups: dict[int, tuple[Route, list[int]]] = {}
-        found = [False] * len(names)
+        out: list = [NOT_READ] * len(names)
         for i, name in enumerate(names):
             try:
                 route = self.router.route(name, False)
             except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
-                self._error("EXISTS", exc)
-                return found
+                self._error(op, exc)
+                return out
             groups.setdefault(id(route.pool), (route, []))[1].append(i)
         jobs = [(route, idx) for route, idx in groups.values() if route.shard.usable(route.address)]
-        if len(jobs) > 1 and self.router.parallel:
-            results = list(self._executor().map(lambda job: self._exists_on(names, *job), jobs))
-        else:
-            results = [self._exists_on(names, *job) for job in jobs]
+        ask = lambda job: self._on_node(op, names, send, value, *job)  # noqa: E731
+        results = list(self._executor().map(ask, jobs)) if len(jobs) > 1 and self.router.parallel else map(ask, jobs)
         for (_, idx), replies in zip(jobs, results):
             for i, reply in zip(idx, replies):
-                found[i] = reply
-        return found
+                out[i] = reply
+        return out
 
-    def _exists_on(self, names: list[str], route: Route, idx: list[int]) -> list[bool]:
+    def _on_node(self, op: str, names: list[str], send, value, route: Route, idx: list[int]) -> list:
         batch = [names[i] for i in idx]
         try:
-            replies = redis_ops.on_connection(route.pool, self.timeout, lambda c: redis_ops.exists_many(c, batch))
+            replies = redis_ops.on_connection(route.pool, self.timeout, lambda c: send(c, batch))
         except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
-            self._fault("EXISTS", route, exc)
-            return [False] * len(batch)
+            self._fault(op, route, exc)
+            return [NOT_READ] * len(batch)
         self._worked(route)
         out = []
         for name, reply in zip(batch, replies):
             if isinstance(reply, REDIRECTS):
-                ok, reply = self._redirected("EXISTS", name, reply)
-                out.append(bool(ok and reply))
+                ok, reply = self._redirected(op, name, reply)
+                out.append(value(reply) if ok else NOT_READ)
             elif isinstance(reply, Exception):
-                self._fault("EXISTS", route, reply)
-                out.append(False)
+                self._fault(op, route, reply)
+                out.append(NOT_READ)
             else:
-                out.append(reply == 1)
+                out.append(value(reply))
         return out
 
     def _redirected(self, op: str, name: str, exc: Exception, value: Any = None):
@@ -248,24 +256,24 @@ class RemoteBackend:
             return False, None
 
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
-        name = key.to_string()
-        ok, blob = self._call("GET", name, False, lambda c: redis_ops.get_one(c, name))
-        if not ok:  # the outage (or the error) is counted where it was seen
-            return None
-        if blob is None:
-            self._stats.miss("absent")
-            return None
-        try:
-            obj = serde.from_bytes(blob, allocate, key, self._integrity)
-        except SerdeError as exc:
-            logger.warning("remote tier: value of %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss(serde.miss_cause(exc), tier=self.name)
-            self._stats.chunk_event(self.name, False, key)
-            self._call("DEL", name, True, lambda c: redis_ops.delete_if_same(c, name, bytes(blob)))
-            return None
-        if obj is None:
-            self._stats.miss("dropped", tier=self.name)
-        return obj
+        return self.get_many([key], allocate)[0]
+
+    def get_many(self, keys: list[CacheEngineKey], allocate: Allocator) -> list[MemoryObj | None]:
+        """The chunks of `keys`, in order, None from the first that is missing (its cause
+        counted once; what the pipelines brought after it is dropped unread). The GETs
+        go as one pipelined round trip per node, the nodes in parallel."""
+        names = [k.to_string() for k in keys]
+        blobs = self._per_node("GET", names, redis_ops.get_many, redis_ops.as_bytes_or_none)
+        out: list[MemoryObj | None] = [None] * len(keys)
+        for i, (key, name, blob) in enumerate(zip(keys, names, blobs)):
+            if blob is NOT_READ:  # the outage (or the error) is counted where it was seen
+                break
+            out[i] = chunk_or_miss(blob, key, allocate, self._integrity, self._stats, self.name, f"value of {name}",
+                                   lambda: self._call("DEL", name, True,
+                                                      lambda c: redis_ops.delete_if_same(c, name, bytes(blob))))
+            if out[i] is None:
+                break
+        return out
 
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """SET the chunk's blob; False (counted as dropped) if its place is down or

@@ -8,29 +8,40 @@ non-AWS store is named by the config key s3_endpoint_url (path-style addressing)
 
 Costs: a lookup of n chunks is HEAD requests sent in waves of `concurrency`, in
 parallel, stopping at the first wave with a miss (so ceil(hits / concurrency) + 1
-round trips at most); a large chunk is written as a multipart upload of parallel
-parts and read as parallel ranged GETs. The store being down or slow is a miss,
-one log line per outage and a back-off (outage.py); any other error is a miss
-logged once per kind. Nothing is remembered about which objects exist.
+round trips at most); the chunks of a load are GETs in parallel (`concurrency` at a
+time); a large chunk is written as a multipart upload of parallel parts and read as
+parallel ranged GETs. remote_timeout bounds each whole operation (a lookup, a load,
+a put with all its parts), not each read: past it the operation is a miss (its
+requests are left to botocore's own read timeout, and an upload is never completed
+after it). The store being down or slow is a miss, one log line per outage and a
+back-off (outage.py); any other error is a miss logged once per kind. Nothing is
+remembered about which objects exist.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 from lmcache.v1.memory import MemoryObj
 from lmcache.v1.remote_urls import parse_s3
 from lmcache.v1.storage_backend import serde
 from lmcache.v1.storage_backend.outage import Outage
-from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo, SerdeError
+from lmcache.v1.storage_backend.remote_blob import chunk_or_miss
+from lmcache.v1.storage_backend.serde import Allocator, ChecksumMemo
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.token_database import CacheEngineKey
 
 logger = logging.getLogger(__name__)
 PART_BYTES = 8 * 2**20  # multipart part / ranged read size (S3's minimum part is 5 MiB)
 _ABSENT = {"404", "NoSuchKey", "NotFound"}
+
+
+class DeadlineExceeded(TimeoutError):
+    """An operation took longer than remote_timeout as a whole."""
 
 
 class S3Backend:
@@ -62,7 +73,11 @@ class S3Backend:
         self._unreachable = (self._exc.EndpointConnectionError, self._exc.ConnectTimeoutError,
                              self._exc.ReadTimeoutError, self._exc.ConnectionClosedError,
                              self._exc.HTTPClientError, OSError)
+        self.timeout = timeout
+        # whole-object requests (HEAD, GET, PUT), and the parts of one object: two pools,
+        # so an object's request never waits for a worker its own parts hold
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmcache-s3")
+        self._parts = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmcache-s3-parts")
         self._logged: set[str] = set()
         self._lock = threading.Lock()
 
@@ -109,11 +124,28 @@ class S3Backend:
     def contains(self, key: CacheEngineKey) -> bool:
         return self.prefix_count([key]) == 1
 
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def _all_by(self, pending: list, deadline: float) -> list:
+        """The results of `pending` (futures); DeadlineExceeded if they are not all done
+        by `deadline` (those not started are cancelled, the others left to run out)."""
+        done, late = futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if late:
+            for future in late:
+                future.cancel()
+            raise DeadlineExceeded(f"took longer than {self.timeout:.3g}s (remote_timeout)")
+        return [future.result() for future in pending]
+
     def prefix_count(self, keys: list[CacheEngineKey]) -> int:
-        n = 0
+        n, deadline = 0, self._deadline()
         while n < len(keys) and self._outage.usable():
             wave = [self.object_key(k) for k in keys[n:n + self.concurrency]]
-            found = list(self._pool.map(self._head, wave))
+            try:
+                found = self._all_by([self._pool.submit(self._head, name) for name in wave], deadline)
+            except DeadlineExceeded as exc:
+                self._fault("HEAD", exc)
+                return n
             if any(f is not None for f in found):
                 self._outage.worked()
             for hit in found:
@@ -127,7 +159,7 @@ class S3Backend:
         reply = self._client.get_object(Bucket=self.location.bucket, Key=name, Range=f"bytes={start}-{end - 1}")
         return start, reply["Body"].read()
 
-    def _fetch(self, name: str) -> bytes | bytearray | None:
+    def _fetch(self, name: str, deadline: float) -> bytes | bytearray | None:
         try:
             first = self._client.get_object(Bucket=self.location.bucket, Key=name, Range=f"bytes=0-{PART_BYTES - 1}")
             head = first["Body"].read()
@@ -136,8 +168,9 @@ class S3Backend:
                 return head
             blob = bytearray(total)
             blob[:len(head)] = head
-            starts = range(len(head), total, PART_BYTES)
-            for start, data in self._pool.map(lambda s: self._range(name, s, min(s + PART_BYTES, total)), starts):
+            parts = [self._parts.submit(self._range, name, s, min(s + PART_BYTES, total))
+                     for s in range(len(head), total, PART_BYTES)]
+            for start, data in self._all_by(parts, deadline):
                 blob[start:start + len(data)] = data
             return blob
         except Exception as exc:  # noqa: BLE001
@@ -146,29 +179,34 @@ class S3Backend:
             raise
 
     def get(self, key: CacheEngineKey, allocate: Allocator) -> MemoryObj | None:
-        if not self._outage.usable():
-            return None
-        name = self.object_key(key)
-        try:
-            blob = self._fetch(name)
-        except Exception as exc:  # noqa: BLE001
-            self._fault("GET", exc)
-            return None
-        self._outage.worked()
-        if blob is None:
-            self._stats.miss("absent")
-            return None
-        try:
-            obj = serde.from_bytes(blob, allocate, key, self._integrity)
-        except SerdeError as exc:
-            logger.warning("remote tier: object %s is not a valid chunk (%s): treated as a miss and deleted", name, exc)
-            self._stats.miss(serde.miss_cause(exc), tier=self.name)
-            self._stats.chunk_event(self.name, False, key)
-            self._delete(name)
-            return None
-        if obj is None:
-            self._stats.miss("dropped", tier=self.name)
-        return obj
+        return self.get_many([key], allocate)[0]
+
+    def get_many(self, keys: list[CacheEngineKey], allocate: Allocator) -> list[MemoryObj | None]:
+        """The chunks of `keys`, in order, read in parallel (`concurrency` at a time); None
+        from the first that is missing (its cause counted once). Past remote_timeout
+        for them all, what has not arrived is a miss."""
+        out: list[MemoryObj | None] = [None] * len(keys)
+        if not keys or not self._outage.usable():
+            return out
+        names = [self.object_key(k) for k in keys]
+        deadline = self._deadline()
+        pending = [self._pool.submit(self._fetch, name, deadline) for name in names]
+        futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        for i, (key, name, future) in enumerate(zip(keys, names, pending)):
+            if not future.done():
+                for late in pending[i:]:
+                    late.cancel()
+                self._fault("GET", DeadlineExceeded(f"took longer than {self.timeout:.3g}s (remote_timeout)"))
+                break
+            if future.exception() is not None:
+                self._fault("GET", future.exception())
+                break
+            self._outage.worked()
+            out[i] = chunk_or_miss(future.result(), key, allocate, self._integrity, self._stats, self.name,
+                                   f"object {name}", lambda: self._delete(name))
+            if out[i] is None:
+                break
+        return out
 
     # -- store ------------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
@@ -177,12 +215,16 @@ class S3Backend:
             return False
         header, payload = serde.blob_pieces(obj, key, self._integrity, checksum)
         name = self.object_key(key)
+        deadline, abandoned = self._deadline(), threading.Event()
+        if len(header) + payload.nbytes <= 2 * PART_BYTES:  # copied here: `obj` may be reused once we return
+            job = self._pool.submit(self._client.put_object, Bucket=self.location.bucket, Key=name,
+                                    Body=header + bytes(payload))
+        else:
+            job = self._pool.submit(self._multipart, name, header, payload, deadline, abandoned)
         try:
-            if len(header) + payload.nbytes <= 2 * PART_BYTES:
-                self._client.put_object(Bucket=self.location.bucket, Key=name, Body=header + bytes(payload))
-            else:
-                self._multipart(name, header, payload)
+            self._all_by([job], deadline)
         except Exception as exc:  # noqa: BLE001
+            abandoned.set()
             self._fault("PUT", exc)
             self._stats.miss("dropped", tier=self.name)
             return False
@@ -190,23 +232,29 @@ class S3Backend:
         self._stats.chunk_event(self.name, True, key)
         return True
 
-    def _multipart(self, name: str, header: bytes, payload: memoryview) -> None:
+    def _multipart(self, name: str, header: bytes, payload: memoryview, deadline: float,
+                   abandoned: threading.Event) -> None:
         """Parts of PART_BYTES uploaded in parallel; the first carries the header.
-        An upload that fails is aborted, so no part is left behind to pay for."""
+        An upload that fails, or that put() gave up on (`abandoned`: `payload` may hold
+        another chunk by now), is aborted, never completed, so no part is left to pay for."""
         bucket = self.location.bucket
         upload = self._client.create_multipart_upload(Bucket=bucket, Key=name)["UploadId"]
         first = PART_BYTES - len(header)
         bounds = [(0, first)] + [(s, min(s + PART_BYTES, payload.nbytes)) for s in range(first, payload.nbytes,
                                                                                           PART_BYTES)]
 
-        def send(numbered):
-            number, (start, end) = numbered
+        def send(number: int, start: int, end: int) -> dict:
+            if abandoned.is_set():
+                raise DeadlineExceeded("the put was given up")
             body = (header if number == 1 else b"") + bytes(payload[start:end])
             reply = self._client.upload_part(Bucket=bucket, Key=name, UploadId=upload, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": reply["ETag"]}
 
         try:
-            parts = list(self._pool.map(send, enumerate(bounds, start=1)))
+            parts = self._all_by([self._parts.submit(send, number, *bound)
+                                  for number, bound in enumerate(bounds, start=1)], deadline)
+            if abandoned.is_set():
+                raise DeadlineExceeded("the put was given up")
             self._client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload,
                                                    MultipartUpload={"Parts": parts})
         except BaseException:
@@ -228,4 +276,5 @@ class S3Backend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._parts.shutdown(wait=False)
         self._client.close()

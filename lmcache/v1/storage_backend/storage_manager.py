@@ -182,6 +182,34 @@ class StorageManager:
             self.stats.miss("absent")
         return None
 
+    def get_many(self, keys: list[CacheEngineKey]) -> list[MemoryObj]:
+        """get() of each key, from the first, up to the first that no tier has: the
+        prefix, each with a reader reference. The chunks only the remote tier holds are
+        asked of it in one call (one pipelined round trip per node, or parallel requests)."""
+        ahead: dict[CacheEngineKey, MemoryObj | None] = {}
+        if self.remote is not None:
+            far = [key for key in keys if not self.contains_local(key)]
+            if len(far) > 1:
+                ahead = dict(zip(far, self.remote.get_many(far, self.allocate)))
+        out: list[MemoryObj] = []
+        try:
+            for key in keys:
+                if key in ahead:
+                    obj = ahead.pop(key)  # None: its miss was counted by the tier
+                    if obj is not None:
+                        self.stats.tier_hit(self.remote.name, obj.num_tokens)
+                        obj = self._promote(key, obj)
+                else:
+                    obj = self.get(key)
+                if obj is None:
+                    break
+                out.append(obj)
+        finally:
+            for unused in ahead.values():  # read after a miss: nobody takes them
+                if unused is not None:
+                    unused.free()
+        return out
+
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> MemoryObj:
         obj.stored_key = key
         obj.ref_count_up()
