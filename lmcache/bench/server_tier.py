@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 from lmcache.testing.processes import wait_until
-from lmcache.bench.workload_services import free_port
+from lmcache.bench.workload.services import free_port
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat
 from lmcache.v1.storage_backend.stats import EngineStats

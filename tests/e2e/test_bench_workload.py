@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.workload_report import percentile, ratios, targets_met
-from lmcache.bench.workload_runner import batches, rotated
-from lmcache.bench.workload_scenarios import SMOKE, Chats, long_doc_qa
-from lmcache.bench.workload_stall import _max_gap, _tokens_in, stall_ratios
-from lmcache.bench.workload_tiers import TIERS, select_tiers
+from lmcache.bench.workload.report import percentile, ratios, targets_met
+from lmcache.bench.workload.runner import batches, rotated
+from lmcache.bench.workload.scenarios import SMOKE, Chats, long_doc_qa
+from lmcache.bench.workload.stall import _max_gap, _tokens_in, stall_ratios
+from lmcache.bench.workload.tiers import TIERS, select_tiers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_rounds_wait_out_vllms_worker_spin():
 
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S
+    from lmcache.bench.workload.services import VLLM_WORKER_SPIN_S
 
     spin = inspect.signature(SpinCondition.__init__).parameters["busy_loop_s"].default
     assert VLLM_WORKER_SPIN_S >= spin
@@ -84,7 +84,7 @@ def test_rounds_wait_out_vllms_worker_spin():
 def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
     """A stand-in server whose child process spins for 0.6 s (after saying it started), then sleeps."""
     from lmcache.testing.processes import wait_until
-    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S, VllmServer
+    from lmcache.bench.workload.services import VLLM_WORKER_SPIN_S, VllmServer
 
     started = tmp_path / "spinning"
     child = (f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\nt = time.time()\n"

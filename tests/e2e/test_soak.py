@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.soak_checks import dir_bytes, mismatches
+from lmcache.bench.soak.checks import dir_bytes, mismatches
 from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
-from lmcache.bench.workload_clients import Completion
+from lmcache.bench.workload.clients import Completion
 
 REPO = Path(__file__).resolve().parents[2]
 

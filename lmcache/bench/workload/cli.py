@@ -1,13 +1,13 @@
 """`python -m lmcache bench workload`: real vLLM serving workloads, with and without LMCache.
 
 Each configuration (vLLM alone, LMCache host memory, disk (sync and async loads), Redis,
-lm://; see workload_tiers.py) gets one OpenAI-compatible vLLM server; all are started at
+lm://; see tiers.py) gets one OpenAI-compatible vLLM server; all are started at
 once and kept up for the whole run, and the measured requests alternate between them
-(workload_runner.py), so the ratios are side by side in time. vLLM's own KV cache is
+(runner.py), so the ratios are side by side in time. vLLM's own KV cache is
 trimmed (`--num-gpu-blocks-override`) to hold C+1 of the longest requests, less than the
 working set, so its prefix cache must evict and a request that comes back to a context
-finds it only if LMCache brings it back. Scenarios: workload_scenarios.py and
-workload_stall.py. Printed per scenario and configuration: TTFT p50/p90, end-to-end
+finds it only if LMCache brings it back. Scenarios: scenarios.py and
+stall.py. Printed per scenario and configuration: TTFT p50/p90, end-to-end
 latency, output tokens/s, LMCache hit rate (tokens loaded / prompt tokens) and bytes
 moved, vLLM's own prefix-cache hit rate; for `stall`, decode tokens/s of running streams
 during a long disk load vs before it. The last line is JSON with `*_vs_vllm_alone` ratios
@@ -27,8 +27,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from lmcache.bench.common import machine_name
-from lmcache.bench.workload_scenarios import DEFAULT, SCENARIOS, SMOKE, TokenSource
-from lmcache.bench.workload_tiers import STALL_TIERS, TIER_NAMES, TIERS, TierContext, select_tiers
+from lmcache.bench.workload.scenarios import DEFAULT, SCENARIOS, SMOKE, TokenSource
+from lmcache.bench.workload.tiers import STALL_TIERS, TIER_NAMES, TIERS, TierContext, select_tiers
 
 BLOCK_TOKENS = 128  # vLLM CPU's default block size
 
@@ -84,7 +84,7 @@ def _model(args) -> tuple[str, str]:
 
 
 def _service(stack: ExitStack, kind: str | None, workdir: Path):
-    from lmcache.bench.workload_services import LmServerProcess, RedisProcess
+    from lmcache.bench.workload.services import LmServerProcess, RedisProcess
 
     if kind is None:
         return None
@@ -119,7 +119,7 @@ def _load() -> str:
 def _device_sizes(sizes) -> tuple[int, int]:
     """(vLLM KV blocks, max model length): C+1 of the longest requests, and the stall
     scenario's loader with its streams; vLLM keeps one block back (its null block)."""
-    from lmcache.bench.workload_scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS
+    from lmcache.bench.workload.scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS
 
     request = sizes.longest_prompt() + sizes.max_tokens
     loader = sizes.stall_prefix_tokens + STALL_SUFFIX_TOKENS + STALL_LOADER_TOKENS
@@ -129,7 +129,7 @@ def _device_sizes(sizes) -> tuple[int, int]:
 
 
 def _start_servers(stack: ExitStack, tiers, model: str, workdir: Path, sizes, host_gb: float) -> dict:
-    from lmcache.bench.workload_services import VllmServer
+    from lmcache.bench.workload.services import VllmServer
 
     device_blocks, max_model_len = _device_sizes(sizes)
     servers = {}
@@ -155,9 +155,9 @@ def run(args) -> dict:
         raise SystemExit("--scale must be > 0 and --concurrency >= 1")
     from dataclasses import asdict, replace
 
-    from lmcache.bench.workload_report import figures, print_results, print_stall, ratios, targets_met
-    from lmcache.bench.workload_runner import RUNNERS, each_server, warm_engine
-    from lmcache.bench.workload_stall import run_stall, stall_ratios
+    from lmcache.bench.workload.report import figures, print_results, print_stall, ratios, targets_met
+    from lmcache.bench.workload.runner import RUNNERS, each_server, warm_engine
+    from lmcache.bench.workload.stall import run_stall, stall_ratios
 
     began = time.perf_counter()
     scenarios = _scenarios(args.scenarios)

@@ -20,7 +20,7 @@ class SoakStore:
             raise SystemExit(f"--store {kind!r}: accepted: {', '.join(STORES)}")
         self.kind = kind
         if kind == "redis":
-            from lmcache.bench.workload_services import RedisProcess
+            from lmcache.bench.workload.services import RedisProcess
 
             self._server = RedisProcess(workdir / "redis")
         else:

@@ -8,7 +8,7 @@ multi-round   U users, each a chat of R rounds: a private context, then per roun
               every round. Rounds go in waves over all users (shuffled within a wave), C in
               flight. Round 1 reads each context for the first time: it is the warm-up.
 stall         S streams decode while one more request's long prefix (P tokens, stored
-              before, now only on LMCache's disk tier) is loaded: see workload_stall.py.
+              before, now only on LMCache's disk tier) is loaded: see stall.py.
 
 Every first sight of a context is warm-up for every configuration alike; the figures are
 the measured requests, on which vLLM's prefix cache can only help for what it still holds.

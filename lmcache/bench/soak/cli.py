@@ -8,7 +8,7 @@ time (its budget holds a fraction of the prompts), the disk tier fills to its bu
 redis-server is killed (SIGKILL: all it held is lost) and restarted twice (`--store
 redis-cluster`: a cluster master is SIGKILLed and failed over twice), and the vLLM
 server is restarted once with the disk directory kept (clients paused meanwhile). Lone
-probe requests check outputs exactly (soak_load.py). Checked throughout and at the end: no
+probe requests check outputs exactly (load.py). Checked throughout and at the end: no
 request failed, every output matched vLLM alone's, resident memory of the serving processes
 stayed within the host budget plus a fixed overhead, the disk tier never held more bytes
 than its budget, vLLM could empty its prefix cache at the end (no blocks held), a fresh
@@ -52,7 +52,7 @@ def _say(msg: str) -> None:
 
 
 def _prompts(model: str, documents: int) -> tuple[list[list[int]], list[list[int]]]:
-    from lmcache.bench.workload_scenarios import TokenSource
+    from lmcache.bench.workload.scenarios import TokenSource
 
     src = TokenSource(model)
     docs = [src.tokens(3 * CHUNK, "soak-doc", d) for d in range(documents)]
@@ -62,7 +62,7 @@ def _prompts(model: str, documents: int) -> tuple[list[list[int]], list[list[int
 
 
 def _servers(model: str, workdir: Path, redis_url: str):
-    from lmcache.bench.workload_services import VllmServer
+    from lmcache.bench.workload.services import VllmServer
 
     common = dict(device_blocks=DEVICE_BLOCKS, block_size=BLOCK, max_model_len=2048, max_num_batched_tokens=2048)
     lmcache = {"chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": HOST_BUDGET_GB,
@@ -101,9 +101,9 @@ class Totals:
 def run(args) -> dict:
     if args.minutes <= 0 or args.concurrency < 1 or args.documents < 2:
         raise SystemExit("--minutes must be > 0, --concurrency >= 1 and --documents >= 2")
-    from lmcache.bench.soak_checks import Sampler
-    from lmcache.bench.soak_load import Clients, Tally, probe, references
-    from lmcache.bench.soak_store import SoakStore
+    from lmcache.bench.soak.checks import Sampler
+    from lmcache.bench.soak.load import Clients, Tally, probe, references
+    from lmcache.bench.soak.store import SoakStore
 
     model = args.model
     if not model:
@@ -182,8 +182,8 @@ def run(args) -> dict:
 def _fresh_prompt_round_trip(server, model: str, tally) -> dict:
     """A prompt never seen: stored, then loaded alone. Pinned chunks leaking would fill the
     small host budget and the store would be dropped."""
-    from lmcache.bench.workload_clients import complete
-    from lmcache.bench.workload_scenarios import TokenSource
+    from lmcache.bench.workload.clients import complete
+    from lmcache.bench.workload.scenarios import TokenSource
 
     prompt = TokenSource(model).tokens(PROMPT_TOKENS, "soak-final")
     before = Totals.read(server)
