@@ -8,6 +8,7 @@ import torch
 
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
 from lmcache.platforms import DEVICE_TYPES, OVERRIDE_ENV
+from lmcache.v1.booleans import truthy
 
 BRIDGE = "the Habana bridge (habana-torch-plugin)"
 BRIDGE_FIX = ("install Intel Gaudi's PyTorch bridge (habana-torch-plugin, from Intel's vault.habana.ai index, the "
@@ -63,7 +64,7 @@ def _gaudi_env(f: dict) -> list[Finding]:
                            f"HABANA_VISIBLE_DEVICES={f['habana_visible']!r} is set, but {BRIDGE} is not installed: "
                            "lmcache cannot use a Gaudi card", BRIDGE_FIX))
     migration = f["gpu_migration"]
-    if migration in ("1", "true", "True"):
+    if truthy(migration):
         if f["bridge"]:
             out.append(Finding("device.gpu_migration", OK,
                                "PT_HPU_GPU_MIGRATION=1: CUDA calls are routed to the HPU and CUDA reports itself "

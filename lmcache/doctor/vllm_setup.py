@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
 from lmcache.integration.vllm import vllm_compat
+from lmcache.integration.vllm.gaudi_checks import online_defragmenter
 
 # name vLLM is given -> what it is
 CONNECTORS = {
@@ -23,7 +25,6 @@ CONNECTORS = {
 }
 OFFLOADING_CLASS = ("lmcache.integration.vllm.lmcache_mp_connector", "LMCacheMPConnector")
 ADAPTER = ("lmcache.integration.vllm.vllm_v1_adapter", "LMCacheConnectorV1Impl")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _version(dist: str) -> str | None:
@@ -168,6 +169,31 @@ def _feature_findings(r: dict) -> list[Finding]:
     return out
 
 
+def _with_prefix_caching(on: bool) -> SimpleNamespace:
+    return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=on))
+
+
+def _defragmenter(gaudi: bool) -> list[Finding]:
+    """vllm-gaudi's online defragmenter, decided by the rule the connector refuses it by
+    (integration/vllm/gaudi_checks.py). The doctor does not see vLLM's flags, so it asks
+    the rule twice: with vLLM's prefix caching on (its default) and off."""
+    names = ("VLLM_DEFRAG", "VLLM_CONTIGUOUS_PA")
+    if not gaudi and not any(name in os.environ for name in names):
+        return []
+    with_prefix, why = online_defragmenter(_with_prefix_caching(True), os.environ)
+    without_prefix, why_off = online_defragmenter(_with_prefix_caching(False), os.environ)
+    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
+             "address other requests' KV"
+    if with_prefix:
+        return [Finding("vllm.gaudi_defragmenter", FAIL, f"on ({why}). {danger}",
+                        "set VLLM_DEFRAG=false when a KV connector is used")]
+    if without_prefix:
+        return [Finding("vllm.gaudi_defragmenter", WARN,
+                        f"off while vLLM's prefix caching is on, on without it ({why_off}). {danger}",
+                        "set VLLM_DEFRAG=false explicitly")]
+    return [Finding("vllm.gaudi_defragmenter", OK, f"off ({why})")]
+
+
 def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
     out = []
     if kv_transfer_config is None:
@@ -188,19 +214,7 @@ def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
         if connector and connector not in CONNECTORS and "lmcache" not in str(connector).lower():
             out.append(Finding("vllm.kv_connector", WARN, f"kv_connector={connector!r} ({where}) is not LMCache's",
                                "use \"lmcache\" or \"LMCacheConnectorV1\""))
-    gaudi = _version("vllm-gaudi") is not None
-    defrag, contiguous = os.environ.get("VLLM_DEFRAG"), os.environ.get("VLLM_CONTIGUOUS_PA")
-    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
-             "address other requests' KV"
-    if (defrag or "").lower() in _TRUE:
-        out.append(Finding("vllm.gaudi_defragmenter", FAIL, f"VLLM_DEFRAG={defrag}: on. {danger}",
-                           "set VLLM_DEFRAG=false when a KV connector is used"))
-    elif gaudi and defrag is None:
-        out.append(Finding("vllm.gaudi_defragmenter", WARN,
-                           f"VLLM_DEFRAG unset: vllm-gaudi turns it on when prefix caching is off or VLLM_CONTIGUOUS_PA="
-                           f"{contiguous or 'unset'} is true. {danger}", "set VLLM_DEFRAG=false explicitly"))
-    elif gaudi or defrag is not None:
-        out.append(Finding("vllm.gaudi_defragmenter", OK, f"VLLM_DEFRAG={defrag}: off"))
+    out.extend(_defragmenter(_version("vllm-gaudi") is not None))
     return out
 
 

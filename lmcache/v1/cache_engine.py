@@ -1,5 +1,6 @@
-"""LMCacheEngine: lookup / store / retrieve of KV chunks (the builder that keeps one
-engine per name is engine_builder.py, re-exported here).
+"""LMCacheEngine: lookup / store / retrieve of KV chunks, and `LMCacheEngineBuilder`,
+which keeps one engine per name in the process (vLLM's integration uses ENGINE_NAME;
+its examples call `LMCacheEngineBuilder.destroy`).
 
 Units. `lookup` answers a position: the end of the cached prefix, from token 0.
 `batched_store` and `batched_retrieve` both answer, per request, a count: the tokens
@@ -15,14 +16,16 @@ ONE batched connector call per step, for all chunks of all requests.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
 import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.engine_types import LMCacheEngineMetadata, TransferSpec
 from lmcache.v1.leases import LeaseTable
-from lmcache.v1.memory import MemoryFormat, MemoryObj
+from lmcache.v1.memory import MemoryObj
 from lmcache.v1.mp.storage_choice import build_storage
 from lmcache.v1.storage_backend.stats import MISS_CAUSES, EngineStats
 from lmcache.v1.storage_backend.storage_manager import ALREADY_HELD
@@ -38,41 +41,6 @@ __all__ = [
     "MISS_CAUSES",
     "TransferSpec",
 ]
-
-
-@dataclass
-class LMCacheEngineMetadata:
-    model_name: str
-    world_size: int
-    worker_id: int
-    kv_dtype: torch.dtype
-    kv_shape: tuple  # (num_layers, 2 or 1, chunk_size, num_kv_heads, head_size)
-    use_mla: bool = False
-    layout_fingerprint: str = ""
-    # what changes KV besides the model name (revision, weights, quantization, ...): a
-    # digest from the integration (integration/vllm/model_identity.py); part of every key
-    model_identity: str = ""
-
-    @property
-    def memory_format(self) -> MemoryFormat:
-        return MemoryFormat.KV_MLA_FMT if self.use_mla else MemoryFormat.KV_2LTD
-
-    def memory_shape(self, num_tokens: int) -> torch.Size:
-        """Shape of a memory object for `num_tokens` tokens, as a connector must give it."""
-        num_layers, _, _, num_heads, head_size = self.kv_shape
-        if self.use_mla:
-            return torch.Size((1, num_layers, num_tokens, head_size))
-        return torch.Size((2, num_layers, num_tokens, num_heads * head_size))
-
-
-@dataclass
-class TransferSpec:
-    tokens: torch.Tensor | list[int]  # token ids from position 0
-    slot_mapping: torch.Tensor  # one slot per token of `tokens` (position 0 on)
-    skip_tokens: int = 0  # chunk-aligned prefix vLLM already holds: not moved
-    num_tokens: int | None = None  # how many of `tokens` to move (default all)
-    lease_id: str | None = None  # the lookup lease this load uses (ended once the load is planned)
-    key_material: Sequence[bytes | None] | None = None  # per chunk, besides the tokens (token_database)
 
 
 @dataclass
@@ -395,4 +363,33 @@ def _drive_layers(steps: Generator | None, num_layers: int) -> Generator:
 
 
 # The builder lives in its own module; this is the name vLLM's examples import.
-from lmcache.v1.engine_builder import LMCacheEngineBuilder  # noqa: E402,F401
+
+
+class LMCacheEngineBuilder:
+    """One engine per name in the process (vLLM uses ENGINE_NAME)."""
+
+    _engines: dict[str, LMCacheEngine] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def get_or_create(cls, instance_id: str, config: LMCacheEngineConfig, metadata: LMCacheEngineMetadata,
+                      gpu_connector=None) -> LMCacheEngine:
+        with cls._lock:
+            engine = cls._engines.get(instance_id)
+            if engine is None:
+                engine = cls._engines[instance_id] = LMCacheEngine(config, metadata, gpu_connector)
+            elif gpu_connector is not None and engine.gpu_connector is None:
+                engine.set_gpu_connector(gpu_connector)
+            return engine
+
+    @classmethod
+    def get(cls, instance_id: str) -> LMCacheEngine | None:
+        with cls._lock:
+            return cls._engines.get(instance_id)
+
+    @classmethod
+    def destroy(cls, instance_id: str) -> None:
+        with cls._lock:
+            engine = cls._engines.pop(instance_id, None)
+        if engine is not None:
+            engine.close()

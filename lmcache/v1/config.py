@@ -22,22 +22,22 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     NO_NIXL,
     REMOTE_SCHEMES,
     UNSUPPORTED_SERDES,
-    _Bad,
-    _disk_path,
-    _extra,
-    _http_url,
-    _mp_host,
-    _nixl_off,
-    _non_negative_float,
-    _non_negative_int,
-    _none_or,
-    _parse_bool,
-    _positive_float,
-    _port,
-    _positive_int,
-    _remote_url,
-    _serde,
-    _slot_buckets,
+    BadValue,
+    disk_path,
+    extra_mapping,
+    http_url,
+    mp_host,
+    nixl_off,
+    non_negative_float,
+    non_negative_int,
+    none_or,
+    parse_bool,
+    positive_float,
+    tcp_port,
+    positive_int,
+    remote_url,
+    serde_name,
+    slot_buckets,
     physical_memory_bytes,
     shown_value,
 )
@@ -61,13 +61,13 @@ MIN_SECRET_CHARS = 16
 def _namespace(value: Any) -> str:
     text = str(value)
     if not 1 <= len(text) <= 64 or not text.isprintable():
-        raise _Bad()
+        raise BadValue()
     return text
 
 
 def _secret(value: Any) -> str:
     if not isinstance(value, (str, bytes)) or len(value) < MIN_SECRET_CHARS:
-        raise _Bad()
+        raise BadValue()
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -157,46 +157,46 @@ class _Key:
 
 
 KEYS: dict[str, _Key] = {
-    "chunk_size": _Key(_positive_int, "a positive integer (tokens per chunk)"),
-    "local_cpu": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
-    "max_local_cpu_size": _Key(_non_negative_float, "a number of GB >= 0"),
+    "chunk_size": _Key(positive_int, "a positive integer (tokens per chunk)"),
+    "local_cpu": _Key(parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "max_local_cpu_size": _Key(non_negative_float, "a number of GB >= 0"),
     "local_disk": _Key(
-        _none_or(_disk_path),
+        none_or(disk_path),
         "a directory path or file:///path/ (not an existing regular file), or none",
     ),
-    "max_local_disk_size": _Key(_non_negative_float, "a number of GB >= 0"),
+    "max_local_disk_size": _Key(non_negative_float, "a number of GB >= 0"),
     "remote_url": _Key(
-        _none_or(_remote_url),
+        none_or(remote_url),
         "none, lm://host:port (port 1..65535), a URL scheme://[user:password@]host[:port][/db] with scheme one of "
         + ", ".join(REMOTE_SCHEMES[:-1])
         + ", redis-cluster://[user:password@]h1:p1,h2:p2,... (rediss-cluster, valkey-cluster: the same), "
         "redis-sentinel://[user:password@]h1:p1,h2:p2,...[/service_name] (rediss-sentinel), or s3://bucket[/prefix]",
     ),
     "remote_serde": _Key(
-        _serde,
+        serde_name,
         "naive (the default) or null/NULL (the same); "
         + ", ".join(UNSUPPORTED_SERDES) + " (upstream's compressing serdes) are not supported here",
     ),
-    "save_unfull_chunk": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
-    "save_decode_cache": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
-    "use_layerwise": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
-    "min_retrieve_tokens": _Key(_non_negative_int, "an integer >= 0 (tokens)"),
-    "extra_config": _Key(_extra, "a mapping (in env vars: a JSON object), or none"),
-    "remote_timeout": _Key(_positive_float, "a number of seconds > 0"),
-    "remote_connect_timeout": _Key(_positive_float, "a number of seconds > 0"),
-    "remote_retry_interval": _Key(_non_negative_float, "a number of seconds >= 0"),
-    "s3_endpoint_url": _Key(_none_or(_http_url), "none (AWS) or http(s)://host[:port] of an S3-compatible store"),
-    "store_queue_size": _Key(_positive_int, "a positive integer (chunks)"),
-    "cpu_native_blocks": _Key(_parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
-    "hpu_slot_buckets": _Key(_slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
-    "lookup_lease_ttl": _Key(_positive_float, "a number of seconds > 0"),
-    "enable_nixl": _Key(_nixl_off, "false only: " + NO_NIXL),
-    "cache_namespace": _Key(_none_or(_namespace), "a short name (1-64 printable characters), or none"),
+    "save_unfull_chunk": _Key(parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "save_decode_cache": _Key(parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "use_layerwise": _Key(parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "min_retrieve_tokens": _Key(non_negative_int, "an integer >= 0 (tokens)"),
+    "extra_config": _Key(extra_mapping, "a mapping (in env vars: a JSON object), or none"),
+    "remote_timeout": _Key(positive_float, "a number of seconds > 0"),
+    "remote_connect_timeout": _Key(positive_float, "a number of seconds > 0"),
+    "remote_retry_interval": _Key(non_negative_float, "a number of seconds >= 0"),
+    "s3_endpoint_url": _Key(none_or(http_url), "none (AWS) or http(s)://host[:port] of an S3-compatible store"),
+    "store_queue_size": _Key(positive_int, "a positive integer (chunks)"),
+    "cpu_native_blocks": _Key(parse_bool, "a boolean: true/false/1/0/yes/no/on/off"),
+    "hpu_slot_buckets": _Key(slot_buckets, '"auto", "off", or ascending token counts ("256,1024")'),
+    "lookup_lease_ttl": _Key(positive_float, "a number of seconds > 0"),
+    "enable_nixl": _Key(nixl_off, "false only: " + NO_NIXL),
+    "cache_namespace": _Key(none_or(_namespace), "a short name (1-64 printable characters), or none"),
     "chunk_secret": _Key(
-        _none_or(_secret), f"a secret of at least {MIN_SECRET_CHARS} characters (env LMCACHE_CHUNK_SECRET), or none"
+        none_or(_secret), f"a secret of at least {MIN_SECRET_CHARS} characters (env LMCACHE_CHUNK_SECRET), or none"
     ),
-    "mp_host": _Key(_none_or(_mp_host), 'none, "auto", or the lmcache server\'s host (127.0.0.1, tcp://localhost)'),
-    "mp_port": _Key(_port, "a TCP port, 1..65535"),
+    "mp_host": _Key(none_or(mp_host), 'none, "auto", or the lmcache server\'s host (127.0.0.1, tcp://localhost)'),
+    "mp_port": _Key(tcp_port, "a TCP port, 1..65535"),
 }
 
 # upstream's dotted names of the same keys ("lmcache.mp.host" in vLLM's extra config)
@@ -207,7 +207,7 @@ def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None
     spec = KEYS[key]
     try:
         parsed = spec.parse(value)
-    except (_Bad, ValueError):
+    except (BadValue, ValueError):
         raise ConfigError(
             f"lmcache config: {key}={shown_value(key, value)!r} (from {source}) is not valid; "
             f"accepted: {spec.accepted}"

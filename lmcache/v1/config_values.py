@@ -1,6 +1,6 @@
 """How each config value is read: one parser per kind of value (lmcache.v1.config).
 
-A parser returns the value in its Python form or raises `_Bad`; the caller turns that
+A parser returns the value in its Python form or raises `BadValue`; the caller turns that
 into a ConfigError naming the key, the value, its source and what is accepted.
 """
 
@@ -12,6 +12,7 @@ import re
 import urllib.parse
 from typing import Any, Callable, Mapping
 
+from lmcache.v1 import booleans
 from lmcache.v1.remote_urls import redact_url
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
@@ -19,27 +20,20 @@ REMOTE_SERDES = ("naive",)
 # Upstream serdes this implementation does not offer (named in the error).
 UNSUPPORTED_SERDES = ("cachegen", "kivi")
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-class _Bad(Exception):
+class BadValue(Exception):
     """Raised by a parser; carries the 'accepted' text of the key."""
 
 
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise _Bad
+def parse_bool(value: Any) -> bool:
+    try:
+        return booleans.parse_bool(value)
+    except ValueError:
+        raise BadValue from None
 
 
-def _parse_int(value: Any) -> int:
+def parse_int(value: Any) -> int:
     if isinstance(value, bool):
-        raise _Bad
+        raise BadValue
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -48,24 +42,24 @@ def _parse_int(value: Any) -> int:
         try:
             return int(value.strip())
         except ValueError:
-            raise _Bad from None
-    raise _Bad
+            raise BadValue from None
+    raise BadValue
 
 
-def _parse_float(value: Any) -> float:
+def parse_float(value: Any) -> float:
     if isinstance(value, bool):
-        raise _Bad
+        raise BadValue
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
         try:
             return float(value.strip())
         except ValueError:
-            raise _Bad from None
-    raise _Bad
+            raise BadValue from None
+    raise BadValue
 
 
-def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse_optional(value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
@@ -74,51 +68,51 @@ def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
-def _positive_int(value: Any) -> int:
-    n = _parse_int(value)
+def positive_int(value: Any) -> int:
+    n = parse_int(value)
     if n <= 0:
-        raise _Bad
+        raise BadValue
     return n
 
 
-def _non_negative_int(value: Any) -> int:
-    n = _parse_int(value)
+def non_negative_int(value: Any) -> int:
+    n = parse_int(value)
     if n < 0:
-        raise _Bad
+        raise BadValue
     return n
 
 
-def _non_negative_float(value: Any) -> float:
-    x = _parse_float(value)
+def non_negative_float(value: Any) -> float:
+    x = parse_float(value)
     if not x >= 0 or x == float("inf"):
-        raise _Bad
+        raise BadValue
     return x
 
 
-def _positive_float(value: Any) -> float:
-    x = _parse_float(value)
+def positive_float(value: Any) -> float:
+    x = parse_float(value)
     if not x > 0 or x == float("inf"):
-        raise _Bad
+        raise BadValue
     return x
 
 
-def _disk_path(value: Any) -> str:
+def disk_path(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Bad
+        raise BadValue
     value = value.strip()
     if "://" in value:
         parts = urllib.parse.urlsplit(value)
         if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
-            raise _Bad
+            raise BadValue
         value = urllib.parse.unquote(parts.path)
     if os.path.exists(value) and not os.path.isdir(value):
-        raise _Bad
+        raise BadValue
     return value
 
 
-def _remote_url(value: Any) -> str:
+def remote_url(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Bad
+        raise BadValue
     value = value.strip()
     from lmcache.v1 import remote_urls
 
@@ -129,51 +123,51 @@ def _remote_url(value: Any) -> str:
         parts = urllib.parse.urlsplit(value)
         parts.port  # raises ValueError on a bad port
     except ValueError:
-        raise _Bad from None
+        raise BadValue from None
     if parts.scheme not in REMOTE_SCHEMES or not parts.hostname or parts.port == 0:
-        raise _Bad  # port 0 is "any port" to a server, and no port at all to a client
+        raise BadValue  # port 0 is "any port" to a server, and no port at all to a client
     if parts.scheme == "lm" and (parts.port is None or parts.path not in ("", "/") or parts.username):
-        raise _Bad  # lm://HOST:PORT, nothing else
+        raise BadValue  # lm://HOST:PORT, nothing else
     db = parts.path.strip("/")
     if db and not db.isdigit():
-        raise _Bad
+        raise BadValue
     return value
 
 
-def _http_url(value: Any) -> str:
+def http_url(value: Any) -> str:
     if not isinstance(value, str):
-        raise _Bad
+        raise BadValue
     parts = urllib.parse.urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
-        raise _Bad
+        raise BadValue
     return value.strip()
 
 
-def _mp_host(value: Any) -> str:
+def mp_host(value: Any) -> str:
     """A host name or address, optionally as tcp://HOST; "auto" as it is."""
     if not isinstance(value, str) or not value.strip():
-        raise _Bad
+        raise BadValue
     host = value.strip()
     if host.lower() == "auto":
         return "auto"
     if "://" in host:
         scheme, host = host.split("://", 1)
         if scheme != "tcp":
-            raise _Bad
+            raise BadValue
     host = host.strip("[]")
     if not host or not all(c.isalnum() or c in ".-_:" for c in host):
-        raise _Bad
+        raise BadValue
     return host
 
 
-def _port(value: Any) -> int:
-    port = _parse_int(value)
+def tcp_port(value: Any) -> int:
+    port = parse_int(value)
     if not 0 < port < 65536:
-        raise _Bad
+        raise BadValue
     return port
 
 
-def _serde(value: Any) -> str | None:
+def serde_name(value: Any) -> str | None:
     """naive, or null (YAML null or the string NULL/none, as production files write
     it): None, which the tiers treat as naive."""
     if value is None:
@@ -184,7 +178,7 @@ def _serde(value: Any) -> str | None:
             return None
         if name in REMOTE_SERDES:
             return name
-    raise _Bad
+    raise BadValue
 
 
 NO_NIXL = (
@@ -195,13 +189,13 @@ NO_NIXL = (
 )
 
 
-def _nixl_off(value: Any) -> bool:
-    if _parse_bool(value):
-        raise _Bad
+def nixl_off(value: Any) -> bool:
+    if parse_bool(value):
+        raise BadValue
     return False
 
 
-def _extra(value: Any) -> dict | None:
+def extra_mapping(value: Any) -> dict | None:
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -212,13 +206,13 @@ def _extra(value: Any) -> dict | None:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
-            raise _Bad from None
+            raise BadValue from None
         if isinstance(parsed, dict):
             return parsed
-    raise _Bad
+    raise BadValue
 
 
-def _slot_buckets(value: Any) -> Any:
+def slot_buckets(value: Any) -> Any:
     from lmcache.v1.gpu_connector.hpu.buckets import parse_slot_buckets  # ValueError: not accepted
     return parse_slot_buckets(value)
 

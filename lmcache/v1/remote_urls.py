@@ -17,13 +17,14 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
+from lmcache.v1 import booleans
+
 CLUSTER_SCHEMES = {"redis-cluster": False, "rediss-cluster": True, "valkey-cluster": False, "valkeys-cluster": True}
 SENTINEL_SCHEMES = {"redis-sentinel": False, "rediss-sentinel": True}
 S3_SCHEMES = ("s3",)
 DISTRIBUTED_SCHEMES = (*CLUSTER_SCHEMES, *SENTINEL_SCHEMES, *S3_SCHEMES)
 DEFAULT_SERVICE = "redismaster"
 _OPTIONS = {"read_from_replicas"}
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # S3 bucket names: 3-63 of lower-case letters, digits, dots and hyphens.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -94,10 +95,13 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
 def _options(query: str, url: str) -> dict[str, bool]:
     out = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if name not in _OPTIONS or value.lower() not in _TRUE | _FALSE:
+        try:
+            if name not in _OPTIONS:
+                raise ValueError(name)
+            out[name] = booleans.parse_bool(value)
+        except ValueError:
             raise ValueError(f"remote_url {redact_url(url)!r}: option {name}={value!r} is not known; accepted: "
-                             "read_from_replicas=true|false")
-        out[name] = value.lower() in _TRUE
+                             "read_from_replicas=true|false") from None
     return out
 
 

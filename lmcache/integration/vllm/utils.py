@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+
+from lmcache.v1 import booleans
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,7 @@ RPC_PORT_KEY = "lmcache_rpc_port"
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 
-_FALSY = {"", "0", "false", "no", "off"}
-
-
-def truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in _FALSY
-    return bool(value)
+truthy = booleans.truthy  # the lenient reading of a switch (lmcache/v1/booleans.py)
 
 
 def force_skip_save() -> bool:
