@@ -34,12 +34,12 @@ class CacheServerProcess:
         self.log_path = Path(log_path)
 
     def start(self, timeout: float = 60.0) -> "CacheServerProcess":
-        starts = self.log().count("listening on")  # the log goes on across restarts
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-        up = wait_until(lambda: self.log().count("listening on") > starts or self.proc.poll() is not None, timeout)
+        up = wait_until(lambda: self.healthy() or self.proc.poll() is not None, timeout)
         if not up or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError(f"lmcache server did not start (exit status {self.proc.poll()}):\n{self.log()[-4000:]}")
@@ -72,6 +72,13 @@ class CacheServerProcess:
     def kill(self) -> None:
         """SIGKILL: what the server held in shared memory is gone."""
         self.stop(signal.SIGKILL)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthcheck", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def status(self, timeout: float = 10.0) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/status", timeout=timeout) as r:
