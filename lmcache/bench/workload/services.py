@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lmcache.testing.processes import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
 # through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
@@ -167,12 +167,13 @@ class VllmServer:
 
     def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
                  block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str,
-                 connector: str = CONNECTOR, connector_extra: dict | None = None):
+                 connector: str = CONNECTOR, connector_extra: dict | None = None, prefix_caching: bool = True):
         """`connector`: the kv_connector name vLLM is given; `connector_extra` a dict: our
         LMCacheConnectorV1Dynamic class by module path, with these plain kv_connector_extra_config keys."""
         self.model = model
         self.connector = connector
         self.connector_extra = connector_extra
+        self.prefix_caching = prefix_caching  # False: vLLM's own prefix cache off (--no-enable-prefix-caching)
         self.workdir = Path(workdir)
         self.lmcache = lmcache
         self.device_blocks = device_blocks
@@ -199,6 +200,8 @@ class VllmServer:
                "--num-gpu-blocks-override", str(self.device_blocks), "--max-model-len", str(self.max_model_len),
                "--max-num-batched-tokens", str(self.max_num_batched_tokens), "--max-num-seqs", "16",
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
+        if not self.prefix_caching:
+            cmd.append("--no-enable-prefix-caching")
         if self.lmcache is not None:
             extra = {f"lmcache.{k}": v for k, v in self.lmcache.items()}
             named = {"kv_connector": self.connector}
