@@ -228,7 +228,8 @@ def run(args) -> dict:
         ratio_figures.update(multi_figures)
         met = met and multi_instance.targets_met(multi, multi_figures)
     wall = time.perf_counter() - began
-    print(f"\nmachine: {_machine()}; model: {model_name}; engine starts (s): {starts}; RSS at the end (MiB): {rss}")
+    started = f"; engine starts (s): {starts}; RSS at the end (MiB): {rss}" if starts else ""
+    print(f"\nmachine: {_machine()}; model: {model_name}{started}")
     print(f"load average (1/5/15 min) at start and after each scenario: {'; '.join(loads)}; wall time {wall / 60:.1f} min")
     return {
         "bench": "workload", "machine": _machine(), "model": model_name, "smoke": bool(args.smoke),

@@ -179,6 +179,7 @@ def run_multi_instance(model: str, workdir: Path, sizes: Sizes, source: TokenSou
                 "prompt_tokens": side.prompt_tokens,
                 "lmcache_hit_rate": round(loaded / side.prompt_tokens, 4) if side.prompt_tokens else 0.0,
                 "host_cached_bytes": side.host_bytes() - before[side.name][0],
+                "engine_start_s": [round(s.start_seconds, 1) for s in side.instances],
             }
     return out
 
