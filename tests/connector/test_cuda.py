@@ -5,8 +5,8 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import roundtrip
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import roundtrip
 
 pytestmark = pytest.mark.cuda
 

@@ -10,9 +10,9 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import Mismatch, roundtrip
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import Mismatch, roundtrip
+from tests.helpers.hpu import emulated_hpu
 
 L, H, D = 2, 2, 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}

@@ -13,8 +13,8 @@ from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.gpu_connector.hpu import HpuTransfers, SlotBuckets, static_transfers
 from lmcache.v1.gpu_connector.staged import StagedTransfers
 from lmcache.v1.memory import MemoryObj
-from tests.connector.kv_layouts import raw
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers.kv_layouts import raw
+from tests.helpers.hpu import emulated_hpu
 
 L, BLOCKS, N, H, D = 2, 48, 128, 2, 16
 

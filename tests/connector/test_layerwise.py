@@ -5,7 +5,7 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
+from tests.helpers import kv_layouts as kl
 
 L, B, N, H, D = 4, 8, 16, 2, 16
 

@@ -7,7 +7,7 @@ from lmcache.platforms import make_platform
 from lmcache.v1.gpu_connector import LayoutError, create_gpu_connector
 from lmcache.v1.gpu_connector.layouts import LayoutKind
 from lmcache.v1.memory import MemoryFormat
-from tests.connector import kv_layouts as kl
+from tests.helpers import kv_layouts as kl
 
 CPU = make_platform("cpu")
 

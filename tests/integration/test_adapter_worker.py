@@ -1,5 +1,5 @@
 """Worker half of LMCacheConnectorV1Impl over the real engine and vLLM's CPU paged layout
-(tests/integration/worker_rig.py): one batched call per step, load failures become block
+(tests/helpers/worker_rig.py): one batched call per step, load failures become block
 ids for vLLM to recompute, cache faults never fail a step, async saves hold a finished
 request's blocks until they are done. Faults are injected into the real tier or copy."""
 
@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from lmcache.integration.vllm.request_tracker import ReqMeta, TransferPlan, slot_mapping  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorMetadata, LMCacheConnectorV1Impl  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 
 BLOCK = 16
 
@@ -228,7 +228,7 @@ def test_preemption_waits_for_that_requests_saves(real_worker):
 
 def test_scheduler_holds_blocks_only_for_async_saves():
     from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
-    from tests.integration.vllm_objects import make_request, new_req, step
+    from tests.helpers.vllm_objects import make_request, new_req, step
 
     for async_save in (False, True):
         impl = LMCacheConnectorV1Impl.__new__(LMCacheConnectorV1Impl)

@@ -24,9 +24,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  #
 from lmcache.integration.vllm.lookup_channel import LookupClient, lease_id_of, socket_address  # noqa: E402
 from lmcache.integration.vllm.scheduler_side import needs_slow_tier  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 from tests.integration.test_adapter_worker import vllm_config as scheduler_config  # noqa: E402
-from tests.integration.vllm_objects import make_request, new_req, step  # noqa: E402
+from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
 
 def _received(impl, req_id: str, timeout: float = 20.0) -> set[int]:

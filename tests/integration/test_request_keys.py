@@ -26,8 +26,8 @@ from lmcache.integration.vllm.lookup_channel import encode_key_material  # noqa:
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy  # noqa: E402
 from lmcache.v1.cache_engine import TransferSpec  # noqa: E402
 from lmcache.v1.token_database import chunk_hashes  # noqa: E402
-from tests.integration.vllm_objects import new_req, step  # noqa: E402
-from tests.storage.workload import make_engine  # noqa: E402
+from tests.helpers.vllm_objects import new_req, step  # noqa: E402
+from tests.helpers.workload import make_engine  # noqa: E402
 
 CHUNK = 16
 TOKENS = list(range(100, 196))  # 96 tokens: 6 chunks

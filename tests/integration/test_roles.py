@@ -16,7 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  #
 
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
 from lmcache.v1.config import ConfigError, load_config  # noqa: E402
-from tests.integration.vllm_objects import make_request, new_req, step  # noqa: E402
+from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
 CHUNK, BLOCK = 256, 16
 PROMPT = list(range(3000, 3600))  # 600 tokens: 2 full chunks and a partial one

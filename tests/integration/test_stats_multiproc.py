@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
-from tests.connector import kv_layouts as kl
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers import kv_layouts as kl
+from tests.helpers.hpu import emulated_hpu
 from tests.integration import test_connector_stats as t
-from tests.integration.vllm_objects import new_req, step
+from tests.helpers.vllm_objects import new_req, step
 
 wrapper_mode = sys.argv[1] == "wrapper"
 with emulated_hpu(lazy=True):

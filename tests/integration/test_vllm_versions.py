@@ -34,8 +34,8 @@ from lmcache.integration.vllm import vllm_compat  # noqa: E402
 from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata  # noqa: E402
 from lmcache.integration.vllm.lookup_channel import lease_id_of  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
-from tests.integration.vllm_objects import make_request, new_req, step  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
+from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
 pytestmark = pytest.mark.every_vllm
 

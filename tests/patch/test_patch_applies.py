@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.upstream_lmcache import PATCHES_DIR, git_apply
+from tests.helpers.upstream_lmcache import PATCHES_DIR, git_apply
 
 pytestmark = pytest.mark.network
 

@@ -2,7 +2,7 @@
 
 The emulation backs `hpu` tensors with CPU memory: these tests prove detection,
 placement, data movement, sync counts and shape counts, not Gaudi speed. Each tree
-runs in its own subprocess (tests/patch/probe_056.py; both are named `lmcache`),
+runs in its own subprocess (tests/helpers/probe_056.py; both are named `lmcache`),
 the two at the same time.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.patch.probe_runner import run_probes, section
+from tests.helpers.probe_runner import run_probes, section
 
 pytestmark = pytest.mark.network
 

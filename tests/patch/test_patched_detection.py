@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.devices import cuda_present
-from tests.patch.probe_runner import run_probe, section
+from tests.helpers.devices import cuda_present
+from tests.helpers.probe_runner import run_probe, section
 
 pytestmark = pytest.mark.network
 

@@ -2,14 +2,14 @@
 
 The emulation backs `hpu` tensors with CPU memory: these tests prove detection,
 device placement, data movement and sync counts, not Gaudi speed. The patched tree
-runs in a subprocess (tests/patch/patched_probe.py): it is also named `lmcache`.
+runs in a subprocess (tests/helpers/patched_probe.py): it is also named `lmcache`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.patch.probe_runner import run_probe, section
+from tests.helpers.probe_runner import run_probe, section
 
 pytestmark = pytest.mark.network
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.server.cache_server import CHUNK, CacheServerProcess
+from tests.helpers.cache_server import CHUNK, CacheServerProcess
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from lmcache.platforms import current_platform
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.workload import make_engine, prompt_tokens, store_prompt
+from tests.helpers.workload import make_engine, prompt_tokens, store_prompt
 
 N = 64
 

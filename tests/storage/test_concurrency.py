@@ -7,8 +7,8 @@ import time
 import pytest
 
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.conftest import child_result, spawn_child
-from tests.storage.workload import check_prompt, check_remote, make_engine
+from tests.helpers.children import child_result, spawn_child
+from tests.helpers.workload import check_prompt, check_remote, make_engine
 
 CS, N = 64, 512  # 8 chunks of 64 KiB per prompt
 

@@ -20,7 +20,7 @@ from lmcache.v1.memory import HostMemoryPool
 from lmcache.v1.storage_backend import local_disk
 from lmcache.v1.storage_backend.local_disk import LocalDiskBackend, file_name
 from lmcache.v1.storage_backend.stats import EngineStats
-from tests.storage.test_tiers import MB, key, make_obj, same
+from tests.helpers.tier_objects import MB, key, make_obj, same
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOBODY = 65534
@@ -30,7 +30,7 @@ CHILD = r"""
 import json, logging, sys, torch
 from lmcache.v1.memory import HostMemoryPool
 from lmcache.v1.storage_backend.local_disk import LocalDiskBackend
-from tests.storage.test_tiers import key, make_obj
+from tests.helpers.tier_objects import key, make_obj
 lines = []
 class Keep(logging.Handler):
     def emit(self, record):

@@ -1,6 +1,6 @@
 """`python -m lmcache doctor` on the distributed tiers: every cluster node checked
 on its own, the sentinels asked for their master, the S3 bucket probed; each
-against real servers (the module-scoped groups of tests/fixtures/redis.py)."""
+against real servers (the module-scoped groups of tests/helpers/redis_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lmcache.doctor import tiers
 from lmcache.doctor.report import FAIL, OK, WARN
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.testing.processes import free_port
-from tests.storage.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
+from tests.helpers.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 
 
 def _config(**values) -> LMCacheEngineConfig:

@@ -8,8 +8,8 @@ import torch
 
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder, TransferSpec
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.host_connector import HostPagedConnector, bits
-from tests.storage.workload import make_engine, metadata, prompt_kv, prompt_tokens
+from tests.helpers.host_connector import HostPagedConnector, bits
+from tests.helpers.workload import make_engine, metadata, prompt_kv, prompt_tokens
 
 CS = 16  # chunk size
 

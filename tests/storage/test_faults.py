@@ -11,7 +11,7 @@ import pytest
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend import chunk_file, serde
 from lmcache.v1.storage_backend.local_disk import file_name
-from tests.storage.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
+from tests.helpers.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
 
 CS, N = 16, 64  # 4 chunks per prompt
 

@@ -25,10 +25,10 @@ from lmcache.testing.processes import wait_until
 from lmcache.v1.cache_engine import LMCacheEngine
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.storage_backend.local_disk import file_name
-from tests.storage.host_connector import HostPagedConnector, bits
-from tests.fixtures.upstream_wheel import upstream_056  # noqa: F401 (fixture)
-from tests.storage.lm_peers import lm_factory  # noqa: F401 (fixture)
-from tests.storage.workload import SHAPE, check_prompt, make_engine, metadata, prompt_kv, prompt_tokens, store_prompt
+from tests.helpers.host_connector import HostPagedConnector, bits
+from tests.helpers.upstream_wheel import upstream_056  # noqa: F401 (fixture)
+from tests.helpers.lm_peers import lm_factory  # noqa: F401 (fixture)
+from tests.helpers.workload import SHAPE, check_prompt, make_engine, metadata, prompt_kv, prompt_tokens, store_prompt
 
 CS, N = 16, 64  # 4 chunks per prompt
 SECRET = "correct horse battery staple 42"
@@ -326,7 +326,7 @@ def test_a_big_chunk_is_sealed_over_every_leaf():
     byte changed in any leaf (checksums fixed up) is refused; the same bytes verify."""
     from lmcache.v1.memory import HostMemoryPool, MemoryFormat
     from lmcache.v1.storage_backend import serde
-    from tests.storage.host_connector import random_fill
+    from tests.helpers.host_connector import random_fill
 
     pool = HostMemoryPool(64 << 20)
     obj = pool.allocate((2, 2, 1024, 1536), torch.float16, MemoryFormat.KV_2LTD)  # 12 MiB: 3 leaves

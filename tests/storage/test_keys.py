@@ -12,7 +12,7 @@ import torch
 
 from lmcache.v1.cache_engine import LMCacheEngineMetadata
 from lmcache.v1.token_database import CacheEngineKey, ChunkedTokenDatabase, chunk_hashes, mask_skip, token_bytes
-from tests.storage.conftest import REPO
+from tests.helpers.children import REPO
 
 META = LMCacheEngineMetadata("meta-llama/Llama-3.1-8B", 2, 1, torch.bfloat16, (32, 2, 256, 8, 128))
 TOKENS = [(i * 7919) % 128_000 for i in range(1000)]

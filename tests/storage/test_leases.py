@@ -11,7 +11,7 @@ import torch
 from lmcache.v1.cache_engine import TransferSpec
 from lmcache.v1.config import ConfigError, LMCacheEngineConfig
 from lmcache.v1.leases import LeaseTable
-from tests.storage.workload import check_prompt, make_engine, prompt_kv, prompt_tokens
+from tests.helpers.workload import check_prompt, make_engine, prompt_kv, prompt_tokens
 
 CS = 16
 N = 64  # tokens per prompt: 4 chunks

@@ -13,7 +13,7 @@ from lmcache.v1.memory import HostMemoryPool
 from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend.lm import LMServerBackend
 from lmcache.v1.storage_backend.stats import EngineStats
-from tests.storage.test_tiers import MB, key, make_obj
+from tests.helpers.tier_objects import MB, key, make_obj
 
 TRICKLE_FOR = 8.0  # seconds a connection is trickled to before the peer closes it
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from lmcache.testing.processes import wait_until
 from lmcache.v1.server import protocol as P
 from lmcache.v1.server.store import Entry, LRUByteStore
-from tests.storage.lm_peers import REPO, RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
+from tests.helpers.lm_peers import REPO, RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
 
 MB = 1024**2
 

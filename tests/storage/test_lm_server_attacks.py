@@ -10,7 +10,7 @@ import time
 
 from lmcache.testing.processes import wait_until
 from lmcache.v1.server import protocol as P
-from tests.storage.lm_peers import REPO, RawClient, lm_factory  # noqa: F401 (fixture)
+from tests.helpers.lm_peers import REPO, RawClient, lm_factory  # noqa: F401 (fixture)
 
 MB = 1024**2
 

@@ -16,10 +16,10 @@ from lmcache.v1.storage_backend import lm_keys
 from lmcache.v1.storage_backend.lm import LMServerBackend
 from lmcache.v1.storage_backend.storage_manager import StorageManager
 from lmcache.v1.token_database import CacheEngineKey
-from lmcache.testing.processes import free_port
-from tests.storage.lm_peers import RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
-from tests.storage.test_tiers import CASES, IDS, MB, key, make_obj, same
-from tests.storage.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
+from lmcache.testing.processes import free_port, wait_until
+from tests.helpers.lm_peers import RawClient, lm_factory, lm_server  # noqa: F401 (fixtures)
+from tests.helpers.tier_objects import CASES, IDS, MB, key, make_obj, same
+from tests.helpers.workload import check_prompt, make_engine, outage_then_recovery, prompt_tokens, store_prompt
 
 CS, N = 16, 64
 
@@ -51,6 +51,8 @@ def test_corrupted_payload_is_caught_by_the_comparison(lm_server):
     tier.put(key(1), obj)
     wire = lm_keys.wire_key(key(1))
     with RawClient(lm_server.port) as c:
+        # a PUT has no reply: the server may not have it yet when another connection asks
+        assert wait_until(lambda: c.get(wire)[1] is not None, 10)
         reply, data = c.get(wire)
         data = bytearray(data)
         data[100] ^= 1

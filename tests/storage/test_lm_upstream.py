@@ -15,13 +15,13 @@ from lmcache.v1.server import protocol as P
 from lmcache.v1.storage_backend import lm_keys
 from lmcache.v1.storage_backend.lm import LMServerBackend
 from lmcache.v1.token_database import CacheEngineKey
-from tests.fixtures.upstream_wheel import upstream_056, upstream_env  # noqa: F401 (fixture)
-from tests.storage.host_connector import bits, random_fill
-from tests.storage.lm_peers import RawClient, lm_factory  # noqa: F401 (fixture)
+from tests.helpers.upstream_wheel import upstream_056, upstream_env  # noqa: F401 (fixture)
+from tests.helpers.host_connector import bits, random_fill
+from tests.helpers.lm_peers import RawClient, lm_factory  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.network
 
-DRIVER = Path(__file__).with_name("upstream_lm_driver.py")
+DRIVER = Path(__file__).parents[1] / "helpers" / "upstream_lm_driver.py"
 MB = 1024**2
 LAYOUT = "kv.L3.H4.D16"
 
@@ -73,7 +73,7 @@ def test_headers_and_keys_byte_for_byte(upstream_056):
 
 
 def test_the_wheel_is_checked(upstream_056, tmp_path):
-    from tests.fixtures import upstream_wheel as uw
+    from tests.helpers import upstream_wheel as uw
 
     good = uw.cache_dir() / uw.WHEEL
     uw.verify_wheel(good)

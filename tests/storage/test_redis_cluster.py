@@ -1,5 +1,5 @@
 """The remote tier on a real Redis Cluster (3 masters + 1 replica each on 127.0.0.1,
-tests/fixtures/redis.py): chunks on every shard, a second process's hits, lost keys
+tests/helpers/redis_fixtures.py): chunks on every shard, a second process's hits, lost keys
 as misses, a slot migration and a master SIGKILLed mid-traffic, with no failed
 operation and no wrong data. The tests share one cluster and run in file order."""
 
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
 pytestmark = pytest.mark.redis
 CS, N = 16, 64  # 4 chunks per prompt

@@ -1,5 +1,5 @@
 """The remote tier through Redis Sentinel (1 master, 1 replica, 3 sentinels on
-127.0.0.1, tests/fixtures/redis.py): master discovery, reads from the replica, the
+127.0.0.1, tests/helpers/redis_fixtures.py): master discovery, reads from the replica, the
 service name from the environment, and a master SIGKILLed mid-traffic, followed
 to the promoted replica without a restart or a failed operation."""
 
@@ -13,7 +13,7 @@ import pytest
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.remote_urls import parse_redis_seeds
 from lmcache.v1.storage_backend.remote import RemoteBackend
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
 pytestmark = pytest.mark.redis
 CS, N = 16, 64

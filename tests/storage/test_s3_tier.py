@@ -1,5 +1,5 @@
 """The s3:// tier against a real S3-compatible server (SeaweedFS on 127.0.0.1,
-tests/storage/s3_server.py): a second process's hits, the request cost of a
+tests/helpers/s3_server.py): a second process's hits, the request cost of a
 lookup, parallel multipart upload and ranged reads of a large chunk, a bad object,
 and the server SIGKILLed mid-run and started again."""
 
@@ -14,8 +14,8 @@ from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import HostMemoryPool, MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.s3 import PART_BYTES, S3Backend
 from lmcache.v1.token_database import CacheEngineKey
-from tests.storage.s3_server import BUCKET, CREDENTIALS, s3_env, s3_server  # noqa: F401 - fixtures
-from tests.storage.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.s3_server import BUCKET, CREDENTIALS, s3_env, s3_server  # noqa: F401 - fixtures
+from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
 CS, N = 16, 64
 URL = f"s3://{BUCKET}/kv/run1"

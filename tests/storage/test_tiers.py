@@ -8,39 +8,15 @@ import pytest
 import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
-from lmcache.v1.memory import HostMemoryPool, MemoryFormat
+from lmcache.v1.memory import HostMemoryPool
 from lmcache.v1.storage_backend import serde
 from lmcache.v1.storage_backend.local_cpu import LocalCPUBackend
 from lmcache.v1.storage_backend.local_disk import LocalDiskBackend, file_name
 from lmcache.v1.storage_backend.remote import RemoteBackend
 from lmcache.v1.storage_backend.serde import SerdeError
 from lmcache.v1.storage_backend.storage_manager import StorageManager
-from lmcache.v1.token_database import CacheEngineKey
-from tests.storage.host_connector import bits, random_fill
-
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES.append(torch.float8_e4m3fn)
-CASES = [(d, mla) for d in DTYPES for mla in (False, True)]
-IDS = [f"{str(d).removeprefix('torch.')}-{'mla' if mla else 'kv'}" for d, mla in CASES]
-MB = 1024**2
-
-
-def key(i: int, model="org/m") -> CacheEngineKey:
-    return CacheEngineKey(model, 1, 0, f"{i:032x}", "x", "kv.L3.H4.D16")
-
-
-def make_obj(pool, dtype, mla, tokens=16, seed=0):
-    fmt = MemoryFormat.KV_MLA_FMT if mla else MemoryFormat.KV_2LTD
-    shape = (1, 3, tokens, 64) if mla else (2, 3, tokens, 64)
-    obj = pool.allocate(shape, dtype, fmt)
-    random_fill(obj.tensor, seed)
-    return obj
-
-
-def same(a, b) -> bool:
-    return a.metadata == b.metadata and torch.equal(bits(a.tensor), bits(b.tensor))
-
+from tests.helpers.host_connector import bits
+from tests.helpers.tier_objects import CASES, IDS, MB, key, make_obj, same
 
 @pytest.mark.parametrize("dtype,mla", CASES, ids=IDS)
 def test_serde_round_trip_and_rejections(dtype, mla):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmcache.testing.hpu_emulation import EmulatedHpuTensor, HpuEmulation
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers.hpu import emulated_hpu
 
 HPU0 = torch.device("hpu", 0)
 

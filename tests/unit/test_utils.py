@@ -9,7 +9,7 @@ import torch
 
 from lmcache.platforms import set_platform
 from lmcache.utils import get_device, get_device_type, is_cuda_available, is_hpu_available
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers.hpu import emulated_hpu
 
 ONE_LINER = (
     "from lmcache.utils import get_device_type, is_hpu_available; "
@@ -31,7 +31,7 @@ def _run(code: str) -> str:
 
 
 def test_one_liner_prints_cpu_false_here():
-    from tests.fixtures.devices import cuda_present
+    from tests.helpers.devices import cuda_present
 
     assert _run(ONE_LINER) == ("cuda False" if cuda_present() else "cpu False")
 

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from lmcache.testing.processes import free_port
-from tests.e2e.harness import ENGINE_ENV, REPO
+from tests.helpers.harness import ENGINE_ENV, REPO
 
 
 

@@ -1,6 +1,6 @@
 """Running vLLM engines for the end-to-end tests, and comparing their outputs.
 
-Each engine runs in its own process (tests/e2e/driver.py) so tests stay isolated;
+Each engine runs in its own process (tests/helpers/driver.py) so tests stay isolated;
 several scenarios share one engine to keep the number of engine starts small.
 """
 

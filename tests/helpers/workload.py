@@ -15,7 +15,7 @@ import torch
 
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineMetadata
 from lmcache.v1.config import LMCacheEngineConfig
-from tests.storage.host_connector import HostPagedConnector, bits, random_fill
+from tests.helpers.host_connector import HostPagedConnector, bits, random_fill
 
 SHAPE = dict(num_layers=2, num_heads=4, head_size=32)  # 256 values per token-layer-plane
 
@@ -136,7 +136,7 @@ def outage_then_recovery(url: str, stop, start, caplog, chunk_size: int, num_tok
 
 
 def child_main(argv: list[str]) -> None:
-    """python -m tests.storage.workload '{"config": {...}, "mode": "store"|"rewrite"|"check",
+    """python -m tests.helpers.workload '{"config": {...}, "mode": "store"|"rewrite"|"check",
     "prompts": [...], "tokens": N, "rounds": R}' -> prints one JSON line."""
     args = json.loads(argv[0])
     config = LMCacheEngineConfig.from_defaults(**args["config"])

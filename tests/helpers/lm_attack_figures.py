@@ -1,7 +1,7 @@
 """Issue 20's attacks on the lm:// server at the issue's scale, with the server's RSS
 before and after (figures for docs/configuration.md, not a test):
 
-    python -m tests.storage.lm_attack_figures
+    python -m tests.helpers.lm_attack_figures
 
 It only uses the protocol and a server process, so it runs as well from a checkout
 of an older commit (the "was" figures). Prints a table, then one JSON line."""
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lmcache.v1.server import protocol as P
-from tests.storage.lm_peers import LMServerProc, RawClient
+from tests.helpers.lm_peers import LMServerProc, RawClient
 
 MB = 1024**2
 

@@ -15,8 +15,8 @@ from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.request_tracker import ReqMeta, TransferPlan, slot_mapping
 from lmcache.integration.vllm.utils import ENGINE_NAME
 from lmcache.v1.cache_engine import LMCacheEngineBuilder
-from tests.connector import kv_layouts as kl
-from tests.fixtures.hpu import emulated_hpu
+from tests.helpers import kv_layouts as kl
+from tests.helpers.hpu import emulated_hpu
 
 L, H, D = 2, 2, 64
 BLOCK = CHUNK = 16

@@ -18,7 +18,7 @@ import torch
 
 from lmcache.v1.gpu_connector import create_gpu_connector
 from lmcache.v1.memory import MemoryObj
-from tests.connector.kv_layouts import PagedCache, chunk_bounds, raw, slot_mapping
+from tests.helpers.kv_layouts import PagedCache, chunk_bounds, raw, slot_mapping
 
 
 class Mismatch(AssertionError):

@@ -1,6 +1,6 @@
 """Runs one vLLM engine (with or without LMCache) through a list of steps.
 
-    python tests/e2e/driver.py SPEC.json OUT.json
+    python tests/helpers/driver.py SPEC.json OUT.json
 
 Each engine runs in its own process (vLLM spawns its workers; LLM(...) must be
 created under `if __name__ == "__main__"`). The spec names the model, the connector

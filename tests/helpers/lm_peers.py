@@ -1,5 +1,5 @@
 """lm:// cache servers for tests, as real processes: ours (`python -m
-lmcache.v1.server`) or upstream 0.5.6's (from tests/fixtures/upstream_wheel.py),
+lmcache.v1.server`) or upstream 0.5.6's (from tests/helpers/upstream_wheel.py),
 and a raw protocol client for poking at them."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class LMServerProc:
         if self.upstream_tree is None:
             env = dict(os.environ, PYTHONPATH=str(REPO))
         else:
-            from tests.fixtures.upstream_wheel import upstream_env
+            from tests.helpers.upstream_wheel import upstream_env
 
             env = upstream_env(self.upstream_tree)
         log = open(self.log_path, "ab")

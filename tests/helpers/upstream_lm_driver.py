@@ -1,7 +1,7 @@
 """Drives upstream 0.5.6's own lm:// client (LMCServerConnector) and protocol
-classes. Run with ONLY the tree of tests/fixtures/upstream_wheel.py on PYTHONPATH:
+classes. Run with ONLY the tree of tests/helpers/upstream_wheel.py on PYTHONPATH:
 
-    python tests/storage/upstream_lm_driver.py '{"port": P, "ops": [...]}'
+    python tests/helpers/upstream_lm_driver.py '{"port": P, "ops": [...]}'
 
 ops: {"op": "put", "key", "file", "shape", "dtype", "fmt"} (payload read from file),
      {"op": "get", "key", "out"} (payload written to out),

@@ -1,7 +1,7 @@
 """The test's client for docs/examples/disagg_prefill_lmcache_v1/disagg_example.sh,
 run by that script once its servers are up (ports from its environment):
 
-    python tests/e2e/examples_client.py SPEC.json OUT.json
+    python tests/helpers/examples_client.py SPEC.json OUT.json
 
 For each prompt of the spec: one request through the proxy (the prefiller computes
 and stores the prompt, the decoder loads it), then the same request straight to the

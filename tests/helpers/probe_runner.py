@@ -1,4 +1,4 @@
-"""Runs tests/patch/patched_probe.py in a subprocess and returns its JSON results."""
+"""Runs tests/helpers/patched_probe.py in a subprocess and returns its JSON results."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures.upstream_lmcache import REPO_ROOT
+from tests.helpers.upstream_lmcache import REPO_ROOT
 
 PROBE = Path(__file__).resolve().with_name("patched_probe.py")
 
