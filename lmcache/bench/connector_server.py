@@ -7,7 +7,8 @@ real `lmcache server`'s shared memory instead of this process's memory objects.
   server_load    pin the chunks of a stored batch (one round trip), scatter from the slots
                  into the paged cache, unpin
 
-They run in the same interleaved rounds as the in-process store/load and memcpy, so
+Before timing, the stored batch is read back from the server and compared bit for bit with
+what the in-process path gathers (a mismatch ends the bench). They run in the same interleaved rounds as the in-process store/load and memcpy, so
 `server_store_vs_memcpy` and `server_store_vs_in_process` (and the load's) are side by side.
 """
 
@@ -25,6 +26,20 @@ from lmcache.v1.token_database import CacheEngineKey
 
 def _key(round_: int, i: int) -> CacheEngineKey:
     return CacheEngineKey("bench/connector", 1, 0, f"{round_:08x}{i:024x}", "server", "kv")
+
+
+def _check_bytes(s, connector, storage, keys) -> None:
+    """The server's slots hold what the in-process path gathers from the same cache, bit for bit."""
+    connector.batched_from_gpu(s.objs, s.starts, s.ends, slot_mapping=s.slots)
+    objs = storage.get_many(keys)
+    try:
+        bad = [i for i, (got, want) in enumerate(zip(objs, s.objs)) if not torch.equal(got.tensor, want.tensor)]
+    finally:
+        for obj in objs:
+            storage.release(obj)
+    if len(objs) != len(keys) or bad:
+        raise SystemExit(f"the lmcache server's slots differ from the in-process objects (chunks {bad}, "
+                         f"{len(objs)} of {len(keys)} found)")
 
 
 def server_cases(s, dtype: torch.dtype, connector, stack: contextlib.ExitStack) -> dict[str, Callable[[], object]]:
@@ -55,6 +70,7 @@ def server_cases(s, dtype: torch.dtype, connector, stack: contextlib.ExitStack) 
 
     loaded_keys = [_key(0, i) for i in range(len(s.objs))]
     store_batch(loaded_keys)
+    _check_bytes(s, connector, storage, loaded_keys)
 
     def store() -> None:
         store_batch([_key(next(rounds), i) for i in range(len(s.objs))])
