@@ -170,7 +170,7 @@ class ServerLink:
                 try:
                     conn = Connection(host, port, self.timeout, self.connect_timeout, self.name, self._arenas)
                 except (OSError, ValueError, Refused, P.ProtocolError, P.PeerClosed) as exc:
-                    failure = exc if len(self.addresses) == 1 else type(exc)(f"{host}:{port}: {exc}")
+                    failure = exc  # the outage line names every server; this is the last one's reason
                     continue
                 self.host, self.port, self.address = host, port, f"{host}:{port}"
                 break
