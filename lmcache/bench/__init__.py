@@ -6,6 +6,6 @@ BENCHES = {
     "connector": "lmcache.bench.connector",
     "e2e": "lmcache.bench.e2e",
     "patch": "lmcache.bench.patch",
-    "workload": "lmcache.bench.workload",
-    "soak": "lmcache.bench.soak",
+    "workload": "lmcache.bench.workload.cli",
+    "soak": "lmcache.bench.soak.cli",
 }

@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server", action="store_true",
+                        help="also store into and load from slots of a real lmcache server's shared memory "
+                             "(connector_server.py), side by side with the in-process objects and memcpy")
     parser.add_argument("--shape-steps", type=int, default=20,
                         help="HPU: steps of varied batch sizes over which distinct op shapes are counted "
                              "(0: skip; default 20)")
@@ -240,7 +243,7 @@ def _distinct_shapes(s: Setup, args, dtype: torch.dtype) -> dict[str, dict[str, 
     return out
 
 
-def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
+def _measure(s: Setup, dtype: torch.dtype, repeat: int, server: bool = False) -> dict[str, float]:
     from lmcache.v1.gpu_connector import create_gpu_connector
 
     backend = {"flash_attn": "FLASH_ATTN", "cpu_attn": "CPU_ATTN", "cpu_attn_portable": "CPU_ATTN",
@@ -260,7 +263,12 @@ def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
     cases.update(_memcpy_cases(s, dtype))
     if s.layout == "hpu_kv":
         cases.update(_upstream_pattern_cases(s))
-    best = interleaved_best(cases, repeat=repeat)
+    with contextlib.ExitStack() as stack:
+        if server:
+            from lmcache.bench.connector_server import server_cases
+
+            cases.update(server_cases(s, dtype, connector, stack))
+        best = interleaved_best(cases, repeat=repeat)
     speed = {name: gbps(s.nbytes, t) for name, t in best.items()}
     out = {"store_gbps": speed["store"], "load_gbps": speed["load"]}
     memcpy_store = speed.get("memcpy", speed.get("memcpy_store"))
@@ -273,6 +281,11 @@ def _measure(s: Setup, dtype: torch.dtype, repeat: int) -> dict[str, float]:
         out["upstream_load_gbps"] = speed["upstream_load"]
         out["store_vs_upstream_pattern"] = speed["store"] / speed["upstream_store"]
         out["load_vs_upstream_pattern"] = speed["load"] / speed["upstream_load"]
+    if "server_store" in speed:
+        for op in ("store", "load"):
+            out[f"server_{op}_gbps"] = speed[f"server_{op}"]
+            out[f"server_{op}_vs_memcpy"] = speed[f"server_{op}"] / out[f"memcpy_{op}_gbps"]
+            out[f"server_{op}_vs_in_process"] = speed[f"server_{op}"] / speed[op]
     out["row_widths"] = [p.width for p in connector.layout.planes]
     return out
 
@@ -282,6 +295,9 @@ def _targets(device: str, figures: dict) -> dict[str, bool]:
         "store_vs_memcpy": figures["store_vs_memcpy"] >= TARGET_VS_MEMCPY,
         "load_vs_memcpy": figures["load_vs_memcpy"] >= TARGET_VS_MEMCPY,
     }
+    for key in ("server_store_vs_memcpy", "server_load_vs_memcpy"):
+        if key in figures:
+            met[key] = figures[key] >= TARGET_VS_MEMCPY
     if device == "cpu" and "store_vs_upstream_pattern" in figures:
         met["store_vs_upstream_pattern"] = figures["store_vs_upstream_pattern"] >= TARGET_VS_UPSTREAM
         met["load_vs_upstream_pattern"] = figures["load_vs_upstream_pattern"] >= TARGET_VS_UPSTREAM
@@ -324,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         shapes = {}
         for name in layouts:
             setup = _make_setup(name, platform, args, dtype, gen)
-            results[name] = _measure(setup, dtype, args.repeat)
+            results[name] = _measure(setup, dtype, args.repeat, args.server)
             if device == "hpu" and args.shape_steps > 0:
                 shapes[name] = _distinct_shapes(setup, args, dtype)
             del setup
@@ -343,6 +359,12 @@ def run(args: argparse.Namespace) -> dict:
                      "x".join(str(w) for w in f["row_widths"])])
     print_table(["layout", "block", "store GB/s", "load GB/s", "memcpy st", "memcpy ld", "store/memcpy",
                  "load/memcpy", "upstream st", "upstream ld", "store/upstream", "load/upstream", "row widths"], rows)
+    if args.server:
+        print_table(["layout", "server store GB/s", "server load GB/s", "server st/memcpy", "server ld/memcpy",
+                     "server st/in-process", "server ld/in-process"],
+                    [[name, f["server_store_gbps"], f["server_load_gbps"], f["server_store_vs_memcpy"],
+                      f["server_load_vs_memcpy"], f["server_store_vs_in_process"], f["server_load_vs_in_process"]]
+                     for name, f in results.items()])
     result: dict = {"bench": "connector", "device": device, "emulated": emulated, "machine": machine_name(),
                     "torch_threads": torch.get_num_threads(), "tokens": args.tokens, "chunk": args.chunk,
                     "bytes_per_transfer": nbytes}

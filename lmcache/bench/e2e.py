@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", action="store_true",
                         help="the host tier is a real `lmcache server` the bench starts (lmcache.mp.host/port): "
                              "the LMCache hit goes through its shared memory")
+    parser.add_argument("--server-vs-in-process", action="store_true",
+                        help="two engines in one run, the host tier in process and in a real `lmcache server`: "
+                             "the TTFT of a hit through the server vs an in-process hit, same prompt, alternating "
+                             "(bench/e2e_server.py)")
     parser.add_argument("--verbose", action="store_true",
                         help="show vLLM's own log lines here (default: a log file under ~/.cache/lmcache/logs)")
 
@@ -98,21 +102,24 @@ def _run(args) -> dict:
         with Phase(step(), total, "building the reference random Llama (8 layers, hidden 1024, 8 heads, 4 KV heads)"):
             model = str(build_tiny_llama(model_cache_dir(BENCH_MODEL_DIR), BENCH_SPEC))
     llm_args = prepare_platform(device_type)
+    if args.server_vs_in_process:
+        from lmcache.bench.e2e_server import measure
+
+        return measure(args, model, lambda port: _start_vllm(args, model, llm_args, port), device_type)
     server = None
     if args.server:
-        from lmcache.bench.server_tier import start_server
+        from lmcache.testing.cache_server import CacheServerProcess
 
-        server, port, _ = start_server(2.0)
+        server = CacheServerProcess(l1_gb=2.0, log_level="WARNING").start()
     where = "an lmcache server's shared memory" if server else "LMCache's CPU tier"
     try:
         with Phase(step(), total, f"starting vLLM on {device_type} with {where}",
                    eta_key=f"e2e.start_vllm.{device_type}"):
-            llm = _start_vllm(args, model, llm_args, port if server else None)
+            llm = _start_vllm(args, model, llm_args, server.port if server else None)
         return _measure(args, model, llm, device_type, step, total, where)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(20)
+            server.stop()
 
 
 def _measure(args, model, llm, device_type, step, total, where) -> dict:

@@ -9,13 +9,7 @@ next to the in-process host tier, in the same run (interleaved rounds).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-
-from lmcache.testing.processes import wait_until
-from lmcache.bench.workload_services import free_port
+from lmcache.testing.cache_server import CacheServerProcess
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -27,37 +21,15 @@ def _key(i: int, round_: int = 0) -> CacheEngineKey:
     return CacheEngineKey("bench/llama-3.1-8b", 1, 0, f"{round_:08x}{i:024x}", "server", "kv.L32.H8.D128")
 
 
-def start_server(l1_gb: float) -> tuple[subprocess.Popen, int, str]:
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="lmcache-bench-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "lmcache", "server", "--port", str(port), "--l1-size-gb",
-                             f"{l1_gb:.4f}", "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    def up() -> bool:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return proc.poll() is not None
-
-    if not wait_until(up, 60) or proc.poll() is not None:
-        proc.kill()
-        raise SystemExit(f"lmcache server did not start; log {log.name}")
-    return proc, port, log.name
-
-
 def bench_server(sources, shape, dtype, repeat, interleaved) -> dict[str, float]:
     from lmcache.v1.mp.client_storage import ServerStorage
 
     nbytes = sources[0].nbytes
     budget_gb = (3 * len(sources) + 1) * nbytes / 1024**3
-    proc, port, _ = start_server(budget_gb)
+    server = CacheServerProcess(l1_gb=budget_gb, log_level="WARNING").start()
     config = LMCacheEngineConfig.from_defaults(max_local_cpu_size=budget_gb, remote_timeout=30.0)
     local = StorageManager(config)
-    remote = ServerStorage(config, EngineStats(), "127.0.0.1", port)
+    remote = ServerStorage(config, EngineStats(), "127.0.0.1", server.port)
     keys = [_key(i) for i in range(len(sources))]
     dsts = [src.clone() for src in sources]
     rounds = iter(range(1, 1 << 30))
@@ -97,5 +69,4 @@ def bench_server(sources, shape, dtype, repeat, interleaved) -> dict[str, float]
     finally:
         remote.close()
         local.close()
-        proc.terminate()
-        proc.wait(20)
+        server.stop()

@@ -100,6 +100,16 @@ class Platform(ABC):
         """`t` in page-locked host memory where possible, else `t` itself."""
         return t
 
+    def register_host_memory(self, t: torch.Tensor) -> bool:
+        """Page-lock, in place, host memory this process mapped but did not allocate (the
+        lmcache server's shared-memory arena), so that device copies to and from it are
+        pinned copies. True if it is registered now; False where the platform does not do
+        it (CPU: nothing to gain; Gaudi: vllm-gaudi expects pageable host memory) or could not."""
+        return False
+
+    def unregister_host_memory(self, data_ptr: int) -> None:
+        """Undo register_host_memory for the memory starting at `data_ptr`."""
+
     def empty_host(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A host tensor, pinned where the platform allows."""
         t = torch.empty(shape, dtype=dtype)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ContextManager
 
 import torch
 
 from lmcache.platforms.base import Platform
+
+logger = logging.getLogger("lmcache.platforms")
 
 
 class CudaPlatform(Platform):
@@ -47,3 +50,25 @@ class CudaPlatform(Platform):
 
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.is_pinned() else t.pin_memory()
+
+    def register_host_memory(self, t: torch.Tensor) -> bool:
+        cudart = getattr(torch.cuda, "cudart", None)
+        if cudart is None or not torch.cuda.is_available():
+            return False
+        try:
+            # flags 0 (cudaHostRegisterDefault); registering faults every page in
+            err = int(cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        except (AttributeError, RuntimeError) as exc:
+            logger.warning("LMCache: cudaHostRegister unavailable (%s): shared host memory stays pageable", exc)
+            return False
+        if err != 0:
+            logger.warning("LMCache: cudaHostRegister of %d bytes failed (cudaError %d): shared host memory stays "
+                           "pageable", t.numel() * t.element_size(), err)
+            return False
+        return True
+
+    def unregister_host_memory(self, data_ptr: int) -> None:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(data_ptr)
+        except (AttributeError, RuntimeError):
+            pass

@@ -1,6 +1,6 @@
 """What every launcher of a test or benchmark server needs: a free loopback port, and
 waiting for a condition with a deadline (the servers themselves: redis_servers.py,
-s3_server.py, bench/workload_services.py)."""
+s3_server.py, bench/workload/services.py)."""
 
 from __future__ import annotations
 

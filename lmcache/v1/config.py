@@ -27,6 +27,7 @@ from lmcache.v1.config_values import (  # the constants are re-exported
     extra_mapping,
     http_url,
     mp_host,
+    server_urls,
     nixl_off,
     non_negative_float,
     non_negative_int,
@@ -116,6 +117,9 @@ class LMCacheEngineConfig:
     # "auto": the server at 127.0.0.1:mp_port if one answers at start-up, else in process
     mp_host: str | None = None
     mp_port: int = 5555
+    # lmcache.mp.server_urls: servers tried in order, the first that answers is used
+    # (and again from the first after an outage); set, it wins over mp_host / mp_port
+    mp_server_urls: list | None = None
 
     # Where each non-default value came from (for messages); not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -197,10 +201,12 @@ KEYS: dict[str, _Key] = {
     ),
     "mp_host": _Key(none_or(mp_host), 'none, "auto", or the lmcache server\'s host (127.0.0.1, tcp://localhost)'),
     "mp_port": _Key(tcp_port, "a TCP port, 1..65535"),
+    "mp_server_urls": _Key(none_or(server_urls), 'lmcache servers "HOST:PORT" (tcp:// optional), a list or '
+                                                 "one comma-separated string, or none"),
 }
 
 # upstream's dotted names of the same keys ("lmcache.mp.host" in vLLM's extra config)
-KEY_ALIASES = {"mp.host": "mp_host", "mp.port": "mp_port"}
+KEY_ALIASES = {"mp.host": "mp_host", "mp.port": "mp_port", "mp.server_urls": "mp_server_urls"}
 
 
 def _set(config: LMCacheEngineConfig, key: str, value: Any, source: str) -> None:

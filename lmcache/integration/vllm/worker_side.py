@@ -259,6 +259,8 @@ class WorkerSide(WorkerSaves, WorkerLayerwise, WorkerLoads):
         storage = getattr(self.engine, "storage", None)
         if storage is not None and hasattr(storage, "pins"):
             out["host_pins"] = storage.pins()
+        if getattr(storage, "cpu", None) is not None:  # bytes of chunks in this process's host tier
+            out["host_tier_used_bytes"] = storage.cpu.used_bytes
         engine_stats = getattr(self.engine, "stats", None)
         if engine_stats is not None:
             if is_dataclass(engine_stats):

@@ -18,6 +18,7 @@ import mmap
 import os
 import secrets
 import threading
+import weakref
 
 import torch
 
@@ -107,6 +108,20 @@ class Arena:
         arena = cls(path, mm, owner=False)
         arena.token = bytes(mm[len(MAGIC): len(MAGIC) + TOKEN_BYTES]).hex()
         return arena
+
+    host_registered: bool | None = None  # None: not tried; see register_host_memory
+
+    def register_host_memory(self) -> bool:
+        """Page-lock this mapping for device copies where the platform does (CUDA:
+        cudaHostRegister); False on CPU and Gaudi (pageable, as vllm-gaudi expects). The
+        outcome is kept in `host_registered`; the registration ends with the arena."""
+        from lmcache.platforms import current_platform
+
+        platform = current_platform()
+        self.host_registered = bool(platform.register_host_memory(self.tensor))
+        if self.host_registered:
+            weakref.finalize(self, platform.unregister_host_memory, self.tensor.data_ptr())
+        return self.host_registered
 
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = torch.Size(shape)

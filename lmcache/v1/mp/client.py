@@ -135,14 +135,20 @@ class Connection:
 
 
 class ServerLink:
-    """The current connection to one server, re-made after an outage."""
+    """The current connection to a server, re-made after an outage. With `fallbacks`
+    (lmcache.mp.server_urls), each new connection goes to the first of host:port and then
+    the fallbacks, in order, that answers."""
 
     def __init__(self, host: str, port: int, stats: EngineStats, *, timeout: float = 2.0,
-                 connect_timeout: float = 0.5, retry_interval: float = 10.0):
+                 connect_timeout: float = 0.5, retry_interval: float = 10.0,
+                 fallbacks: tuple[tuple[str, int], ...] = ()):
+        self.addresses = [(host, port), *fallbacks]
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = f"{host}:{port}"  # the one connected to last
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        self.outage = Outage(f"lmcache server {self.address}", logger, stats, retry_interval, tier="server")
+        named = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+        self.outage = Outage(f"lmcache server{'s' if fallbacks else ''} {named}", logger, stats, retry_interval,
+                             tier="server")
         self.name = f"pid {os.getpid()}"
         self._arenas: dict[str, Arena] = {}
         self._conn: Connection | None = None
@@ -159,11 +165,18 @@ class ServerLink:
                 return conn
             if not self.outage.usable():
                 return None
-            try:
-                conn = Connection(self.host, self.port, self.timeout, self.connect_timeout, self.name, self._arenas)
-            except (OSError, ValueError, Refused, P.ProtocolError, P.PeerClosed) as exc:
+            conn = failure = None
+            for host, port in self.addresses:
+                try:
+                    conn = Connection(host, port, self.timeout, self.connect_timeout, self.name, self._arenas)
+                except (OSError, ValueError, Refused, P.ProtocolError, P.PeerClosed) as exc:
+                    failure = exc  # the outage line names every server; this is the last one's reason
+                    continue
+                self.host, self.port, self.address = host, port, f"{host}:{port}"
+                break
+            if conn is None:
                 self._conn = None
-                self.outage.failed(exc)
+                self.outage.failed(failure)
                 return None
             self._conn = conn
         self.outage.worked()

@@ -20,7 +20,7 @@ import torch
 
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat
-from lmcache.v1.mp.arena import SlotObj
+from lmcache.v1.mp.arena import Arena, SlotObj
 from lmcache.v1.mp.client import Connection, RequestFailed, ServerLink
 from lmcache.v1.mp.shared_cache import DTYPES, FORMATS, dtype_name
 from lmcache.v1.storage_backend.stats import EngineStats
@@ -43,12 +43,13 @@ class ServerStorage:
     cpu = disk = remote = None  # the server's tiers are not this process's
     reads_lower_tiers_here = False  # the server reads its disk/remote tiers itself when it pins
 
-    def __init__(self, config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int):
+    def __init__(self, config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int,
+                 fallbacks: tuple[tuple[str, int], ...] = ()):
         self.config = config
         self.stats = stats
         self.link = ServerLink(host, port, stats, timeout=config.remote_timeout,
                                connect_timeout=config.remote_connect_timeout,
-                               retry_interval=min(config.remote_retry_interval, 2.0))
+                               retry_interval=min(config.remote_retry_interval, 2.0), fallbacks=fallbacks)
         self._pinned: dict[CacheEngineKey, tuple[SlotObj, Connection]] = {}
         self._keys: dict[int, CacheEngineKey] = {}  # id(pinned obj) -> key
         self._lock = threading.Lock()
@@ -64,6 +65,17 @@ class ServerStorage:
             self.link.failed(conn, exc)
             return None, None
 
+    def _arena(self, conn: Connection) -> Arena:
+        """The connection's arena, registered for device copies the first time this process
+        copies through it (only workers do: a scheduler's lookups never start a device context)."""
+        arena = conn.arena
+        if arena.host_registered is None:
+            arena.register_host_memory()
+            logger.info("LMCache: the lmcache server's shared memory (%.3g GB) is %s", arena.size / 1024**3,
+                        "registered as pinned memory for device copies" if arena.host_registered else
+                        "pageable here (the platform registers no host memory)")
+        return arena
+
     # -- memory -------------------------------------------------------------------
     def allocate(self, shape, dtype: torch.dtype, fmt: MemoryFormat) -> SlotObj | None:
         shape = torch.Size(shape)
@@ -78,7 +90,7 @@ class ServerStorage:
                                "it are dropped", self.link.address)
             return None
         try:
-            tensor = conn.arena.view(int(offset), shape, dtype)
+            tensor = self._arena(conn).view(int(offset), shape, dtype)
         except (ValueError, TypeError) as exc:
             logger.warning("lmcache server %s gave slot %r: %s", self.link.address, offset, exc)
             return None
@@ -99,7 +111,7 @@ class ServerStorage:
                 out.append(ALREADY_HELD)
                 continue
             try:
-                tensor = conn.arena.view(int(offset), shape, dtype)
+                tensor = self._arena(conn).view(int(offset), shape, dtype)
             except (ValueError, TypeError) as exc:
                 logger.warning("lmcache server %s gave slot %r: %s", self.link.address, offset, exc)
                 conn.post("free", offset=offset)
@@ -183,7 +195,7 @@ class ServerStorage:
     def _view(self, conn: Connection, slot) -> SlotObj | None:
         try:
             offset, shape, dtype, fmt = slot
-            return SlotObj(conn.arena.view(int(offset), shape, DTYPES[dtype]), FORMATS[fmt], None, int(offset))
+            return SlotObj(self._arena(conn).view(int(offset), shape, DTYPES[dtype]), FORMATS[fmt], None, int(offset))
         except (ValueError, TypeError, KeyError) as exc:
             logger.warning("lmcache server %s described slot %r badly (%s): not used", self.link.address, slot, exc)
             return None

@@ -31,7 +31,15 @@ def _why_not(host: str, port: int, timeout: float) -> str | None:
         return f"what answers is not a usable lmcache server ({type(exc).__name__}: {exc})"
 
 
+def _addresses(urls: list[str]) -> list[tuple[str, int]]:
+    """mp_server_urls ("HOST:PORT", parsed by the config) as (host, port)."""
+    return [(u.rsplit(":", 1)[0], int(u.rsplit(":", 1)[1])) for u in urls]
+
+
 def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
+    if config.mp_server_urls:
+        (host, port), *fallbacks = _addresses(config.mp_server_urls)
+        return _server_storage(config, stats, host, port, tuple(fallbacks))
     host = config.mp_host
     if host is None:
         return StorageManager(config, stats)
@@ -42,17 +50,23 @@ def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
                         why, AUTO_HOST, config.mp_port, config.max_local_cpu_size)
             return StorageManager(config, stats)
         host = AUTO_HOST
+    return _server_storage(config, stats, host, config.mp_port, ())
+
+
+def _server_storage(config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int,
+                    fallbacks: tuple[tuple[str, int], ...]):
     from lmcache.v1.mp.client_storage import ServerStorage
 
-    storage = ServerStorage(config, stats, host, config.mp_port)
+    storage = ServerStorage(config, stats, host, port, fallbacks)
     conn = storage.link.connection()
     if conn is not None:
-        logger.info("LMCache: host cache is the shared lmcache server at %s:%d (%.3g GB of shared memory)",
-                    host, config.mp_port, conn.arena.size / 1024**3)
+        logger.info("LMCache: host cache is the shared lmcache server at %s (%.3g GB of shared memory)",
+                    storage.link.address, conn.arena.size / 1024**3)
         if conn.server_chunk_size not in (None, config.chunk_size):
             logger.warning("LMCache: chunk_size=%d here, %s on the server: chunks are shared only between "
                            "instances of the same chunk_size", config.chunk_size, conn.server_chunk_size)
     else:
-        logger.info("LMCache: host cache is the lmcache server at %s:%d, not usable now (the line above says "
-                    "why): lookups miss and stores are dropped until it is", host, config.mp_port)
+        named = ", ".join(f"{h}:{p}" for h, p in storage.link.addresses)
+        logger.info("LMCache: host cache is the lmcache server at %s, not usable now (the line above says "
+                    "why): lookups miss and stores are dropped until it is", named)
     return storage

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmcache.bench.workload_clients import Completion
+from lmcache.bench.workload.clients import Completion
 
 
 def mismatches(reference: Completion, got: Completion, tolerance: float, near_ties: bool = False) -> list[str]:

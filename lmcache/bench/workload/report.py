@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 from lmcache.console import print_table
-from lmcache.bench.workload_runner import Phase
+from lmcache.bench.workload.runner import Phase
 
 # Targets (issue 15), judged on every scenario: TTFT p50 of vLLM alone / the tier's.
 TTFT_TARGETS = {"cpu": 5.0, "disk": 3.0, "redis": 3.0}

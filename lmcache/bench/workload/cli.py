@@ -1,17 +1,18 @@
 """`python -m lmcache bench workload`: real vLLM serving workloads, with and without LMCache.
 
 Each configuration (vLLM alone, LMCache host memory, disk (sync and async loads), Redis,
-lm://; see workload_tiers.py) gets one OpenAI-compatible vLLM server; all are started at
+lm://; see tiers.py) gets one OpenAI-compatible vLLM server; all are started at
 once and kept up for the whole run, and the measured requests alternate between them
-(workload_runner.py), so the ratios are side by side in time. vLLM's own KV cache is
+(runner.py), so the ratios are side by side in time. vLLM's own KV cache is
 trimmed (`--num-gpu-blocks-override`) to hold C+1 of the longest requests, less than the
 working set, so its prefix cache must evict and a request that comes back to a context
-finds it only if LMCache brings it back. Scenarios: workload_scenarios.py and
-workload_stall.py. Printed per scenario and configuration: TTFT p50/p90, end-to-end
+finds it only if LMCache brings it back. Scenarios: scenarios.py and
+stall.py. Printed per scenario and configuration: TTFT p50/p90, end-to-end
 latency, output tokens/s, LMCache hit rate (tokens loaded / prompt tokens) and bytes
 moved, vLLM's own prefix-cache hit rate; for `stall`, decode tokens/s of running streams
 during a long disk load vs before it. The last line is JSON with `*_vs_vllm_alone` ratios
-and `stall_*_async_vs_sync`.
+and `stall_*_async_vs_sync`. `multi-instance` (on request) compares two instances with
+private host tiers against two sharing one `lmcache server` (multi_instance.py).
 
 Targets (default sizes): host-memory tier TTFT p50 >= 5x lower than vLLM alone and output
 throughput >= 2x; disk and Redis tiers TTFT p50 >= 3x lower.
@@ -27,15 +28,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from lmcache.bench.common import machine_name
-from lmcache.bench.workload_scenarios import DEFAULT, SCENARIOS, SMOKE, TokenSource
-from lmcache.bench.workload_tiers import STALL_TIERS, TIER_NAMES, TIERS, TierContext, select_tiers
+from lmcache.bench.workload.scenarios import DEFAULT, DEFAULT_SCENARIOS, SCENARIOS, SMOKE, TokenSource
+from lmcache.bench.workload.tiers import STALL_TIERS, TIER_NAMES, TIERS, TierContext, select_tiers
 
 BLOCK_TOKENS = 128  # vLLM CPU's default block size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "vLLM alone vs LMCache tiers on long-document QA and multi-round chat workloads"
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                        help=f"comma-separated: {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)}; "
+                             "multi-instance: 2 vLLM instances, private host tiers vs one shared lmcache server, "
+                             "its own 4 vLLM servers, --tiers does not apply)")
     parser.add_argument("--tiers", default="all",
                         help=f"comma-separated from {', '.join(TIER_NAMES)}, or 'all' (every one available here); "
                              "vLLM alone always runs (the baseline)")
@@ -84,11 +88,12 @@ def _model(args) -> tuple[str, str]:
 
 
 def _service(stack: ExitStack, kind: str | None, workdir: Path):
-    from lmcache.bench.workload_services import LmServerProcess, RedisProcess
+    from lmcache.bench.workload.services import LmServerProcess
+    from lmcache.testing.redis_servers import RedisServer
 
     if kind is None:
         return None
-    server = RedisProcess(workdir / "redis") if kind == "redis" else LmServerProcess(workdir / "lm")
+    server = RedisServer(str(workdir / "redis")) if kind == "redis" else LmServerProcess(workdir / "lm")
     server.start()
     stack.callback(server.stop)
     return server.url
@@ -119,7 +124,7 @@ def _load() -> str:
 def _device_sizes(sizes) -> tuple[int, int]:
     """(vLLM KV blocks, max model length): C+1 of the longest requests, and the stall
     scenario's loader with its streams; vLLM keeps one block back (its null block)."""
-    from lmcache.bench.workload_scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS
+    from lmcache.bench.workload.scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS
 
     request = sizes.longest_prompt() + sizes.max_tokens
     loader = sizes.stall_prefix_tokens + STALL_SUFFIX_TOKENS + STALL_LOADER_TOKENS
@@ -129,7 +134,7 @@ def _device_sizes(sizes) -> tuple[int, int]:
 
 
 def _start_servers(stack: ExitStack, tiers, model: str, workdir: Path, sizes, host_gb: float) -> dict:
-    from lmcache.bench.workload_services import VllmServer
+    from lmcache.bench.workload.services import VllmServer
 
     device_blocks, max_model_len = _device_sizes(sizes)
     servers = {}
@@ -155,13 +160,15 @@ def run(args) -> dict:
         raise SystemExit("--scale must be > 0 and --concurrency >= 1")
     from dataclasses import asdict, replace
 
-    from lmcache.bench.workload_report import figures, print_results, print_stall, ratios, targets_met
-    from lmcache.bench.workload_runner import RUNNERS, each_server, warm_engine
-    from lmcache.bench.workload_stall import run_stall, stall_ratios
+    from lmcache.bench.workload.report import figures, print_results, print_stall, ratios, targets_met
+    from lmcache.bench.workload.runner import RUNNERS, each_server, warm_engine
+    from lmcache.bench.workload import multi_instance
+    from lmcache.bench.workload.stall import run_stall, stall_ratios
 
     began = time.perf_counter()
     scenarios = _scenarios(args.scenarios)
-    tiers = _tiers(args.tiers, "stall" in scenarios)
+    tier_scenarios = [s for s in scenarios if s != multi_instance.NAME]
+    tiers = _tiers(args.tiers, "stall" in scenarios) if tier_scenarios else []
     sizes = (SMOKE if args.smoke else DEFAULT).scaled(args.scale)
     if args.concurrency:
         sizes = replace(sizes, concurrency=args.concurrency)
@@ -170,48 +177,64 @@ def run(args) -> dict:
     device_blocks, max_model_len = _device_sizes(sizes)
     host_gb = 1.0 * args.scale
     _progress(f"machine: {_machine()}; load average {_load()}; model: {model_name}; sizes: {sizes}")
-    _progress(f"vLLM KV cache: {device_blocks} blocks of {BLOCK_TOKENS} = {device_blocks * BLOCK_TOKENS} tokens "
-              f"(working set {sizes.working_set_tokens()} tokens; max model length {max_model_len})")
     results: dict[str, dict[str, dict]] = {s: {} for s in scenarios if s in RUNNERS}
     stall: dict[str, dict] = {}
+    multi: dict[str, dict] = {}
     loads = [_load()]
+    starts: dict = {}
+    rss: dict = {}
     with ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmcache-workload-"))
         if not args.workdir:
             stack.callback(shutil.rmtree, workdir, True)
-        servers = _start_servers(stack, tiers, model, workdir, sizes, host_gb)
-        starts = {n: round(s.start_seconds, 1) for n, s in servers.items()}
-        each_server(servers, lambda n, s: warm_engine(s, source))
-        for scenario in results:
+        if tier_scenarios:
+            _progress(f"vLLM KV cache: {device_blocks} blocks of {BLOCK_TOKENS} = {device_blocks * BLOCK_TOKENS} "
+                      f"tokens (working set {sizes.working_set_tokens()} tokens; max model length {max_model_len})")
+            with ExitStack() as servers_up:
+                servers = _start_servers(servers_up, tiers, model, workdir, sizes, host_gb)
+                starts = {n: round(s.start_seconds, 1) for n, s in servers.items()}
+                each_server(servers, lambda n, s: warm_engine(s, source))
+                for scenario in results:
+                    t0 = time.perf_counter()
+                    phases = RUNNERS[scenario](servers, sizes, source)
+                    for name, phase in phases.items():
+                        fig = results[scenario][name] = figures(phase)
+                        _progress(f"[{name}] {scenario}: TTFT p50 {fig['ttft_p50_s'] * 1000:.0f} ms, "
+                                  f"{fig['output_tokens_per_s']:.1f} tok/s, LMCache hit {fig['lmcache_hit_rate']:.0%}, "
+                                  f"vLLM prefix hit {fig['vllm_prefix_hit_rate']:.0%}, {fig['failed']} failed")
+                    _progress(f"{scenario}: {time.perf_counter() - t0:.0f} s (load {_load()})")
+                    loads.append(_load())
+                    each_server(servers, lambda n, s: s.reset_prefix_cache())
+                if "stall" in scenarios:
+                    t0 = time.perf_counter()
+                    stall = run_stall({n: servers[n] for n in STALL_TIERS}, sizes, source)
+                    _progress(f"stall: {time.perf_counter() - t0:.0f} s (load {_load()})")
+                    loads.append(_load())
+                rss = {n: round(s.rss_bytes() / 2**20) for n, s in servers.items()}
+        if multi_instance.NAME in scenarios:
             t0 = time.perf_counter()
-            phases = RUNNERS[scenario](servers, sizes, source)
-            for name, phase in phases.items():
-                fig = results[scenario][name] = figures(phase)
-                _progress(f"[{name}] {scenario}: TTFT p50 {fig['ttft_p50_s'] * 1000:.0f} ms, "
-                          f"{fig['output_tokens_per_s']:.1f} tok/s, LMCache hit {fig['lmcache_hit_rate']:.0%}, "
-                          f"vLLM prefix hit {fig['vllm_prefix_hit_rate']:.0%}, {fig['failed']} failed")
-            _progress(f"{scenario}: {time.perf_counter() - t0:.0f} s (load {_load()})")
+            multi = multi_instance.run_multi_instance(model, workdir, sizes, source, host_gb, _progress)
+            _progress(f"{multi_instance.NAME}: {time.perf_counter() - t0:.0f} s with its engine starts (load {_load()})")
             loads.append(_load())
-            each_server(servers, lambda n, s: s.reset_prefix_cache())
-        if "stall" in scenarios:
-            t0 = time.perf_counter()
-            stall = run_stall({n: servers[n] for n in STALL_TIERS}, sizes, source)
-            _progress(f"stall: {time.perf_counter() - t0:.0f} s (load {_load()})")
-            loads.append(_load())
-        rss = {n: round(s.rss_bytes() / 2**20) for n, s in servers.items()}
     labels = {t.name: t.label for t in tiers}
     print_results(results, labels)
     if stall:
         print_stall(stall, labels)
     ratio_figures = {**ratios(results), **stall_ratios(stall)}
     met = targets_met(results, ratio_figures, stall) and not args.smoke
+    if multi:
+        multi_figures = multi_instance.ratios(multi)
+        multi_instance.print_figures(multi, multi_figures)
+        ratio_figures.update(multi_figures)
+        met = met and multi_instance.targets_met(multi, multi_figures)
     wall = time.perf_counter() - began
-    print(f"\nmachine: {_machine()}; model: {model_name}; engine starts (s): {starts}; RSS at the end (MiB): {rss}")
+    started = f"; engine starts (s): {starts}; RSS at the end (MiB): {rss}" if starts else ""
+    print(f"\nmachine: {_machine()}; model: {model_name}{started}")
     print(f"load average (1/5/15 min) at start and after each scenario: {'; '.join(loads)}; wall time {wall / 60:.1f} min")
     return {
         "bench": "workload", "machine": _machine(), "model": model_name, "smoke": bool(args.smoke),
         "scale": args.scale, "sizes": asdict(sizes), "wall_s": round(wall, 1), "load_average": loads,
         "device_kv_tokens": device_blocks * BLOCK_TOKENS, "working_set_tokens": sizes.working_set_tokens(),
         "tiers": [t.name for t in tiers], "engine_start_s": starts, "rss_mib": rss, "results": results,
-        "stall": stall, **ratio_figures, "targets_met": met,
+        "stall": stall, "multi_instance": multi, **ratio_figures, "targets_met": met,
     }

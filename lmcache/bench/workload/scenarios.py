@@ -8,7 +8,9 @@ multi-round   U users, each a chat of R rounds: a private context, then per roun
               every round. Rounds go in waves over all users (shuffled within a wave), C in
               flight. Round 1 reads each context for the first time: it is the warm-up.
 stall         S streams decode while one more request's long prefix (P tokens, stored
-              before, now only on LMCache's disk tier) is loaded: see workload_stall.py.
+              before, now only on LMCache's disk tier) is loaded: see stall.py.
+multi-instance  two vLLM instances behind a round-robin router, private host tiers vs one
+              shared `lmcache server`; D documents, Q' questions each: multi_instance.py.
 
 Every first sight of a context is warm-up for every configuration alike; the figures are
 the measured requests, on which vLLM's prefix cache can only help for what it still holds.
@@ -21,7 +23,8 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SCENARIOS = ("long-doc-qa", "multi-round", "stall")
+SCENARIOS = ("long-doc-qa", "multi-round", "stall", "multi-instance")
+DEFAULT_SCENARIOS = SCENARIOS[:3]  # multi-instance (four more vLLM servers) runs when asked for
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Sizes:
     stall_stream_prompt_tokens: int = 64
     stall_stream_tokens: int = 32
     stall_reps: int = 2
+    instance_rounds: int = 3  # multi-instance: questions per document (one per round)
 
     def scaled(self, scale: float) -> "Sizes":
         return replace(self, docs=max(1, round(self.docs * scale)), users=max(1, round(self.users * scale)))
@@ -70,7 +74,8 @@ STALL_LOADER_TOKENS = 2  # tokens it generates
 DEFAULT = Sizes()
 SMOKE = Sizes(docs=4, doc_tokens=512, questions=2, question_tokens=16, users=5, rounds=2,
               context_tokens=384, turn_tokens=64, max_tokens=2, concurrency=2, stall_prefix_tokens=1024,
-              stall_streams=1, stall_stream_prompt_tokens=32, stall_stream_tokens=64, stall_reps=1)
+              stall_streams=1, stall_stream_prompt_tokens=32, stall_stream_tokens=64, stall_reps=1,
+              instance_rounds=3)
 # (the smoke's stream outlasts the load window even on a busy machine: 58 tokens after the send)
 
 

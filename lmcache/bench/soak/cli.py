@@ -6,9 +6,10 @@ random Llama, is
 driven by concurrent clients for the whole run while: the host-memory tier evicts all the
 time (its budget holds a fraction of the prompts), the disk tier fills to its budget,
 redis-server is killed (SIGKILL: all it held is lost) and restarted twice (`--store
-redis-cluster`: a cluster master is SIGKILLed and failed over twice), and the vLLM
+redis-cluster`: a cluster master is SIGKILLed and failed over twice; `--store server`: the
+host and disk tiers are an `lmcache server`'s, SIGKILLed and restarted twice), and the vLLM
 server is restarted once with the disk directory kept (clients paused meanwhile). Lone
-probe requests check outputs exactly (soak_load.py). Checked throughout and at the end: no
+probe requests check outputs exactly (load.py). Checked throughout and at the end: no
 request failed, every output matched vLLM alone's, resident memory of the serving processes
 stayed within the host budget plus a fixed overhead, the disk tier never held more bytes
 than its budget, vLLM could empty its prefix cache at the end (no blocks held), a fresh
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a local model directory (default: the small random Llama)")
     parser.add_argument("--workdir", help="logs, disk tier and Redis files (default: a temporary directory)")
     parser.add_argument("--store", default="redis", help="the shared tier and its fault: redis (killed and "
-                        "restarted) or redis-cluster (a master killed and failed over); default redis")
+                        "restarted), redis-cluster (a master killed and failed over) or server (an lmcache "
+                        "server holds the host and disk tiers; SIGKILLed and restarted); default redis")
 
 
 def _say(msg: str) -> None:
@@ -52,7 +54,7 @@ def _say(msg: str) -> None:
 
 
 def _prompts(model: str, documents: int) -> tuple[list[list[int]], list[list[int]]]:
-    from lmcache.bench.workload_scenarios import TokenSource
+    from lmcache.bench.workload.scenarios import TokenSource
 
     src = TokenSource(model)
     docs = [src.tokens(3 * CHUNK, "soak-doc", d) for d in range(documents)]
@@ -61,13 +63,11 @@ def _prompts(model: str, documents: int) -> tuple[list[list[int]], list[list[int
     return pool, probes
 
 
-def _servers(model: str, workdir: Path, redis_url: str):
-    from lmcache.bench.workload_services import VllmServer
+def _servers(model: str, workdir: Path, tier_keys: dict):
+    from lmcache.bench.workload.services import VllmServer
 
     common = dict(device_blocks=DEVICE_BLOCKS, block_size=BLOCK, max_model_len=2048, max_num_batched_tokens=2048)
-    lmcache = {"chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": HOST_BUDGET_GB,
-               "local_disk": str(workdir / "disk-tier"), "max_local_disk_size": DISK_BUDGET_GB,
-               "remote_url": redis_url, "remote_retry_interval": 1.0}
+    lmcache = {"chunk_size": CHUNK, **tier_keys, "remote_retry_interval": 1.0}
     # our connector class: background saves and asynchronous loads from disk and Redis, under the faults
     return (VllmServer(model, workdir, lmcache=None, name="soak-alone", **common),
             VllmServer(model, workdir, lmcache=lmcache, name="soak-lmcache", connector="lmcache", **common))
@@ -101,9 +101,9 @@ class Totals:
 def run(args) -> dict:
     if args.minutes <= 0 or args.concurrency < 1 or args.documents < 2:
         raise SystemExit("--minutes must be > 0, --concurrency >= 1 and --documents >= 2")
-    from lmcache.bench.soak_checks import Sampler
-    from lmcache.bench.soak_load import Clients, Tally, probe, references
-    from lmcache.bench.soak_store import SoakStore
+    from lmcache.bench.soak.checks import Sampler
+    from lmcache.bench.soak.load import Clients, Tally, probe, references
+    from lmcache.bench.soak.store import SoakStore
 
     model = args.model
     if not model:
@@ -112,8 +112,8 @@ def run(args) -> dict:
         model = str(build_tiny_llama(model_cache_dir(DEMO_MODEL_DIR)))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
     pool, probe_prompts = _prompts(model, args.documents)
-    redis = SoakStore(args.store, workdir).start()
-    alone, server = _servers(model, workdir, redis.url)
+    store = SoakStore(args.store, workdir).start(HOST_BUDGET_GB, workdir / "disk-tier", DISK_BUDGET_GB)
+    alone, server = _servers(model, workdir, store.tier_keys(HOST_BUDGET_GB, workdir / "disk-tier", DISK_BUDGET_GB))
     tally, totals, faults = Tally(), Totals(), []
     disk_hits_after_restart = 0
     try:
@@ -123,7 +123,7 @@ def run(args) -> dict:
         refs = references(alone, model, pool, 4)
         probe_refs = references(alone, model, probe_prompts, 4)
         alone.stop()  # one engine at a time on this machine
-        _say("starting vLLM with LMCache (host memory, disk, Redis) ...")
+        _say(f"starting vLLM with LMCache (host memory, disk, {args.store}) ...")
         server.start()
         for i, p in enumerate(probe_prompts):  # lone cold runs: LMCache stores what a lone request computes
             probe(server, model, p, probe_refs[i], 3 * CHUNK, 4, tally, f"probe {i} (first)")
@@ -133,14 +133,14 @@ def run(args) -> dict:
         clients = Clients(lambda: server.base_url, model, pool, refs, args.concurrency, 4, tally).start()
         total_s = args.minutes * 60
         began = time.monotonic()
-        schedule = [(0.15, "probe"), (0.25, "redis"), (0.35, "probe"), (0.5, "redis"), (0.6, "probe"),
+        schedule = [(0.15, "probe"), (0.25, "fault"), (0.35, "probe"), (0.5, "fault"), (0.6, "probe"),
                     (0.7, "restart"), (0.85, "probe"), (1.0, "end")]
         probe_round = 0
         for at, what in schedule:
             time.sleep(max(0.0, began + at * total_s - time.monotonic()))
-            if what == "redis":
+            if what == "fault":
                 _say(f"requests so far {tally.requests}")
-                faults.append(redis.fault(min(3.0, 0.03 * total_s), _say))
+                faults.append(store.fault(min(3.0, 0.03 * total_s), _say))
             elif what == "probe":
                 clients.gate.pause()
                 for i, p in enumerate(probe_prompts):
@@ -151,8 +151,8 @@ def run(args) -> dict:
                 clients.gate.pause()
                 totals.close_lifetime(server)
                 server.stop()
-                redis.empty()  # after the restart, hits can only come from the disk tier
-                _say("vLLM server stopped (disk tier kept, Redis emptied); starting it again ...")
+                store.empty()  # after the restart, hits can only come from the disk tier
+                _say(f"vLLM server stopped (disk tier kept, {args.store} emptied); starting it again ...")
                 server.start()
                 faults.append("vLLM server restarted with the disk tier kept")
                 # the prompts the clients sent last are the likeliest on disk (its LRU keeps the newest)
@@ -171,10 +171,11 @@ def run(args) -> dict:
         leak_probe = _fresh_prompt_round_trip(server, model, tally)
         leak_probe.update(_pins_left(server))
         final = totals.now(server)
+        final["misses_evicted"] += store.evicted()  # the server's host tier evicts there, not in vLLM
     finally:
         for s in (alone, server):
             s.stop()
-        redis.stop()
+        store.stop()
     return _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_free, leak_probe,
                    disk_hits_after_restart, workdir, cleanup=not args.workdir)
 
@@ -182,8 +183,8 @@ def run(args) -> dict:
 def _fresh_prompt_round_trip(server, model: str, tally) -> dict:
     """A prompt never seen: stored, then loaded alone. Pinned chunks leaking would fill the
     small host budget and the store would be dropped."""
-    from lmcache.bench.workload_clients import complete
-    from lmcache.bench.workload_scenarios import TokenSource
+    from lmcache.bench.workload.clients import complete
+    from lmcache.bench.workload.scenarios import TokenSource
 
     prompt = TokenSource(model).tokens(PROMPT_TOKENS, "soak-final")
     before = Totals.read(server)
@@ -227,8 +228,9 @@ def _report(args, tally, faults, samples, final, rss_base, rss_limit, blocks_fre
         "disk_hits_after_restart": disk_hits_after_restart > 0,
         "host_tier_evicted": final["misses_evicted"] > 0,
         "faults_survived": len(faults) == 3,
-        "async_loads_ran": final["async_loads"] > 0,
     }
+    if args.store != "server":  # the server reads its own disk tier while the lookup waits
+        checks["async_loads_ran"] = final["async_loads"] > 0
     for line in (tally.failed + tally.wrong)[:20]:
         print("  problem:", line)
     print(f"requests served {tally.requests} ({tally.probes} lone probes, {tally.probes_exact} compared exactly), "

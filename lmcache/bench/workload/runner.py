@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lmcache.bench.workload_clients import Completion, complete, run_in_flight
-from lmcache.bench.workload_scenarios import Chats, Sizes, TokenSource, long_doc_qa
-from lmcache.bench.workload_services import VllmServer
+from lmcache.bench.workload.clients import Completion, complete, run_in_flight
+from lmcache.bench.workload.scenarios import Chats, Sizes, TokenSource, long_doc_qa
+from lmcache.bench.workload.services import VllmServer
 
 WARM_PARALLEL = 2  # servers warmed at once (2 cores, one compute thread each)
 FLOOR_ROUNDS = 1

@@ -18,13 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lmcache.bench.workload_clients import Completion, complete
-from lmcache.bench.workload_runner import each_server, rotated
-from lmcache.bench.workload_scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS, Sizes, TokenSource
-from lmcache.bench.workload_services import VllmServer
+from lmcache.bench.workload.clients import Completion, complete
+from lmcache.bench.workload.runner import each_server, rotated
+from lmcache.bench.workload.scenarios import STALL_LOADER_TOKENS, STALL_SUFFIX_TOKENS, Sizes, TokenSource
+from lmcache.bench.workload.services import VllmServer
 
 BEFORE_TOKENS = 6  # tokens each stream has produced before the loading request goes out
-SYNC, ASYNC = "disk", "disk-async"  # the two configurations (workload_tiers.py)
+SYNC, ASYNC = "disk", "disk-async"  # the two configurations (tiers.py)
 
 
 @dataclass

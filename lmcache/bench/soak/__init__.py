@@ -1,0 +1,1 @@
+"""`python -m lmcache bench soak`: hours of mixed load with faults (cli.py is the entry)."""
