@@ -6,7 +6,6 @@ and stopped by PID: the one launcher of it for tests and benchmarks alike.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from lmcache.testing.processes import free_port, wait_until
-
-REPO = Path(__file__).resolve().parents[2]
+from lmcache.testing.processes import REPO, child_env, free_port, wait_until
 
 
 class CacheServerProcess:
@@ -34,8 +31,7 @@ class CacheServerProcess:
         self.log_path = Path(log_path)
 
     def start(self, timeout: float = 60.0) -> "CacheServerProcess":
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env = child_env({"OMP_NUM_THREADS": "1"})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)

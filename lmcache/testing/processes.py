@@ -1,12 +1,17 @@
-"""What every launcher of a test or benchmark server needs: a free loopback port, and
-waiting for a condition with a deadline (the servers themselves: redis_servers.py,
-s3_server.py, bench/workload/services.py)."""
+"""What every launcher of a test or benchmark server needs: a free loopback port, an
+environment in which the child imports this tree's lmcache, waiting for a condition with a
+deadline, and stopping by PID (the launchers: redis_servers.py, s3_server.py,
+cache_server.py, lm_server.py, vllm_server.py)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -34,3 +39,12 @@ def kill_and_reap(proc) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
+
+
+def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict:
+    """`base` (default: this process's environment) with `extra`, and this repository first
+    on PYTHONPATH, so that a child (vLLM's spawned engine included) imports this tree's lmcache."""
+    env = dict(os.environ if base is None else base)
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env

@@ -30,7 +30,7 @@ from tests.helpers.harness import (  # noqa: E402
     logprob_mismatches,
     run_engine,
 )
-from tests.helpers.lm_peers import LMServerProc  # noqa: E402
+from tests.helpers.lm_peers import lm_server_process  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -114,7 +114,7 @@ def role_spec(model, kv_role, steps):
 
 @pytest.fixture(scope="module")
 def lm_server(tmp_path_factory):
-    server = LMServerProc(tmp_path_factory.mktemp("lm-roles"), ("--max-size-gb", "0.5")).start()
+    server = lm_server_process(tmp_path_factory.mktemp("lm-roles"), ("--max-size-gb", "0.5")).start()
     yield server
     if server.running:
         server.terminate()

@@ -28,7 +28,9 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
 from lmcache.testing.processes import free_port  # noqa: E402
-from tests.helpers.api_server import ApiServer, excerpt, sample  # noqa: E402
+from lmcache.testing.vllm_server import VllmApiProcess  # noqa: E402
+from tests.helpers.harness import ENGINE_ENV  # noqa: E402
+from tests.helpers.prometheus_text import excerpt, sample  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -78,11 +80,11 @@ def served(tiny_llama, tmp_path_factory):
                                                  "lmcache.max_local_cpu_size": round(5.5 * CHUNK_GB, 6)}}
     kv_events = {"enable_kv_cache_events": True, "publisher": "zmq",
                  "endpoint": f"tcp://127.0.0.1:{events_port}", "topic": "kv-events"}
-    server = ApiServer(
+    server = VllmApiProcess(
         ["--model", tiny_llama, "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager",
          "--seed", "0", "--kv-transfer-config", json.dumps(kv_transfer), "--kv-events-config", json.dumps(kv_events)],
-        workdir / "server.log", env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
-    )
+        workdir / "server.log", env={**ENGINE_ENV, "VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
+    ).launch()
     try:
         server.wait_ready()
         yield server, subscriber, tiny_llama

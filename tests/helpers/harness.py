@@ -7,26 +7,20 @@ several scenarios share one engine to keep the number of engine starts small.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from lmcache.testing.processes import child_env
+from lmcache.testing.vllm_server import CPU_ENGINE_ENV
 from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE  # noqa: F401 (re-exported to the tests)
 
 DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
 
-# Engines on this CPU-only machine: the KV cache in GiB, no torch.compile (vLLM
-# compiles its log-probability kernel with inductor: ~25 s per engine, for nothing
-# here), no thread pinning (so tensor parallel ranks can share the cores).
-ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TORCHDYNAMO_DISABLE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "LMCACHE_TEST_HOOKS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+# Engines on this CPU-only machine (lmcache/testing/vllm_server.py says why each), and
+# LMCache's test hooks on.
+ENGINE_ENV = {**CPU_ENGINE_ENV, "LMCACHE_TEST_HOOKS": "1"}
 
 # The driver's engines: vLLM's engine core in the driver's own process, one process
 # start and vLLM import fewer per engine (~15 s here). The driver asks for the "mp"
@@ -45,11 +39,7 @@ def run_engine(spec: dict, workdir: Path, name: str, timeout: float = 600, env: 
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
-    full_env = dict(os.environ)
-    full_env.update(ENGINE_ENV)
-    full_env.update(ENGINE_CORE_IN_PROCESS)
-    full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
+    full_env = child_env({**ENGINE_ENV, **ENGINE_CORE_IN_PROCESS, **(env or {})})
     with open(log_path, "wb") as log:
         proc = subprocess.run(
             [sys.executable, str(DRIVER), str(spec_path), str(out_path)],

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 from lmcache.v1.server import protocol as P
-from tests.helpers.lm_peers import LMServerProc, RawClient
+from lmcache.testing.lm_server import LmServerProcess
+from tests.helpers.lm_peers import RawClient, lm_server_process
 
 MB = 1024**2
 
 
-def server(*args: str) -> LMServerProc:
-    return LMServerProc(Path(tempfile.mkdtemp(prefix="lm-attack-")), args).start()
+def server(*args: str) -> LmServerProcess:
+    return lm_server_process(Path(tempfile.mkdtemp(prefix="lm-attack-")), args).start()
 
 
 def oversized_headers(n: int = 300) -> tuple[float, float]:

@@ -4,92 +4,36 @@ and a raw protocol client for poking at them."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lmcache.v1.server import protocol as P
-from lmcache.testing.processes import free_port
+from lmcache.testing.lm_server import LmServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 # Upstream's server parses the key of every request, HEALTH included.
 PROBE_KEY = b"probe@1@0@0@half"
 
 
-class LMServerProc:
-    def __init__(self, workdir: Path, args: tuple[str, ...] = (), upstream_tree: Path | None = None,
-                 port: int | None = None, host: str = "127.0.0.1"):
-        self.host = host
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.args = tuple(args)
-        self.upstream_tree = upstream_tree
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / f"server-{self.port}.log"
+def _answers_health(port: int) -> bool:
+    try:
+        with RawClient(port, timeout=1.0) as c:
+            return c.request(P.HEALTH, PROBE_KEY).code == P.SUCCESS
+    except OSError:
+        return False
 
-    @property
-    def url(self) -> str:
-        return f"lm://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "LMServerProc":
-        if self.upstream_tree is None:
-            env = dict(os.environ, PYTHONPATH=str(REPO))
-        else:
-            from tests.helpers.upstream_wheel import upstream_env
+def lm_server_process(workdir: Path, args: tuple[str, ...] = (), upstream_tree: Path | None = None,
+                      port: int | None = None, host: str = "127.0.0.1") -> LmServerProcess:
+    """Ours, or upstream's from `upstream_tree`; ready when it answers HEALTH."""
+    env = None
+    if upstream_tree is not None:
+        from tests.helpers.upstream_wheel import upstream_env
 
-            env = upstream_env(self.upstream_tree)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcache.v1.server", self.host, str(self.port), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with RawClient(self.port, timeout=1.0) as c:
-                    if c.request(P.HEALTH, PROBE_KEY).code == P.SUCCESS:
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"lm server on port {self.port} did not answer HEALTH:\n{self.log()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self.proc = None
-        return code
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        env = upstream_env(upstream_tree)
+    return LmServerProcess(workdir, args, port=port, host=host, env=env, ready=_answers_health)
 
 
 class RawClient:
@@ -140,8 +84,8 @@ def lm_factory(tmp_path):
     servers = []
 
     def make(*args: str, upstream_tree: Path | None = None, port: int | None = None,
-             host: str = "127.0.0.1") -> LMServerProc:
-        server = LMServerProc(tmp_path / f"lm{len(servers)}", args, upstream_tree, port, host)
+             host: str = "127.0.0.1") -> LmServerProcess:
+        server = lm_server_process(tmp_path / f"lm{len(servers)}", args, upstream_tree, port, host)
         servers.append(server)
         return server.start()
 

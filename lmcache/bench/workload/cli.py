@@ -88,12 +88,12 @@ def _model(args) -> tuple[str, str]:
 
 
 def _service(stack: ExitStack, kind: str | None, workdir: Path):
-    from lmcache.bench.workload.services import LmServerProcess
+    from lmcache.testing.lm_server import LmServerProcess
     from lmcache.testing.redis_servers import RedisServer
 
     if kind is None:
         return None
-    server = RedisServer(str(workdir / "redis")) if kind == "redis" else LmServerProcess(workdir / "lm")
+    server = RedisServer(str(workdir / "redis")) if kind == "redis" else LmServerProcess(workdir / "lm", ("cpu", "--max-size-gb", "2.0"))
     server.start()
     stack.callback(server.stop)
     return server.url

