@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
 from lmcache.integration.vllm import vllm_compat
@@ -23,7 +24,6 @@ CONNECTORS = {
 }
 OFFLOADING_CLASS = ("lmcache.integration.vllm.lmcache_mp_connector", "LMCacheMPConnector")
 ADAPTER = ("lmcache.integration.vllm.vllm_v1_adapter", "LMCacheConnectorV1Impl")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _version(dist: str) -> str | None:
@@ -188,20 +188,31 @@ def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
         if connector and connector not in CONNECTORS and "lmcache" not in str(connector).lower():
             out.append(Finding("vllm.kv_connector", WARN, f"kv_connector={connector!r} ({where}) is not LMCache's",
                                "use \"lmcache\" or \"LMCacheConnectorV1\""))
-    gaudi = _version("vllm-gaudi") is not None
-    defrag, contiguous = os.environ.get("VLLM_DEFRAG"), os.environ.get("VLLM_CONTIGUOUS_PA")
-    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
-             "address other requests' KV"
-    if (defrag or "").lower() in _TRUE:
-        out.append(Finding("vllm.gaudi_defragmenter", FAIL, f"VLLM_DEFRAG={defrag}: on. {danger}",
-                           "set VLLM_DEFRAG=false when a KV connector is used"))
-    elif gaudi and defrag is None:
-        out.append(Finding("vllm.gaudi_defragmenter", WARN,
-                           f"VLLM_DEFRAG unset: vllm-gaudi turns it on when prefix caching is off or VLLM_CONTIGUOUS_PA="
-                           f"{contiguous or 'unset'} is true. {danger}", "set VLLM_DEFRAG=false explicitly"))
-    elif gaudi or defrag is not None:
-        out.append(Finding("vllm.gaudi_defragmenter", OK, f"VLLM_DEFRAG={defrag}: off"))
+    out += _defragmenter_findings(os.environ, gaudi=_version("vllm-gaudi") is not None)
     return out
+
+
+def _defragmenter_findings(environ, gaudi: bool) -> list[Finding]:
+    """vllm-gaudi's online defragmenter, by the rule the Gaudi worker refuses to start
+    with (integration/vllm/runner.py); the doctor cannot know whether vLLM will run
+    with prefix caching, so it asks the rule both ways."""
+    from lmcache.integration.vllm.runner import online_defragmenter
+
+    with_prefix_caching = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=True))
+    forced_on, why = online_defragmenter(with_prefix_caching, environ)
+    on_without_prefix_caching, _ = online_defragmenter(None, environ)
+    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
+             "address other requests' KV (LMCache refuses to start on Gaudi)"
+    if forced_on:
+        return [Finding("vllm.gaudi_defragmenter", FAIL, f"{why}: on. {danger}",
+                        "set VLLM_DEFRAG=false (or VLLM_CONTIGUOUS_PA=false) when a KV connector is used")]
+    if gaudi and on_without_prefix_caching:
+        return [Finding("vllm.gaudi_defragmenter", WARN,
+                        f"VLLM_DEFRAG and VLLM_CONTIGUOUS_PA unset: vllm-gaudi turns it on when prefix caching is "
+                        f"off (--no-enable-prefix-caching). {danger}", "set VLLM_DEFRAG=false explicitly")]
+    if gaudi or "VLLM_DEFRAG" in environ or "VLLM_CONTIGUOUS_PA" in environ:
+        return [Finding("vllm.gaudi_defragmenter", OK, f"{why}: off")]
+    return []
 
 
 if __name__ == "__main__":
