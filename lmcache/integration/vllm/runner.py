@@ -70,6 +70,12 @@ def online_defragmenter(vllm_config, environ: Mapping[str, str]) -> tuple[bool, 
     return True, "prefix caching is off and VLLM_CONTIGUOUS_PA is not set (vllm-gaudi then turns it on)"
 
 
+def refuse_unsafe_settings(runner: RunnerTraits, vllm_config, environ: Mapping[str, str]) -> None:
+    """Raise ValueError at registration where this runner's settings would serve wrong KV."""
+    if runner is GAUDI_RUNNER:
+        refuse_online_defragmenter(vllm_config, environ)
+
+
 def refuse_online_defragmenter(vllm_config, environ: Mapping[str, str]) -> None:
     """Raise ValueError on Gaudi when the online defragmenter would be on."""
     on, why = online_defragmenter(vllm_config, environ)

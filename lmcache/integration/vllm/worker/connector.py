@@ -29,7 +29,7 @@ from lmcache.integration.vllm.lookups import LookupAnswer
 from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata
 from lmcache.integration.vllm.metrics.kv_events import kv_events_enabled
 from lmcache.integration.vllm.metrics.worker import WorkerCounters, WorkerMetrics, clip_runs, hit_runs, stats_reply
-from lmcache.integration.vllm.runner import refuse_online_defragmenter, runner_for_device
+from lmcache.integration.vllm.runner import refuse_unsafe_settings, runner_for_device
 from lmcache.integration.vllm.worker.accounting import LoadAccounting
 from lmcache.integration.vllm.worker.engine_setup import connect_engine
 from lmcache.integration.vllm.worker.handle import EngineHandle
@@ -102,8 +102,7 @@ class WorkerConnector:
                 f"LMCache use_layerwise=True cannot work on {runner.name}: its runner never calls the "
                 "per-layer hooks. Accepted there: use_layerwise=False (the default)."
             )
-        if device_type == "hpu":
-            refuse_online_defragmenter(self.vllm_config, os.environ)
+        refuse_unsafe_settings(runner, self.vllm_config, os.environ)
         handle = self.handle
         handle.runner = runner
         reregistering = handle.engine is not None
