@@ -6,7 +6,7 @@ The tiers know chunks by LMCache's key (a hash chain over token ids, one key per
 a save it notes, per chunk, the vLLM block hashes, parent hash and token ids the
 request carries (`Request.block_hashes`: vLLM's own hashes, made with its configured
 `--prefix-caching-hash-algo`). When a worker's tier reports that it stored or lost
-that chunk (worker_metrics.py, collected by the scheduler), the note becomes a
+that chunk (metrics/worker.py, collected by the scheduler), the note becomes a
 `BlockStored` or `BlockRemoved`, published by vLLM with its own events
 (`take_events`). Everything happens in the scheduler process, on every device.
 

@@ -3,7 +3,7 @@ channel (`[b"metrics"]`).
 
 vllm-gaudi never calls a connector's worker-side stats or events hooks in a forward
 step, so the workers do not report through them on any device: the scheduler asks
-every rank (scheduler_metrics.py) and reports from there, which works everywhere.
+every rank (metrics/scheduler.py) and reports from there, which works everywhere.
 
 A reply holds the worker's running totals (the scheduler turns them into deltas, so
 a lost reply loses nothing), its tiers' usage, and what happened since the last ask:
