@@ -168,6 +168,26 @@ def test_short_async_load_after_a_prefix_vllm_holds(real_worker):
     assert impl.worker.counters.loaded_tokens == 32 and impl.worker.counters.load_failed_tokens == 16
 
 
+def test_the_worker_parts_work_on_their_own_over_the_real_engine(real_worker):
+    """Saves, Loads and LoadAccounting take what they need in their constructors: here the
+    registered worker's EngineHandle (the real engine over vLLM's CPU layout)."""
+    from lmcache.integration.vllm.metrics.worker import WorkerCounters, WorkerMetrics
+    from lmcache.integration.vllm.worker.accounting import LoadAccounting
+    from lmcache.integration.vllm.worker.loads import Loads
+    from lmcache.integration.vllm.worker.saves import Saves
+    from lmcache.integration.vllm.worker.test_hooks import TestHooks
+
+    impl, cache = real_worker()
+    handle, counters, metrics = impl.worker.handle, WorkerCounters(), WorkerMetrics(rank=0)
+    Saves(handle, counters, metrics, async_save=False).submit([rig.save("s", 0, first_block=0)])
+    assert counters.saved_tokens == rig.PROMPT and counters.save_requests == 1
+    accounting = LoadAccounting(handle, counters, TestHooks(environ={}))
+    # vLLM holds tokens 0..15 itself: the load brings 16..63 into blocks 13..15
+    Loads(handle, counters, metrics, accounting).load_now([rig.load("l", 0, first_block=12, load_from=16)])
+    assert accounting.take_errors() == set() and counters.loaded_tokens == rig.PROMPT - 16
+    assert rig.same_blocks(cache, [13, 14, 15], [1, 2, 3])
+
+
 def test_failing_retrieve_fails_no_step(real_worker, monkeypatch):
     impl, _ = real_worker()
     stored(impl, 0)

@@ -22,7 +22,3 @@ class EngineHandle:
         self.asleep = False  # sleep mode: the KV caches are unregistered
         self.runner: RunnerTraits = VLLM_RUNNER  # told by the KV caches' device at registration
         self.layer_index: dict[str, int] = {}  # layer name -> its index in the KV caches
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None
