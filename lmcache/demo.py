@@ -133,7 +133,7 @@ def _run(args) -> int:
             },
             **llm_args,
         )
-    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
+    from lmcache.integration.vllm.metrics.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None
     prompt = make_prompt(model, num_tokens, vocab, seed=1)

@@ -46,7 +46,7 @@ DEFAULT_PROMPT = (
 
 
 def loaded_tokens(llm) -> int:
-    from lmcache.integration.vllm.worker_stats import loaded_tokens as lmcache_loaded_tokens
+    from lmcache.integration.vllm.metrics.worker_stats import loaded_tokens as lmcache_loaded_tokens
 
     return lmcache_loaded_tokens(llm)
 
@@ -54,7 +54,7 @@ def loaded_tokens(llm) -> int:
 def shutdown(llm):
     """Stop the engine's processes now: a multiprocessing child waits for its own
     children at exit, and vLLM's engine would otherwise keep this one alive."""
-    from lmcache.integration.vllm.worker_stats import shutdown_llm
+    from lmcache.integration.vllm.metrics.worker_stats import shutdown_llm
 
     shutdown_llm(llm)
 

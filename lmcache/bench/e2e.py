@@ -125,7 +125,7 @@ def _run(args) -> dict:
 def _measure(args, model, llm, device_type, step, total, where) -> dict:
     from vllm import SamplingParams
 
-    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
+    from lmcache.integration.vllm.metrics.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
     from lmcache.testing.tiny_llama import make_prompt
 
     vocab = llm.get_tokenizer().vocab_size if args.model else None

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 from lmcache.doctor.report import FAIL, OK, SKIP, WARN, Finding
 from lmcache.integration.vllm import vllm_compat
-from lmcache.integration.vllm.gaudi_checks import online_defragmenter
 
 # name vLLM is given -> what it is
 CONNECTORS = {
@@ -169,31 +168,6 @@ def _feature_findings(r: dict) -> list[Finding]:
     return out
 
 
-def _with_prefix_caching(on: bool) -> SimpleNamespace:
-    return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=on))
-
-
-def _defragmenter(gaudi: bool) -> list[Finding]:
-    """vllm-gaudi's online defragmenter, decided by the rule the connector refuses it by
-    (integration/vllm/gaudi_checks.py). The doctor does not see vLLM's flags, so it asks
-    the rule twice: with vLLM's prefix caching on (its default) and off."""
-    names = ("VLLM_DEFRAG", "VLLM_CONTIGUOUS_PA")
-    if not gaudi and not any(name in os.environ for name in names):
-        return []
-    with_prefix, why = online_defragmenter(_with_prefix_caching(True), os.environ)
-    without_prefix, why_off = online_defragmenter(_with_prefix_caching(False), os.environ)
-    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
-             "address other requests' KV"
-    if with_prefix:
-        return [Finding("vllm.gaudi_defragmenter", FAIL, f"on ({why}). {danger}",
-                        "set VLLM_DEFRAG=false when a KV connector is used")]
-    if without_prefix:
-        return [Finding("vllm.gaudi_defragmenter", WARN,
-                        f"off while vLLM's prefix caching is on, on without it ({why_off}). {danger}",
-                        "set VLLM_DEFRAG=false explicitly")]
-    return [Finding("vllm.gaudi_defragmenter", OK, f"off ({why})")]
-
-
 def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
     out = []
     if kv_transfer_config is None:
@@ -214,8 +188,31 @@ def settings(kv_transfer_config: dict | None, where: str) -> list[Finding]:
         if connector and connector not in CONNECTORS and "lmcache" not in str(connector).lower():
             out.append(Finding("vllm.kv_connector", WARN, f"kv_connector={connector!r} ({where}) is not LMCache's",
                                "use \"lmcache\" or \"LMCacheConnectorV1\""))
-    out.extend(_defragmenter(_version("vllm-gaudi") is not None))
+    out += _defragmenter_findings(os.environ, gaudi=_version("vllm-gaudi") is not None)
     return out
+
+
+def _defragmenter_findings(environ, gaudi: bool) -> list[Finding]:
+    """vllm-gaudi's online defragmenter, by the rule the Gaudi worker refuses to start
+    with (integration/vllm/runner.py); the doctor cannot know whether vLLM will run
+    with prefix caching, so it asks the rule both ways."""
+    from lmcache.integration.vllm.runner import online_defragmenter
+
+    with_prefix_caching = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=True))
+    forced_on, why = online_defragmenter(with_prefix_caching, environ)
+    on_without_prefix_caching, _ = online_defragmenter(None, environ)
+    danger = "vllm-gaudi's defragmenter swaps KV blocks without telling the connector: loads and saves then " \
+             "address other requests' KV (LMCache refuses to start on Gaudi)"
+    if forced_on:
+        return [Finding("vllm.gaudi_defragmenter", FAIL, f"{why}: on. {danger}",
+                        "set VLLM_DEFRAG=false (or VLLM_CONTIGUOUS_PA=false) when a KV connector is used")]
+    if gaudi and on_without_prefix_caching:
+        return [Finding("vllm.gaudi_defragmenter", WARN,
+                        f"VLLM_DEFRAG and VLLM_CONTIGUOUS_PA unset: vllm-gaudi turns it on when prefix caching is "
+                        f"off (--no-enable-prefix-caching). {danger}", "set VLLM_DEFRAG=false explicitly")]
+    if gaudi or "VLLM_DEFRAG" in environ or "VLLM_CONTIGUOUS_PA" in environ:
+        return [Finding("vllm.gaudi_defragmenter", OK, f"{why}: off")]
+    return []
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ one of the words below in any case; anything else is an error naming what is acc
 `truthy` is lenient, for on/off switches (LMCACHE_* test and debug variables, upstream's
 boolean kv_connector_extra_config entries, which upstream reads as Python truth): unset,
 "", 0, false, no and off are off, everything else is on. vllm-gaudi's own flags are read
-by vllm-gaudi's rule, not these (integration/vllm/gaudi_checks.py).
+by vllm-gaudi's rule, not these (integration/vllm/runner.py).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_connector_metadata_contract_vllm_gaudi_reads():
     compares each element with request-id strings (`request == req_id`); a match would index a dict
     it leaves empty for LMCache (KeyError), so no element may equal a string."""
     from lmcache.integration.vllm import vllm_v1_adapter
-    from lmcache.integration.vllm.request_tracker import ReqMeta
+    from lmcache.integration.vllm.metadata import ReqMeta
 
     cls = vllm_v1_adapter.LMCacheConnectorMetadata
     assert cls.__name__ == "LMCacheConnectorMetadata"

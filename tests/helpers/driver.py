@@ -74,13 +74,13 @@ def top_logprobs(position) -> list[list]:
 
 
 def lmcache_stats(llm) -> list:
-    from lmcache.integration.vllm.worker_stats import worker_stats
+    from lmcache.integration.vllm.metrics.worker_stats import worker_stats
 
     return worker_stats(llm)
 
 
 def reset_prefix_cache(llm, with_lmcache: bool, timeout: float = 10.0) -> bool:
-    from lmcache.integration.vllm.worker_stats import reset_vllm_prefix_cache
+    from lmcache.integration.vllm.metrics.worker_stats import reset_vllm_prefix_cache
 
     from vllm.v1.engine.core_client import InprocClient
 
@@ -202,11 +202,11 @@ def main(spec_path: str, out_path: str) -> int:
         elif op == "generate":
             results["steps"][name] = run_generate(llm, step, with_lmcache, spec.get("loras"))
         elif op == "control":
-            from lmcache.integration.vllm.worker_stats import control
+            from lmcache.integration.vllm.metrics.worker_stats import control
 
             results["steps"][name] = control(llm, step["command"])
         elif op == "flush":
-            from lmcache.integration.vllm.worker_stats import control
+            from lmcache.integration.vllm.metrics.worker_stats import control
 
             results["steps"][name] = control(llm, {"flush": step.get("timeout", 30)})
         elif op == "stats":

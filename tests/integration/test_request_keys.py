@@ -23,7 +23,7 @@ from vllm.v1.request import Request  # noqa: E402
 from lmcache.integration.vllm import request_keys as rk  # noqa: E402
 from lmcache.integration.vllm.lookup_channel import LookupClient, LookupServer, decode_key_material  # noqa: E402
 from lmcache.integration.vllm.lookup_channel import encode_key_material  # noqa: E402
-from lmcache.integration.vllm.request_tracker import SchedulerPlanner, SchedulerPolicy  # noqa: E402
+from lmcache.integration.vllm.scheduler.planner import SchedulerPlanner, SchedulerPolicy  # noqa: E402
 from lmcache.v1.cache_engine import TransferSpec  # noqa: E402
 from lmcache.v1.token_database import chunk_hashes  # noqa: E402
 from tests.helpers.vllm_objects import new_req, step  # noqa: E402
@@ -127,10 +127,10 @@ def test_prompt_embeddings_stay_uncacheable_and_are_named_once(caplog):
     embeds.prompt_embeds = torch.zeros(8, 4)
     no_ids = request("n")
     no_ids.prompt_token_ids = None
-    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k=None: 96)
-    with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.request_tracker"):
+    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK))
+    with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.scheduler.planner"):
         for req in (embeds, embeds, no_ids, no_ids):
-            assert planner.num_new_matched_tokens(req, 0) == 0
+            assert planner.num_new_matched_tokens(req, 0, lambda t, k=None: 96) == 0
     lines = [r.getMessage() for r in caplog.records if "skips" in r.getMessage()]
     assert len(lines) == 2 and all("prompt embeddings" in line for line in lines), lines
 
@@ -142,11 +142,12 @@ def test_a_kind_this_vllm_cannot_describe_stays_uncacheable(monkeypatch, caplog)
     support = dict(rk.vllm_extra_key_support())
     support[rk.KIND_MULTIMODAL] = "this vLLM's Request has no mm_features"
     monkeypatch.setattr(rk, "vllm_extra_key_support", lambda: support)
-    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK), lambda t, k=None: 96)
-    with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.request_tracker"):
+    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK))
+    lookup = lambda t, k=None: 96  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="lmcache.integration.vllm.scheduler.planner"):
         for i in range(3):
-            assert planner.num_new_matched_tokens(request(f"m{i}", images=[media(IMG_A, 20)]), 0) == 0
-        assert planner.num_new_matched_tokens(request("t"), 0) == 95  # text is unaffected
+            assert planner.num_new_matched_tokens(request(f"m{i}", images=[media(IMG_A, 20)]), 0, lookup) == 0
+        assert planner.num_new_matched_tokens(request("t"), 0, lookup) == 95  # text is unaffected
     lines = [r.getMessage() for r in caplog.records if "skips" in r.getMessage()]
     assert lines == ["LMCache skips requests for which it has multimodal inputs and this vLLM's Request has "
                      "no mm_features"]
@@ -154,10 +155,9 @@ def test_a_kind_this_vllm_cannot_describe_stays_uncacheable(monkeypatch, caplog)
 
 def test_plans_and_lookups_carry_the_key_material():
     seen = []
-    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK),
-                               lambda tokens, keys=rk.PLAIN: seen.append(keys) or 64)
+    planner = SchedulerPlanner(SchedulerPolicy(chunk_size=CHUNK, block_size=CHUNK))
     req = request(salt="tenant-1", images=[media(IMG_A, 20)])
-    assert planner.num_new_matched_tokens(req, 0) == 64
+    assert planner.num_new_matched_tokens(req, 0, lambda tokens, keys=rk.PLAIN: seen.append(keys) or 64) == 64
     assert seen == [rk.request_keys(req)]
     planner.after_alloc(req, 64)
     (meta,) = planner.build(step([new_req(req, list(range(6)), 0)], scheduled={"r": 96}))
@@ -231,8 +231,8 @@ def test_kv_events_carry_the_extra_keys_vllms_own_events_carry():
     from vllm.utils.hashing import sha256
     from vllm.v1.core.block_pool import BlockPool
 
-    from lmcache.integration.vllm.kv_events import KVEventTracker
-    from lmcache.integration.vllm.request_tracker import TransferPlan
+    from lmcache.integration.vllm.metrics.kv_events import KVEventTracker
+    from lmcache.v1.cache_engine import TransferSpec
 
     block = 8  # two vLLM blocks per chunk
     kv_cache_utils.init_none_hash(sha256)
@@ -244,7 +244,7 @@ def test_kv_events_carry_the_extra_keys_vllms_own_events_carry():
     theirs = [e for e in pool.take_events() if type(e).__name__ == "BlockStored"]
     tracker = KVEventTracker(CHUNK, block, world_size=1)
     material = rk.request_keys(req).chunk_key_material(CHUNK, 96)
-    tracker.record_save(req, TransferPlan(torch.as_tensor(TOKENS), torch.arange(96), 0, 96, material))
+    tracker.record_save(req, TransferSpec(torch.as_tensor(TOKENS), torch.arange(96), 0, 96, key_material=material))
     stored_hashes = chunk_hashes(TOKENS, CHUNK, 96, material)  # what the workers' tiers report
     tracker.on_worker_events([["cpu", True, h, 0] for h in stored_hashes])
     ours = tracker.take()
@@ -258,19 +258,19 @@ def test_kv_events_carry_the_extra_keys_vllms_own_events_carry():
 
 
 def test_lookup_metrics_count_hits_per_kind(tmp_path):
-    from lmcache.integration.vllm.scheduler_metrics import SchedulerMetrics
+    from lmcache.integration.vllm.scheduler.connector import SchedulerConnector
+    from tests.integration.test_adapter_worker import vllm_config
 
     server = LookupServer(f"ipc://{tmp_path}/m.sock", lambda tokens, *a, key_material=None: 32 if key_material else 64,
                           stats=dict).start()
     client = LookupClient([server.address], 2000)
-    metrics = SchedulerMetrics(client)
+    scheduler = SchedulerConnector.from_vllm(vllm_config(**{"lmcache.chunk_size": CHUNK}), lookup_client=client)
     try:
         for req in (request(), request(images=[media(IMG_A, 20)], salt="t"), request(lora="a")):
-            keys = rk.request_keys(req)
-            metrics.lookup(TOKENS, "lease", 0, False, keys.chunk_key_material(CHUNK, 96), keys.kinds)
-        stats = metrics.take_stats()
+            scheduler.lookup(TOKENS, "lease", 0, False, rk.request_keys(req))
+        stats = scheduler.metrics.take_stats()
     finally:
-        client.close()
+        scheduler.shutdown()
         server.close()
     assert [rk.request_keys(request(salt="t", lora="a")).kinds, rk.PLAIN.kinds] == [("lora", "salted"), ("text",)]
     hits = {kind: stats.counter("lookup_hit_tokens_by_kind", kind) for kind in rk.KINDS}

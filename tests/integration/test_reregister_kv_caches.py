@@ -27,16 +27,16 @@ def test_registering_again_switches_to_the_new_tensors(device):
         client = None
         try:
             impl.register_kv_caches(old.kv_caches)
-            server, engine, old_connector = impl._lookup_server, impl.engine, impl.gpu_connector
+            server, engine, old_connector = impl.worker.lookup_server, impl.worker.engine, impl.worker.gpu_connector
             servers = _servers()
             rig.run_step(impl, [rig.save("a", 0, first_block=0)])
             saved_from_old = rig.block_bytes(old, rig.blocks_at(0))
             old_bytes = old.snapshot()
 
             impl.register_kv_caches(new.kv_caches)
-            assert impl._lookup_server is server and _servers() == servers
-            assert impl.engine is engine and engine.gpu_connector is impl.gpu_connector is not old_connector
-            client = LookupClient([socket_address(impl._engine_id, 0)], timeout_ms=5000)
+            assert impl.worker.lookup_server is server and _servers() == servers
+            assert impl.worker.engine is engine and engine.gpu_connector is impl.worker.gpu_connector is not old_connector
+            client = LookupClient([socket_address(impl.engine_id, 0)], timeout_ms=5000)
             assert client.lookup(rig.tokens_of(0).tolist(), "1:req-a") == rig.PROMPT
 
             # a load writes the new tensors with what was saved from the old ones
@@ -48,7 +48,7 @@ def test_registering_again_switches_to_the_new_tensors(device):
             rig.run_step(impl, [rig.save("b", 1, first_block=4)])
             rig.run_step(impl, [rig.load("req-b", 1, first_block=16)])
             assert rig.same_blocks(new, rig.blocks_at(16), rig.blocks_at(4))
-            assert impl.counters.load_failed_tokens == 0
+            assert impl.worker.counters.load_failed_tokens == 0
         finally:
             if client is not None:
                 client.close()
@@ -60,7 +60,7 @@ def test_registering_a_different_model_shape_again_is_refused():
         impl = rig.worker(rig.vllm_config())
         try:
             impl.register_kv_caches(rig.paged_cache("cpu", seed=1).kv_caches)
-            impl._vllm_config.model_config.get_num_kv_heads = lambda parallel: 2 * rig.H
+            impl.vllm_config.model_config.get_num_kv_heads = lambda parallel: 2 * rig.H
             with pytest.raises(ValueError, match="registered again"):
                 impl.register_kv_caches(rig.paged_cache("cpu", seed=2).kv_caches)
         finally:

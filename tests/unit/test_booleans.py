@@ -12,7 +12,7 @@ from lmcache.v1.remote_urls import parse_redis_seeds
 PACKAGE = Path(__file__).resolve().parents[2] / "lmcache"
 # vllm-gaudi's flags are read by vllm-gaudi's own rule (t/y count as true), a fact about it
 BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n", ""}
-OWN_RULES = {"v1/booleans.py", "integration/vllm/gaudi_checks.py"}
+OWN_RULES = {"v1/booleans.py", "integration/vllm/runner.py"}
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -23,7 +23,8 @@ def _one(findings, check):
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in list(os.environ):
-        if name.startswith(("LMCACHE_", "LMCAHCE", "VLLM_DEFRAG", "VLLM_KV_TRANSFER", "PT_HPU", "HABANA")):
+        if name.startswith(("LMCACHE_", "LMCAHCE", "VLLM_DEFRAG", "VLLM_CONTIGUOUS_PA", "VLLM_KV_TRANSFER", "PT_HPU",
+                            "HABANA")):
             monkeypatch.delenv(name)
     return monkeypatch
 
@@ -117,6 +118,16 @@ def test_kv_load_failure_policy(clean_env):
     bad = vllm_setup.settings({"kv_connector": "lmcache"}, "test")
     assert _one(bad, "vllm.kv_load_failure_policy").status == WARN
     assert _one(vllm_setup.settings(None, ""), "vllm.kv_load_failure_policy").status == SKIP
+
+
+def test_the_doctor_judges_the_defragmenter_by_the_rule_the_worker_enforces(clean_env):
+    # vllm-gaudi's parser takes "t"/"y" as true, and VLLM_CONTIGUOUS_PA=true turns the
+    # defragmenter on as well (integration/vllm/runner.py refuses both at start-up)
+    for name, value in (("VLLM_DEFRAG", "t"), ("VLLM_CONTIGUOUS_PA", "true")):
+        clean_env.setenv(name, value)
+        finding = _one(vllm_setup.settings(None, ""), "vllm.gaudi_defragmenter")
+        assert finding.status == FAIL and f"{name}={value}" in finding.fact
+        clean_env.delenv(name)
 
 
 def test_gaudi_defragmenter_on_fails(clean_env):

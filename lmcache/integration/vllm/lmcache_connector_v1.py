@@ -1,4 +1,4 @@
-"""Our own vLLM KV connector class, `LMCacheConnectorV1Dynamic`.
+"""Upstream import path: our own vLLM KV connector class, `LMCacheConnectorV1Dynamic`, lives here.
 
 Use it either by the short name the plugin registers,
     kv_transfer_config={"kv_connector": "lmcache", "kv_role": "kv_both"}
@@ -6,8 +6,8 @@ or by module path,
     {"kv_connector": "LMCacheConnectorV1Dynamic",
      "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1", ...}
 
-It drives the same `LMCacheConnectorV1Impl` as vLLM's built-in `LMCacheConnectorV1`,
-with what that wrapper cannot offer:
+It composes the same halves as vLLM's built-in `LMCacheConnectorV1` (through
+`LMCacheConnectorV1Impl`: scheduler/ or worker/), with what that wrapper cannot offer:
 - asynchronous saving (on by default; turn it off with kv_connector_extra_config
   {"async_save": false}). A step then only hands its stores to a background thread; a
   finished request keeps its blocks (`request_finished` returns True) until every
@@ -21,19 +21,18 @@ with what that wrapper cannot offer:
   blocks off the step and reports it through `get_finished`; a load that came up
   short reports its blocks as load errors (vLLM recomputes them), which is why this
   sets kv_load_failure_policy to "recompute". Never on Gaudi: vllm-gaudi's runner
-  never reads load errors (docs/gaudi.md).
+  never reads load errors (runner.py, docs/gaudi.md).
 
-It also speaks vLLM's metrics and events protocols (connector_stats.py,
-prom_metrics.py, kv_events.py): LMCache's figures appear on vLLM's /metrics and in its
+It also speaks vLLM's metrics and events protocols (metrics/stats.py,
+metrics/prom.py, metrics/kv_events.py): LMCache's figures appear on vLLM's /metrics and in its
 periodic "KV Transfer metrics" log line, vLLM's per-source cached-token counter
 learns which tier a hit came from, and, with --kv-events-config, LMCache's stores
 and removals are published as vLLM KV events. All of it is reported from the
-scheduler side (vllm-gaudi never calls the worker-side hooks in a forward step).
+scheduler side (vllm-gaudi never calls the worker-side hooks in a forward step: runner.py).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -43,50 +42,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from lmcache.integration.vllm import vllm_compat
-from lmcache.integration.vllm.utils import ASYNC_LOAD_KEY, ASYNC_SAVE_KEY, truthy
+from lmcache.integration.vllm.config import async_load_wanted, async_save_wanted, use_layerwise
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl
-
-logger = logging.getLogger(__name__)
-
-
-def _async_save(vllm_config, extra: dict) -> bool:
-    """Async saving unless turned off; never on Gaudi, whose model runner does not
-    call handle_preemptions (a preempted request's blocks could be reused while its
-    save still reads them)."""
-    wanted = truthy(extra.get(ASYNC_SAVE_KEY, True))
-    device_config = getattr(vllm_config, "device_config", None)
-    if wanted and getattr(device_config, "device_type", None) == "hpu":
-        if ASYNC_SAVE_KEY in extra:
-            logger.warning("LMCache: async_save is not available on Gaudi (HPU); saving inside the step")
-        return False
-    return wanted
-
-
-def _layerwise_in(extra: dict) -> bool:
-    return truthy(extra.get("use_layerwise", False)) or truthy(extra.get("lmcache.use_layerwise", False))
-
-
-def _async_load(vllm_config, extra: dict, role) -> bool:
-    """Asynchronous loads unless turned off, layerwise (loads follow the forward layer
-    by layer) or on Gaudi (its runner never reads load errors, so a short async load
-    could not be reported). Sets the load-failure policy they need."""
-    wanted = truthy(extra.get(ASYNC_LOAD_KEY, True))
-    if not wanted:
-        return False
-    device_config = getattr(vllm_config, "device_config", None)
-    layerwise = _layerwise_in(extra)
-    if getattr(device_config, "device_type", None) == "hpu" or layerwise:
-        if ASYNC_LOAD_KEY in extra:
-            logger.warning("LMCache: async_load is not available %s; loading inside the step",
-                           "with use_layerwise" if layerwise else "on Gaudi (HPU)")
-        return False
-    transfer = vllm_config.kv_transfer_config
-    # The scheduler reads the policy after building its connector.
-    if role == KVConnectorRole.SCHEDULER and getattr(transfer, "kv_load_failure_policy", "recompute") == "fail":
-        transfer.kv_load_failure_policy = "recompute"
-        logger.info("LMCache: kv_load_failure_policy set to 'recompute' for async loads (a chunk that cannot "
-                    "be read is recomputed, never a failed request; {\"async_load\": false} keeps 'fail')")
-    return True
 
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
@@ -95,19 +52,19 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     # -- metrics (built by vLLM in the API-server process) ------------------------------
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
-        from lmcache.integration.vllm.connector_stats import LMCacheConnectorStats
+        from lmcache.integration.vllm.metrics.stats import LMCacheConnectorStats
 
         return LMCacheConnectorStats(data=data) if data is not None else LMCacheConnectorStats()
 
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        from lmcache.integration.vllm.prom_metrics import LMCachePromMetrics
+        from lmcache.integration.vllm.metrics.prom import LMCachePromMetrics
 
         return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        return _layerwise_in(extra_config)
+        return use_layerwise(extra_config)
 
     @classmethod
     def kv_cache_access(cls, kv_transfer_config):
@@ -119,9 +76,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self, async_save=_async_save(vllm_config, extra),
-                                            async_load=_async_load(vllm_config, extra, role))
-        self._blocks_held: set[str] = set()  # scheduler: finished requests awaiting saves
+        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self, async_save=async_save_wanted(vllm_config, extra),
+                                            async_load=async_load_wanted(vllm_config, extra, role), own_connector=True)
+        self._scheduler = self._impl.scheduler
+        self._worker = self._impl.worker
 
     @property
     def impl(self) -> LMCacheConnectorV1Impl:
@@ -129,43 +87,43 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     # -- worker side ---------------------------------------------------------
     def register_kv_caches(self, kv_caches) -> None:
-        self._impl.register_kv_caches(kv_caches)
+        self._worker.register_kv_caches(kv_caches)
 
     # sleep mode (vLLM 0.33+; 0.34 also around weight updates of the extensible KV cache)
     def unregister_kv_caches(self) -> None:
-        self._impl.unregister_kv_caches()
+        self._worker.unregister_kv_caches()
 
     def restore_kv_caches(self) -> None:
-        self._impl.restore_kv_caches()
+        self._worker.restore_kv_caches()
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        self._impl.bind_connector_metadata(connector_metadata)
+        self._worker.bind_connector_metadata(connector_metadata)
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
-        self._impl.clear_connector_metadata()
+        self._worker.clear_connector_metadata()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        self._impl.handle_preemptions(kv_connector_metadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        self._impl.start_load_kv(forward_context, **kwargs)
+        self._worker.start_load_kv(forward_context, **kwargs)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        self._impl.wait_for_layer_load(layer_name)
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        self._impl.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+        self._worker.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
 
     def wait_for_save(self) -> None:
-        self._impl.wait_for_save()
+        self._worker.wait_for_save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return self._impl.get_finished(finished_req_ids)
+        return self._worker.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._impl.get_block_ids_with_load_errors()
+        return self._worker.get_block_ids_with_load_errors()
 
     def shutdown(self) -> None:
         self._impl.shutdown()
@@ -175,39 +133,32 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         """vLLM 0.34+ (--max-num-inflight-kv-loads): whether this request's hit may need a
         slower tier, so that vLLM queues it with the loads that can start while the batch
         is full instead of in front of the others."""
-        return self._impl.may_load_async(request)
+        return self._scheduler.may_load_async(request)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        matched = self._impl.get_num_new_matched_tokens(request, num_computed_tokens)
-        return matched, bool(matched) and self._impl.load_is_async(request.request_id)
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        self._impl.update_state_after_alloc(request, num_external_tokens, blocks)
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        return self._impl.build_connector_meta(scheduler_output)
+        return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        delay_free, params = self._impl.request_finished(request, block_ids)
-        if delay_free:
-            self._blocks_held.add(request.request_id)
-        return delay_free, params
+        return self._scheduler.request_finished(request, block_ids)
 
     def update_connector_output(self, connector_output) -> None:
-        if connector_output.finished_sending:
-            self._impl.note_transfers_done()
-        for req_id in connector_output.finished_sending or ():
-            self._blocks_held.discard(req_id)
+        self._scheduler.update_connector_output(connector_output)
 
     def get_kv_connector_stats(self):
         # The workers' figures come over the lookup channel (worker-side hook: None).
-        return self._impl.get_kv_connector_stats() if self.role == KVConnectorRole.SCHEDULER else None
+        return self._scheduler.get_kv_connector_stats() if self._scheduler is not None else None
 
     def get_external_cache_hit_sources(self, request, num_external_tokens: int):
-        return self._impl.get_external_cache_hit_sources(request, num_external_tokens)
+        return self._scheduler.get_external_cache_hit_sources(request, num_external_tokens)
 
     def take_events(self):
-        return self._impl.take_events()
+        return self._scheduler.take_events()
 
     def has_pending_block_frees(self) -> bool:
-        return bool(self._blocks_held)
+        return self._scheduler.has_pending_block_frees()

@@ -1,5 +1,7 @@
-"""`LMCacheMPConnector`: what `vllm serve MODEL --kv-offloading-backend lmcache
---kv-offloading-size N` runs with this package installed.
+"""Upstream import path: vLLM's lmcache_mp_connector prefers `LMCacheMPConnector` from here.
+
+It is what `vllm serve MODEL --kv-offloading-backend lmcache --kv-offloading-size N`
+runs with this package installed.
 
 vLLM maps that flag pair to kv_connector="LMCacheMPConnector" with kv_role "kv_both",
 and its connector module prefers this class over its built-in one. It is our
@@ -15,26 +17,19 @@ LMCACHE_* env vars, "lmcache.*" keys of kv_connector_extra_config).
 
 from __future__ import annotations
 
-import logging
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+from lmcache.integration.vllm.config import offloading_overrides, prefer_recompute
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
-from lmcache.integration.vllm.utils import offloading_overrides
 
 __all__ = ["LMCacheMPConnector"]
-
-logger = logging.getLogger(__name__)
 
 
 class LMCacheMPConnector(LMCacheConnectorV1Dynamic):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
-        transfer = vllm_config.kv_transfer_config
         # The one-flag switch leaves no way to choose the load-failure policy, and
         # vLLM's default ("fail") fails a request whose cached chunk vanished between
-        # lookup and load. The scheduler reads the policy after building us.
-        if (role == KVConnectorRole.SCHEDULER and offloading_overrides(vllm_config)
-                and transfer.kv_load_failure_policy == "fail"):
-            transfer.kv_load_failure_policy = "recompute"
-            logger.info("LMCache: kv_load_failure_policy set to 'recompute' (a cache miss never fails a request)")
+        # lookup and load.
+        if role == KVConnectorRole.SCHEDULER and offloading_overrides(vllm_config):
+            prefer_recompute(vllm_config, "a cache miss never fails a request")

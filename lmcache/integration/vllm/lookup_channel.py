@@ -21,8 +21,8 @@ names the operation.
   [b"lookup", ...] replies may carry a second frame, JSON [[tier, tokens], ...]: which
       tier holds the hit, in order; only where the worker has more than one tier
   [b"stats"]                                 -> [JSON object]
-  [b"metrics"]                               -> [JSON object]  (worker_metrics.py)
-  [b"control", JSON object]                  -> [JSON object]  (test hooks, see adapter)
+  [b"metrics"]                               -> [JSON object]  (metrics/worker.py)
+  [b"control", JSON object]                  -> [JSON object]  (flush; test hooks: worker/test_hooks.py)
 Any fault on the scheduler side (no server yet, timeout, bad reply) reads as a miss.
 """
 

@@ -1,5 +1,7 @@
-"""The names vLLM's `lmcache_mp_connector` module imports from upstream's
-multi-process adapter, so that the module imports with this package installed.
+"""Upstream import path: vLLM's lmcache_mp_connector imports its adapter names from here.
+
+They are the names upstream's multi-process adapter has, so that vLLM's module imports
+with this package installed.
 
 vLLM then prefers our `lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector`,
 which uses this package's own `lmcache server` (its own versioned protocol, docs/server.md).
@@ -45,7 +47,7 @@ class LoadStoreOp:
         return len(self.block_ids)
 
 
-def _why_not_ours() -> str | None:
+def why_not_ours() -> str | None:
     """Why vLLM could not import our LMCacheMPConnector (it then falls back to its
     built-in upstream class, which builds these adapters), or None if it imports."""
     try:
@@ -58,7 +60,7 @@ def _why_not_ours() -> str | None:
 class _Unsupported:
     def __init__(self, *args, **kwargs):
         if not os.environ.get("LMCACHE_USE_UPSTREAM_MP"):
-            cause = _why_not_ours()
+            cause = why_not_ours()
             if cause is not None:
                 raise RuntimeError(
                     "vLLM fell back to its built-in LMCacheMPConnectorUpstream because "

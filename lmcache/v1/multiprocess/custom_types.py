@@ -1,4 +1,4 @@
-"""Record types vLLM's `lmcache_mp_connector` module imports at start-up.
+"""Upstream import path: vLLM's lmcache_mp_connector imports its record types from here.
 
 Only vLLM's built-in `LMCacheMPConnectorUpstream` (upstream's separate-server mode)
 uses them; with this package vLLM picks our in-process

@@ -3,7 +3,7 @@ channel (`[b"metrics"]`).
 
 vllm-gaudi never calls a connector's worker-side stats or events hooks in a forward
 step, so the workers do not report through them on any device: the scheduler asks
-every rank (scheduler_metrics.py) and reports from there, which works everywhere.
+every rank (metrics/scheduler.py) and reports from there, which works everywhere.
 
 A reply holds the worker's running totals (the scheduler turns them into deltas, so
 a lost reply loses nothing), its tiers' usage, and what happened since the last ask:
@@ -15,11 +15,57 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import asdict, is_dataclass
 
 MAX_SAMPLES = 4096  # per histogram between two asks (the scheduler asks several times a second)
 MAX_EVENTS = 65536
 _TIERS = ("cpu", "disk", "remote")
 _ERROR_CAUSES = ("corrupt", "refused", "tier_down", "dropped")
+
+
+class WorkerCounters:
+    """What this worker moved (the demo and the tests read these)."""
+
+    def __init__(self):
+        self.load_requests = 0
+        self.loaded_tokens = 0
+        self.load_failed_tokens = 0
+        self.save_requests = 0
+        self.saved_tokens = 0
+        self.save_failures = 0
+        self.held_requests_released = 0  # async saving: finished requests whose blocks we held
+        self.async_loads = 0  # loads run off the step (vLLM parked their requests)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def stats_reply(rank: int, world_size: int, flags, saves_in_background: bool, counters, gpu_connector, config,
+                engine) -> dict:
+    """A worker's answer to the lookup channel's `[b"stats"]` (metrics/worker_stats.py)."""
+    out = {"rank": rank, "world_size": world_size, "layerwise": flags.use_layerwise,
+           "async_save": saves_in_background, "async_load": flags.async_load,
+           "adapter": counters.to_dict(),
+           "host_format": getattr(gpu_connector, "host_format_tag", "") or "portable",
+           "host_tier_gb": config.max_local_cpu_size if config.local_cpu else 0.0}
+    leases = getattr(engine, "leases", None)
+    if leases is not None:
+        out["leases"] = {"active": len(leases), "held_chunks": leases.held_chunks, "expired": leases.expired,
+                         "prefetched": leases.prefetched, "prefetch_stopped": leases.prefetch_stopped}
+    storage = getattr(engine, "storage", None)
+    if storage is not None and hasattr(storage, "pins"):
+        out["host_pins"] = storage.pins()
+    if getattr(storage, "cpu", None) is not None:  # bytes of chunks in this process's host tier
+        out["host_tier_used_bytes"] = storage.cpu.used_bytes
+    engine_stats = getattr(engine, "stats", None)
+    if engine_stats is not None:
+        if is_dataclass(engine_stats):
+            out["engine"] = asdict(engine_stats)
+        elif hasattr(engine_stats, "to_dict"):
+            out["engine"] = engine_stats.to_dict()
+        else:
+            out["engine"] = dict(vars(engine_stats))
+    return out
 
 
 class WorkerMetrics:

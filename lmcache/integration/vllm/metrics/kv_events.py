@@ -6,7 +6,7 @@ The tiers know chunks by LMCache's key (a hash chain over token ids, one key per
 a save it notes, per chunk, the vLLM block hashes, parent hash and token ids the
 request carries (`Request.block_hashes`: vLLM's own hashes, made with its configured
 `--prefix-caching-hash-algo`). When a worker's tier reports that it stored or lost
-that chunk (worker_metrics.py, collected by the scheduler), the note becomes a
+that chunk (metrics/worker.py, collected by the scheduler), the note becomes a
 `BlockStored` or `BlockRemoved`, published by vLLM with its own events
 (`take_events`). Everything happens in the scheduler process, on every device.
 
@@ -71,13 +71,13 @@ class KVEventTracker:
 
     # -- scheduler: what a save will store -----------------------------------------
     def record_save(self, request, plan) -> None:
-        """Note the vLLM blocks of every chunk `plan` (a TransferPlan) may store."""
+        """Note the vLLM blocks of every chunk `plan` (the save's TransferSpec) may store."""
         block_hashes = getattr(request, "block_hashes", None) or []
         if not block_hashes or plan.num_tokens <= plan.skip_tokens:
             return
-        tokens = plan.token_ids
+        tokens = plan.tokens
         # the chunk hashes the workers' tier events name (with the plan's key material)
-        hashes = chunk_hashes(tokens, self.chunk_size, plan.num_tokens, getattr(plan, "key_material", None))
+        hashes = chunk_hashes(tokens, self.chunk_size, plan.num_tokens, plan.key_material)
         try:
             keys = request_keys(request)
         except Uncacheable:

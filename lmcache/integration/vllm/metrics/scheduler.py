@@ -1,6 +1,6 @@
 """The scheduler's side of LMCache's metrics and KV events.
 
-It times and counts the lookups it makes, remembers which tier holds each hit (for
+It counts the lookups the scheduler makes (observe_lookup), remembers which tier holds each hit (for
 vLLM's "prompt tokens cached by source"), and, when something happened or half a
 second passed, asks every worker for its figures over the lookup channel
 (`LookupClient.metrics`). Workers answer running totals; the deltas since the last
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from lmcache.integration.vllm.connector_stats import LMCacheConnectorStats
+from lmcache.integration.vllm.metrics.stats import LMCacheConnectorStats
 from lmcache.integration.vllm.vllm_compat import CacheHitSource
 
 POLL_INTERVAL_S = 0.5
@@ -51,7 +51,7 @@ for _tier in ("cpu", "disk", "remote"):
 
 class SchedulerMetrics:
     def __init__(self, client, events=None, clock=time.monotonic):
-        self._client = client
+        self._client = client  # asks the workers for their figures (LookupClient.metrics)
         self._events = events  # KVEventTracker or None
         self._clock = clock
         self._pending = LMCacheConnectorStats()
@@ -61,31 +61,25 @@ class SchedulerMetrics:
         self._quiet_until = float("-inf")
         self._activity = False
         self._fresh = False  # a worker answered since the last take_stats
-        self._hit_runs: dict[str, tuple[int, list | None]] = {}
-        self.last_runs: list | None = None
+        self._hit_runs: dict[str, tuple[int, tuple | None]] = {}
 
     # -- lookups ----------------------------------------------------------------------
-    def lookup(self, tokens: Sequence[int], lease_id: str | None = None, hold_from: int = 0,
-               prefetch: bool = False, key_material=None, kinds: Sequence[str] = ("text",)) -> int:
-        start = time.perf_counter()
-        keyed = {} if key_material is None else {"key_material": key_material}
-        hit, runs = self._client.lookup_with_sources(tokens, lease_id, hold_from, prefetch, **keyed)
-        self._pending.observe("lookup_seconds", [time.perf_counter() - start])
+    def observe_lookup(self, answer, num_tokens: int, seconds: float, kinds: Sequence[str] = ("text",)) -> None:
+        """Count one lookup of `num_tokens` tokens and its `LookupAnswer`."""
+        self._pending.observe("lookup_seconds", [seconds])
         self._pending.inc("lookup_requests", 1)
-        self._pending.inc("lookup_tokens", len(tokens))
-        self._pending.inc("lookup_hit_tokens", hit)
+        self._pending.inc("lookup_tokens", num_tokens)
+        self._pending.inc("lookup_hit_tokens", answer.hit)
         for kind in kinds:  # a request of several kinds counts under each
             self._pending.inc("lookup_requests_by_kind", 1, kind)
-            self._pending.inc("lookup_tokens_by_kind", len(tokens), kind)
-            self._pending.inc("lookup_hit_tokens_by_kind", hit, kind)
-        self.last_runs = runs
-        return hit
+            self._pending.inc("lookup_tokens_by_kind", num_tokens, kind)
+            self._pending.inc("lookup_hit_tokens_by_kind", answer.hit, kind)
 
-    def remember_sources(self, req_id: str, num_computed_tokens: int) -> None:
-        """Keep the last lookup's tier runs for `get_external_cache_hit_sources`."""
+    def remember_sources(self, req_id: str, num_computed_tokens: int, runs) -> None:
+        """Keep an admitted lookup's tier runs for `get_external_cache_hit_sources`."""
         if len(self._hit_runs) >= MAX_REMEMBERED_LOOKUPS:
             self._hit_runs.clear()
-        self._hit_runs[req_id] = (num_computed_tokens, self.last_runs)
+        self._hit_runs[req_id] = (num_computed_tokens, runs)
 
     def hit_sources(self, req_id: str, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """Where the tokens [num_computed, num_computed + num_external) come from."""

@@ -4,7 +4,7 @@ vLLM moves a `KVConnectorStats` from the scheduler (EngineCore) to the API-serve
 process as `to_dict()` (msgpack, so plain data only), rebuilds it there with
 `build_kv_connector_stats(data)`, folds a logging interval's objects with
 `aggregate`, logs `reduce()` as "KV Transfer metrics: ..." and hands each payload
-to the Prometheus side (prom_metrics.py).
+to the Prometheus side (prom.py).
 
 The payload describes itself:
 

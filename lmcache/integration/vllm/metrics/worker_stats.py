@@ -3,7 +3,7 @@
 vLLM runs the workers in their own processes; each answers on its lookup socket
 (lookup_channel), so the process that owns the `LLM` can ask them:
 
-    from lmcache.integration.vllm.worker_stats import worker_stats, loaded_tokens
+    from lmcache.integration.vllm.metrics.worker_stats import worker_stats, loaded_tokens
     worker_stats(llm)   # one dict per rank: {"rank", "adapter": {...}, "engine": {...}}
     loaded_tokens(llm)  # tokens rank 0 loaded from LMCache so far
 """

@@ -24,9 +24,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmcache.integration.vllm.config import SKIP_SAVE_PARAM, truthy
+from lmcache.integration.vllm.metadata import ReqMeta
 from lmcache.integration.vllm.request_keys import PLAIN, RequestKeys, Uncacheable, request_keys
-from lmcache.integration.vllm.request_keys import uncacheable_reason  # noqa: F401 - its old home
-from lmcache.integration.vllm.utils import SKIP_SAVE_PARAM, truthy
+from lmcache.v1.cache_engine import TransferSpec
 
 logger = logging.getLogger(__name__)
 
@@ -49,34 +50,6 @@ class SchedulerPolicy:
 
     def chunk_floor(self, n: int) -> int:
         return n // self.chunk_size * self.chunk_size
-
-
-@dataclass
-class TransferPlan:
-    """One request's part of a batched store or retrieve (picklable; see TransferSpec)."""
-
-    token_ids: torch.Tensor  # int64, positions 0 .. len-1 (the cache keys hash these)
-    slot_mapping: torch.Tensor  # int64, one per token, -1 where nothing moves
-    skip_tokens: int  # chunk-aligned prefix not moved
-    num_tokens: int  # move tokens [skip_tokens, num_tokens)
-    # per chunk, what besides the tokens names its KV (media, LoRA, salt); None: text only
-    key_material: list[bytes | None] | None = None
-
-
-@dataclass
-class ReqMeta:
-    req_id: str
-    load: TransferPlan | None = None
-    save: TransferPlan | None = None
-    # The load writes positions [load_from, load_to): before load_from vLLM holds the
-    # KV itself; from load_to on vLLM computes (at least the last prompt token). The
-    # load's token_ids cover whole stored chunks so that their keys match.
-    load_from: int = 0
-    load_to: int = 0
-    lease_id: str | None = None  # the lookup lease the load uses (set by scheduler_side)
-    # vLLM parked the request for this load (WAITING_FOR_REMOTE_KVS): the worker runs it
-    # off the step and reports it through get_finished
-    async_load: bool = False
 
 
 @dataclass
@@ -139,29 +112,31 @@ def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int
 
 
 class SchedulerPlanner:
-    """The scheduler half of the connector: lookups, and per-step load/save plans."""
+    """Per request: what LMCache holds of it, and each step's load and save plans."""
 
-    def __init__(self, policy: SchedulerPolicy, lookup: Callable[[Sequence[int], RequestKeys], int]):
+    def __init__(self, policy: SchedulerPolicy):
         self.policy = policy
-        self._lookup = lookup
         self._trackers: dict[str, RequestTracker] = {}
         self._lookups: dict[str, _LookupResult] = {}
         self._async_loads: list[str] = []  # parked requests whose load the next build plans
         self._warned_reasons: set[str] = set()
 
     # -- admission ------------------------------------------------------------
-    def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
-        """Tokens beyond `num_computed_tokens` that LMCache can load. No side effects
-        on vLLM; remembers the answer for `after_alloc`."""
+    def admission_lookup(self, request) -> tuple[Sequence[int], RequestKeys] | None:
+        """What to look up for `request` at admission: its tokens and extra keys; None
+        when nothing is (loads are off, or the request stays uncacheable)."""
         if not self.policy.load_enabled:
-            return 0
+            return None
         keys = self._keys_or_none(request)
         if keys is None:
-            return 0
+            return None
+        return request.all_token_ids[:int(request.num_tokens)], keys  # one copy (a list slice)
+
+    def admit(self, request, num_computed_tokens: int, lmcache_hit: int) -> int:
+        """Tokens beyond `num_computed_tokens` that LMCache can load, given the lookup's
+        hit. No side effects on vLLM; remembers the answer for `after_alloc`."""
         num_tokens = int(request.num_tokens)
-        tokens = request.all_token_ids[:num_tokens]  # one copy (a list slice)
-        answer = self._lookup(tokens) if keys.is_plain else self._lookup(tokens, keys)  # text: the old call
-        hit = max(0, min(int(answer), num_tokens))
+        hit = max(0, min(int(lmcache_hit), num_tokens))
         # vLLM must compute at least the last token to sample from it.
         usable = min(hit, num_tokens - 1)
         num_external = usable - num_computed_tokens
@@ -169,6 +144,17 @@ class SchedulerPlanner:
             num_external = 0
         self._lookups[request.request_id] = _LookupResult(hit, num_computed_tokens, num_external)
         return num_external
+
+    def num_new_matched_tokens(self, request, num_computed_tokens: int,
+                               lookup: Callable[..., int]) -> int:
+        """`admission_lookup`, `lookup(tokens)` (a text-only request) or `lookup(tokens,
+        keys)`, then `admit`."""
+        wanted = self.admission_lookup(request)
+        if wanted is None:
+            return 0
+        tokens, keys = wanted
+        hit = lookup(tokens) if keys.is_plain else lookup(tokens, keys)
+        return self.admit(request, num_computed_tokens, hit)
 
     def _keys_or_none(self, request) -> RequestKeys | None:
         """The request's extra keys; None (said once per reason) when it stays uncacheable."""
@@ -276,17 +262,17 @@ class SchedulerPlanner:
             return None
         return meta
 
-    def _load_plan(self, tracker: RequestTracker, tokens: Sequence[int], pending: _PendingLoad) -> TransferPlan:
+    def _load_plan(self, tracker: RequestTracker, tokens: Sequence[int], pending: _PendingLoad) -> TransferSpec:
         hit = min(pending.lmcache_hit, len(tokens))
-        return TransferPlan(
-            token_ids=torch.as_tensor(list(tokens[:hit]), dtype=torch.long),
+        return TransferSpec(
+            tokens=torch.as_tensor(list(tokens[:hit]), dtype=torch.long),
             slot_mapping=slot_mapping(tracker.block_ids, self.policy.block_size, pending.start, pending.end, hit),
             skip_tokens=self.policy.chunk_floor(pending.start),
             num_tokens=hit,
             key_material=tracker.key_material(self.policy.chunk_size, hit),
         )
 
-    def _save_plan(self, tracker: RequestTracker, tokens: Sequence[int], computed_after: int) -> TransferPlan | None:
+    def _save_plan(self, tracker: RequestTracker, tokens: Sequence[int], computed_after: int) -> TransferSpec | None:
         if tracker.skip_save:
             return None
         policy = self.policy
@@ -300,8 +286,8 @@ class SchedulerPlanner:
         skip = policy.chunk_floor(tracker.saved_tokens)
         tracker.saved_tokens = save_end
         tracker.had_save = True
-        return TransferPlan(
-            token_ids=torch.as_tensor(list(tokens[:save_end]), dtype=torch.long),
+        return TransferSpec(
+            tokens=torch.as_tensor(list(tokens[:save_end]), dtype=torch.long),
             slot_mapping=slot_mapping(tracker.block_ids, policy.block_size, skip, save_end, save_end),
             skip_tokens=skip,
             num_tokens=save_end,

@@ -19,7 +19,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 
-from lmcache.integration.vllm.connector_stats import COUNTER, GAUGE, HISTOGRAM, LABEL_SEP, METRICS
+from lmcache.integration.vllm.metrics.stats import COUNTER, GAUGE, HISTOGRAM, LABEL_SEP, METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,11 @@ class StandaloneProm:
         )
 
     @staticmethod
-    def wanted(parent) -> bool:
-        """Only where vLLM's own hooks cannot carry our figures: a parent that is not
-        our connector class (vLLM's wrapper), with a multiprocess directory set."""
-        return not is_our_connector(parent) and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    def wanted(reports_to_vllm: bool) -> bool:
+        """Only where vLLM's own hooks cannot carry our figures (vLLM's wrapper, not our
+        connector class, drives the connector), with a multiprocess directory set."""
+        return not reports_to_vllm and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
     def observe(self, payload: dict[str, Any]) -> None:
         self._prom.observe(payload, 0)
 
-
-def is_our_connector(parent) -> bool:
-    """`parent` is our connector class (or a subclass), which forwards vLLM's stats hooks."""
-    from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
-
-    return isinstance(parent, LMCacheConnectorV1Dynamic)
