@@ -17,7 +17,7 @@ import pytest
 from lmcache.bench.workload.report import percentile, ratios, targets_met
 from lmcache.bench.workload.runner import batches, rotated
 from lmcache.bench.workload.scenarios import SMOKE, Chats, long_doc_qa
-from lmcache.bench.workload.stall import _max_gap, _tokens_in, stall_ratios
+from lmcache.bench.workload.stall import max_gap, tokens_in, stall_ratios
 from lmcache.bench.workload.tiers import TIERS, select_tiers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,9 +104,9 @@ def test_wait_idle_returns_once_the_server_stops_spinning(tmp_path):
 
 def test_stall_window_figures():
     times = [0.0, 0.1, 0.2, 0.3, 1.3, 1.4]  # one stream: a 1 s gap from 0.3 to 1.3
-    assert _tokens_in(times, 0.25, 1.35) == 2  # 0.3 and 1.3
-    assert _max_gap(times, 0.5, 1.0) == pytest.approx(1.0)  # the gap overlaps the window
-    assert _max_gap(times, 1.35, 2.0) == pytest.approx(0.1)
+    assert tokens_in(times, 0.25, 1.35) == 2  # 0.3 and 1.3
+    assert max_gap(times, 0.5, 1.0) == pytest.approx(1.0)  # the gap overlaps the window
+    assert max_gap(times, 1.35, 2.0) == pytest.approx(0.1)
     sync = {"decode_tps_during_load": 2.0, "max_gap_during_load_s": 1.0, "loader_ttft_s": 0.5}
     asyn = {"decode_tps_during_load": 8.0, "max_gap_during_load_s": 0.25, "loader_ttft_s": 0.6}
     r = stall_ratios({"disk": sync, "disk-async": asyn})

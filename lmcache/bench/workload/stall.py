@@ -65,11 +65,11 @@ def _loaded_tokens(server: VllmServer) -> int:
     return int(stats["adapter"]["loaded_tokens"]) if stats else 0
 
 
-def _tokens_in(times: list[float], lo: float, hi: float) -> int:
+def tokens_in(times: list[float], lo: float, hi: float) -> int:
     return sum(1 for t in times if lo < t <= hi)
 
 
-def _max_gap(times: list[float], lo: float, hi: float) -> float:
+def max_gap(times: list[float], lo: float, hi: float) -> float:
     """Longest gap between consecutive tokens that overlaps (lo, hi]."""
     gaps = [b - a for a, b in zip(times, times[1:]) if b > lo and a < hi]
     return max(gaps, default=0.0)
@@ -100,10 +100,10 @@ def measure_once(server: VllmServer, sizes: Sizes, source: TokenSource, rep: int
     run.loader_ttft_s, run.window_s = loader.ttft, first - sent
     # "before": from every stream's second token (the first one is its own prefill) to the sending
     since = max(s.token_times[1] for s in streams)
-    run.tps_before = sum(_tokens_in(s.token_times, since, sent) for s in streams) / max(sent - since, 1e-9)
-    run.tps_during = sum(_tokens_in(s.token_times, sent, first) for s in streams) / max(first - sent, 1e-9)
-    run.max_gap_before_s = max(_max_gap(s.token_times[1:], since, sent) for s in streams)
-    run.max_gap_during_s = max(_max_gap(s.token_times, sent, first) for s in streams)
+    run.tps_before = sum(tokens_in(s.token_times, since, sent) for s in streams) / max(sent - since, 1e-9)
+    run.tps_during = sum(tokens_in(s.token_times, sent, first) for s in streams) / max(first - sent, 1e-9)
+    run.max_gap_before_s = max(max_gap(s.token_times[1:], since, sent) for s in streams)
+    run.max_gap_during_s = max(max_gap(s.token_times, sent, first) for s in streams)
     run.streams_outlasted_window = all(s.token_times[-1] >= first for s in streams)
     run.loaded_tokens = _loaded_tokens(server) - loaded_before
     return run
