@@ -5,7 +5,7 @@ example shapes, with their environment variables and YAML keys.
                                   through `python -m lmcache.v1.server` (lm://)
   disagg_prefill_lmcache_v1/      `vllm serve` prefiller and decoder, an lm:// server and
                                   the max_tokens=1 proxy (disagg_example.sh); the test's
-                                  client (examples_client.py) compares the decoder's
+                                  client (tests/helpers/examples_client.py) compares the decoder's
                                   answer with the prefiller's own prefix-cache hit at the
                                   same split, bit for bit, and once on corrupted KV
 """
@@ -78,7 +78,7 @@ def test_disagg_prefill_example_over_lm_server(tiny_llama, tmp_path):
                       ONE_AT_A_TIME="1", LMCACHE_TEST_CORRUPT_FILE=str(tmp_path / "corrupt-now"),
                       VLLM_EXTRA_ARGS="--max-model-len 4096 --dtype bfloat16 --seed 0")
     run(["bash", str(DISAGG / "disagg_example.sh"), tiny_llama, "--", sys.executable,
-         str(REPO / "tests" / "e2e" / "examples_client.py"), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+         str(REPO / "tests" / "helpers" / "examples_client.py"), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
         tmp_path / "disagg.log", env, timeout=1200, cwd=tmp_path)
     results = json.loads((tmp_path / "out.json").read_text())
 
