@@ -177,8 +177,8 @@ class LMCacheEngine:
             n = p.end - p.start
             stored[p.spec] += n
             nbytes += p.obj.nbytes
-            self.storage.put(p.key, p.obj)
         if plan:
+            self.storage.put_many([p.key for p in plan], [p.obj for p in plan])  # the tiers write them together
             self.stats.add(stored_chunks=len(plan), stored_tokens=sum(stored), stored_bytes=nbytes)
         return stored
 
