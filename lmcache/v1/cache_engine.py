@@ -15,6 +15,7 @@ ONE batched connector call per step, for all chunks of all requests.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -177,8 +178,8 @@ class LMCacheEngine:
             n = p.end - p.start
             stored[p.spec] += n
             nbytes += p.obj.nbytes
-            self.storage.put(p.key, p.obj)
         if plan:
+            self.storage.put_many([p.key for p in plan], [p.obj for p in plan])  # the tiers write them together
             self.stats.add(stored_chunks=len(plan), stored_tokens=sum(stored), stored_bytes=nbytes)
         return stored
 
@@ -239,14 +240,12 @@ class LMCacheEngine:
         try:
             for index, spec in enumerate(specs):
                 num_tokens, skip = self._check_spec(spec)
-                for chunk in self.token_db.chunks(spec.tokens, num_tokens, spec.key_material):
-                    if chunk.end <= skip:
-                        continue
-                    obj = self.leases.take(chunk.key) or self.storage.get(chunk.key)
-                    if obj is None:
-                        break
+                chunks = [c for c in self.token_db.chunks(spec.tokens, num_tokens, spec.key_material) if c.end > skip]
+                objs = self._fetch(chunks)
+                for i, (chunk, obj) in enumerate(zip(chunks, objs)):
                     if not self._usable(chunk, obj, connector):
-                        self.storage.release(obj)
+                        for unused in objs[i:]:
+                            self.storage.release(unused)
                         break
                     plan.append(_Planned(chunk.key, obj, offset + chunk.start, offset + chunk.end, index))
                     loaded[index] += chunk.end - chunk.start
@@ -261,6 +260,12 @@ class LMCacheEngine:
         if not plan:
             return plan, None, loaded
         return plan, slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts), loaded
+
+    def _fetch(self, chunks: list) -> list[MemoryObj]:
+        """The leased objects of `chunks`' prefix, then the rest read with one get_many (one
+        pipelined round trip per remote node), up to the first miss."""
+        got = list(itertools.takewhile(lambda obj: obj is not None, (self.leases.take(c.key) for c in chunks)))
+        return got + self.storage.get_many([c.key for c in chunks[len(got):]]) if len(got) < len(chunks) else got
 
     def _usable(self, chunk, obj: MemoryObj, connector=None) -> bool:
         """The chunk has the shape and dtype the connector (or the metadata) expects.

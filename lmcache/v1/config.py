@@ -174,7 +174,9 @@ KEYS: dict[str, _Key] = {
         "none, lm://host:port (port 1..65535), a URL scheme://[user:password@]host[:port][/db] with scheme one of "
         + ", ".join(REMOTE_SCHEMES[:-1])
         + ", redis-cluster://[user:password@]h1:p1,h2:p2,... (rediss-cluster, valkey-cluster: the same), "
-        "redis-sentinel://[user:password@]h1:p1,h2:p2,...[/service_name] (rediss-sentinel), or s3://bucket[/prefix]",
+        "redis-sentinel://[user:password@]h1:p1,h2:p2,...[/service_name] (rediss-sentinel), or s3://bucket[/prefix]; "
+        "?ssl_ca_certs=PATH (and redis-py's other ssl_* options) only with a TLS scheme: rediss, valkeys, "
+        "rediss-cluster, valkeys-cluster, rediss-sentinel",
     ),
     "remote_serde": _Key(
         serde_name,

@@ -16,6 +16,7 @@ from lmcache.v1 import booleans
 from lmcache.v1.remote_urls import redact_url
 
 REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "lm")
+PLAIN_SCHEMES = ("redis", "valkey")  # no TLS: ssl_* options are refused
 REMOTE_SERDES = ("naive",)
 # Upstream serdes this implementation does not offer (named in the error).
 UNSUPPORTED_SERDES = ("cachegen", "kivi")
@@ -131,6 +132,9 @@ def remote_url(value: Any) -> str:
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise BadValue
+    if parts.scheme in PLAIN_SCHEMES and any(name.startswith("ssl_") for name, _ in
+                                             urllib.parse.parse_qsl(parts.query, keep_blank_values=True)):
+        raise BadValue  # a TLS option on a plain-text scheme: redis-py would fail at the first request
     return value
 
 

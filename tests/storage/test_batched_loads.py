@@ -69,6 +69,39 @@ def assert_one_round_trip_per_node(url: str, nodes: list) -> None:
     engine.close()
 
 
+def assert_load_without_lease_is_one_round_trip_per_node(url: str, nodes: list) -> None:
+    """A retrieve with no lookup before it (no lease) reads its chunks with one get_many."""
+    writer, wconn = engine_for(url)
+    store_prompt(writer, wconn, 1, N)
+    assert writer.flush(20)
+    writer.close()
+    engine, conn = engine_for(url)
+    assert engine.lookup(prompt_tokens(2, N)) == 0  # connections made, topology learnt; prompt 1 not read
+    clients = [node.client() for node in nodes]
+    for client in clients:
+        client.ping()
+    before = [counters(client) for client in clients]
+    conn.cache.zero_()
+    loaded = engine.batched_retrieve([TransferSpec(prompt_tokens(1, N), torch.arange(N))])[0]
+    after = [counters(client) for client in clients]
+    gets = [a[1] - b[1] for a, b in zip(after, before)]
+    reads = [a[0] - b[0] - 2 for a, b in zip(after, before)]  # less the INFO commands' own 2 reads
+    assert sum(gets) == N // CS, gets
+    for read, get in zip(reads, gets):
+        assert read <= (1 if get else 0) + 1, f"{get} GETs cost {read} reads (round trips): not pipelined"
+    assert loaded == N and torch.equal(bits(conn.cache[:N]), bits(prompt_kv(1, N, conn.kv_dtype)))
+    engine.close()
+
+
+def test_single_server_load_without_a_lease_is_one_pipelined_round_trip(redis_server, redis_url):
+    assert_load_without_lease_is_one_round_trip_per_node(redis_url, [redis_server])
+
+
+def test_cluster_load_without_a_lease_is_one_pipelined_round_trip_per_master(redis_cluster):
+    redis_cluster.flushall()
+    assert_load_without_lease_is_one_round_trip_per_node(redis_cluster.url, redis_cluster.running_masters())
+
+
 def test_single_server_load_is_one_pipelined_round_trip(redis_server, redis_url):
     assert_one_round_trip_per_node(redis_url, [redis_server])
 

@@ -34,6 +34,20 @@ def test_bad_distributed_urls_are_config_errors_naming_what_is_accepted(url):
     assert "redis-cluster://" in str(info.value) and "s3://bucket" in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["redis://h:6379?ssl_ca_certs=/ca.pem", "valkey://h:6379/0?ssl_cert_reqs=none"])
+def test_a_tls_option_on_a_plain_text_scheme_is_a_config_error(url):
+    with pytest.raises(ConfigError) as info:
+        load_config({"lmcache.remote_url": url}, environ={})
+    message = str(info.value)
+    assert "remote_url=" in message and "only with a TLS scheme: rediss, valkeys" in message
+
+
+@pytest.mark.parametrize("url", ["rediss://h:6379?ssl_ca_certs=/ca.pem", "valkeys://h:6379/0?ssl_cert_reqs=none",
+                                 "redis://h:6379/0?socket_keepalive=true"])
+def test_tls_options_with_a_tls_scheme_and_other_options_are_accepted(url):
+    assert load_config({"lmcache.remote_url": url}, environ={}).remote_url == url
+
+
 def test_cluster_seeds_credentials_and_tls():
     seeds = parse_redis_seeds("rediss-cluster://me:p%40ss@a:1,[::1]:2,b:3?read_from_replicas=1")
     assert seeds.kind == "cluster" and seeds.tls and seeds.read_from_replicas

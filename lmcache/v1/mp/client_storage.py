@@ -224,6 +224,11 @@ class ServerStorage:
             self.stats.miss("dropped", tier=TIER)
         conn.took_back()
 
+    def put_many(self, keys: list[CacheEngineKey], objs: list[SlotObj]) -> None:
+        """put() of each (commits are one-way messages: nothing to batch here)."""
+        for key, obj in zip(keys, objs):
+            self.put(key, obj)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Commits are one-way; a round trip after them means the server has them all
         (it reads a connection in order), so other processes find them from now on."""

@@ -150,14 +150,12 @@ class SharedCache:
 
     def pin(self, client: ClientState, keys: list[str]) -> list[SlotObj]:
         """The prefix of `keys` some tier holds, each pinned for the client until unpinned."""
-        parsed = [parse_key(k) for k in keys]
+        objs = self.storage.get_many([parse_key(k) for k in keys])  # lower tiers: one batched read
         got = []
-        for key in parsed:
-            obj = self.storage.get(key)
-            if obj is None:
-                break
+        for i, obj in enumerate(objs):
             if not isinstance(obj, SlotObj):  # cannot happen: every object comes from the arena
-                self.storage.release(obj)
+                for unused in objs[i:]:
+                    self.storage.release(unused)
                 break
             with self._lock:
                 entry = client.pinned.setdefault(obj.offset, [obj, 0])

@@ -240,6 +240,12 @@ class LMServerBackend:
                 break
         return out
 
+    def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj],
+                 checksums: list[ChecksumMemo | None] | None = None) -> list[bool]:
+        """put() of each chunk in turn (the protocol has no batched write)."""
+        checksums = checksums or [None] * len(keys)
+        return [self.put(key, obj, memo) for key, obj, memo in zip(keys, objs, checksums)]
+
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """PUT the chunk (the protocol has no reply to a PUT); False, counted as
         dropped, if the server is down or the chunk cannot be sent."""

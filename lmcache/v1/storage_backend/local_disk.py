@@ -218,6 +218,12 @@ class LocalDiskBackend:
                 st.st_ino, st.st_dev):  # not replaced meanwhile by a good one
             self._unlink(path)
 
+    def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj],
+                 checksums: list[ChecksumMemo | None] | None = None) -> list[bool]:
+        """put() of each chunk in turn."""
+        checksums = checksums or [None] * len(keys)
+        return [self.put(key, obj, memo) for key, obj, memo in zip(keys, objs, checksums)]
+
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """Write the chunk; False (counted as dropped) if it cannot be written.
         `checksum`: shared with the other tiers written in the same store."""

@@ -187,18 +187,32 @@ def get_one(conn, name: str) -> bytes | None:
     return as_bytes_or_none(conn.read_response())
 
 
-def set_blob(conn, name: str, header: bytes, payload: memoryview) -> None:
-    """SET name <header + payload>, sent as pieces (the payload straight from the
-    memory object, no joined 32 MiB copy). Raises the server's error reply."""
-    key = name.encode()
-    conn.send_packed_command([
-        b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, len(header) + payload.nbytes, header),
-        payload,
-        b"\r\n",
-    ], check_health=False)
-    reply = conn.read_response()
-    if reply not in (b"OK", "OK", True):
-        raise BadReply(f"SET answered {reply!r:.40}, not OK")
+SEPARATE_SEND_BYTES = 64 * 2**10  # a payload this large is sent from its memory object, not copied
+
+
+def _as_ok(reply) -> bool:
+    if reply in (b"OK", "OK", True):
+        return True
+    raise BadReply(f"SET answered {reply!r:.40}, not OK")
+
+
+def set_many(conn, blobs: list[tuple[str, bytes, memoryview]]) -> list:
+    """SET of each (name, header, payload), pipelined on one connection, each payload
+    sent straight from its memory object (no joined copy): True or the error reply."""
+    pieces: list = []
+    small = bytearray()  # small blobs and the framing, joined: one send, not three per SET
+    for name, header, payload in blobs:
+        key = name.encode()
+        size = len(header) + payload.nbytes
+        small += b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(key), key, size, header)
+        if payload.nbytes < SEPARATE_SEND_BYTES:
+            small += payload
+        else:
+            pieces += [bytes(small), payload]
+            small = bytearray()
+        small += b"\r\n"
+    conn.send_packed_command(pieces + [bytes(small)], check_health=False)
+    return read_each(conn, len(blobs), _as_ok)
 
 
 def delete_if_same(conn, name: str, blob: bytes) -> None:

@@ -44,9 +44,29 @@ UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, redis.excepti
                redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
 REDIRECTS = (redis.exceptions.AskError,)  # MovedError is an AskError
 
+# A node's SETs go in pipelines of at most this many bytes, each under remote_timeout: small
+# chunks share a round trip, a large step is never one transfer that must beat one deadline.
+WRITE_PIPELINE_BYTES = 64 * 2**20
 NOT_READ = object()  # a reply that did not come (the fault is logged and counted where it was seen)
 
 __all__ = ["RemoteBackend", "redis_py_url"]
+
+
+def _pipelines(idx: list[int], pieces) -> list[list[int]]:
+    """`idx` as one pipeline (reads), or (writes) cut so that a pipeline's blobs stay
+    within WRITE_PIPELINE_BYTES (a larger blob goes alone)."""
+    if pieces is None:
+        return [idx]
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in idx:
+        n = len(pieces[i][0]) + pieces[i][1].nbytes
+        if out[-1] and size + n > WRITE_PIPELINE_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
 
 
 def redis_py_url(url: str) -> str:
@@ -206,28 +226,39 @@ class RemoteBackend:
         return [reply is not NOT_READ and bool(reply) for reply in
                 self._per_node("EXISTS", names, redis_ops.exists_many, lambda reply: reply == 1)]
 
-    def _per_node(self, op: str, names: list[str], send, value) -> list:
+    def _per_node(self, op: str, names: list[str], send, value, write: bool = False, pieces=None) -> list:
         """`send(conn, batch)`'s replies for `names`, in order: one pipelined round trip
         per node, the nodes in parallel where the router has several. Each reply is
-        `value(reply)`, a redirection's answer, or NOT_READ (a fault, logged and counted)."""
+        `value(reply)`, a redirection's answer, or NOT_READ (a fault, logged and counted).
+        Writes: `pieces[i]` is names[i]'s (header, payload); a node's SETs go in pipelines
+        of at most WRITE_PIPELINE_BYTES (each under remote_timeout), one while the node works."""
         groups: dict[int, tuple[Route, list[int]]] = {}
         out: list = [NOT_READ] * len(names)
         for i, name in enumerate(names):
             try:
-                route = self.router.route(name, False)
+                route = self.router.route(name, write)
             except Exception as exc:  # noqa: BLE001 - a fault in the tier is a miss
                 self._error(op, exc)
                 return out
             groups.setdefault(id(route.pool), (route, []))[1].append(i)
         jobs = [(route, idx) for route, idx in groups.values() if route.shard.usable(route.address)]
-        ask = lambda job: self._on_node(op, names, send, value, *job)  # noqa: E731
+
+        def ask(job) -> list:
+            route, idx = job
+            replies: list = []
+            for batch in _pipelines(idx, pieces):
+                if replies and not route.shard.usable(route.address):  # the node failed: the rest is dropped
+                    return replies + [NOT_READ] * (len(idx) - len(replies))
+                replies += self._on_node(op, names, send, value, route, batch, pieces)
+            return replies
+
         results = list(self._executor().map(ask, jobs)) if len(jobs) > 1 and self.router.parallel else map(ask, jobs)
         for (_, idx), replies in zip(jobs, results):
             for i, reply in zip(idx, replies):
                 out[i] = reply
         return out
 
-    def _on_node(self, op: str, names: list[str], send, value, route: Route, idx: list[int]) -> list:
+    def _on_node(self, op: str, names: list[str], send, value, route: Route, idx: list[int], pieces=None) -> list:
         batch = [names[i] for i in idx]
         try:
             replies = redis_ops.on_connection(route.pool, self.timeout, lambda c: send(c, batch))
@@ -236,9 +267,9 @@ class RemoteBackend:
             return [NOT_READ] * len(batch)
         self._worked(route)
         out = []
-        for name, reply in zip(batch, replies):
+        for i, name, reply in zip(idx, batch, replies):
             if isinstance(reply, REDIRECTS):
-                ok, reply = self._redirected(op, name, reply)
+                ok, reply = self._redirected(op, name, reply, pieces[i] if pieces else None)
                 out.append(value(reply) if ok else NOT_READ)
             elif isinstance(reply, Exception):
                 self._fault(op, route, reply)
@@ -278,14 +309,28 @@ class RemoteBackend:
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
         """SET the chunk's blob; False (counted as dropped) if its place is down or
         refuses it. `checksum`: shared with the other tiers written in the same store."""
-        name = key.to_string()
-        pieces = serde.blob_pieces(obj, key, self._integrity, checksum)
-        ok, _ = self._call("SET", name, True, lambda c: redis_ops.set_blob(c, name, *pieces), pieces)
-        if not ok:
-            self._stats.miss("dropped", tier=self.name)
-            return False
-        self._stats.chunk_event(self.name, True, key)
-        return True
+        return self.put_many([key], [obj], [checksum])[0]
+
+    def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj],
+                 checksums: list[ChecksumMemo | None] | None = None) -> list[bool]:
+        """SET each chunk's blob (a step's chunks): pipelined per node, the nodes in
+        parallel. Per chunk True, or False (counted as dropped) if its place is down or
+        refuses it."""
+        names = [k.to_string() for k in keys]
+        checksums = checksums or [None] * len(keys)
+        pieces = [serde.blob_pieces(obj, key, self._integrity, memo) for key, obj, memo in zip(keys, objs, checksums)]
+        by_name = dict(zip(names, pieces))
+        replies = self._per_node("SET", names, lambda c, batch: redis_ops.set_many(c, [(n, *by_name[n]) for n in batch]),
+                                 lambda reply: reply is True, write=True, pieces=pieces)
+        out = []
+        for key, reply in zip(keys, replies):
+            ok = reply is True
+            if ok:
+                self._stats.chunk_event(self.name, True, key)
+            else:
+                self._stats.miss("dropped", tier=self.name)
+            out.append(ok)
+        return out
 
     def remove(self, key: CacheEngineKey) -> None:
         name = key.to_string()

@@ -9,8 +9,8 @@ non-AWS store is named by the config key s3_endpoint_url (path-style addressing)
 Costs: a lookup of n chunks is HEAD requests sent in waves of `concurrency`, in
 parallel, stopping at the first wave with a miss (so ceil(hits / concurrency) + 1
 round trips at most); the chunks of a load are GETs in parallel (`concurrency` at a
-time); a large chunk is written as a multipart upload of parallel parts and read as
-parallel ranged GETs. remote_timeout bounds each whole operation (a lookup, a load,
+time); the chunks of a store are PUT several at once (put_many); a large chunk is
+written as a multipart upload of parallel parts and read as parallel ranged GETs. remote_timeout bounds each whole operation (a lookup, a load,
 a put with all its parts), not each read: past it the operation is a miss (its
 requests are left to botocore's own read timeout, and an upload is never completed
 after it). The store being down or slow is a miss, one log line per outage and a
@@ -78,6 +78,8 @@ class S3Backend:
         # so an object's request never waits for a worker its own parts hold
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmcache-s3")
         self._parts = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmcache-s3-parts")
+        # put_many's puts, each waiting on its requests in the pools above
+        self._putters = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmcache-s3-puts")
         self._logged: set[str] = set()
         self._lock = threading.Lock()
 
@@ -232,6 +234,23 @@ class S3Backend:
         self._stats.chunk_event(self.name, True, key)
         return True
 
+    def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj],
+                 checksums: list[ChecksumMemo | None] | None = None) -> list[bool]:
+        """put() of each chunk (a step's), several at once: as many as leave their
+        parts room on the bounded pools (`concurrency` / parts per chunk), each with
+        put()'s own whole-operation deadline. Per chunk True or False (dropped, counted)."""
+        checksums = checksums or [None] * len(keys)
+        if len(keys) <= 1:
+            return [self.put(key, obj, memo) for key, obj, memo in zip(keys, objs, checksums)]
+        parts = max(1, -(-max(obj.nbytes for obj in objs) // PART_BYTES))
+        width = max(1, self.concurrency // parts)
+        out: list[bool] = []
+        for start in range(0, len(keys), width):
+            wave = [self._putters.submit(self.put, *job) for job in
+                    zip(keys[start:start + width], objs[start:start + width], checksums[start:start + width])]
+            out += [job.result() for job in wave]
+        return out
+
     def _multipart(self, name: str, header: bytes, payload: memoryview, deadline: float,
                    abandoned: threading.Event) -> None:
         """Parts of PART_BYTES uploaded in parallel; the first carries the header.
@@ -277,4 +296,5 @@ class S3Backend:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self._parts.shutdown(wait=False)
+        self._putters.shutdown(wait=False)
         self._client.close()

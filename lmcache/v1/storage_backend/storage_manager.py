@@ -2,8 +2,9 @@
 
 lookup walks CPU -> disk -> remote and returns the longest chunk prefix found;
 get brings a chunk into host memory (a hit in a lower tier is promoted to the
-CPU tier); put hands a chunk to the CPU tier at once and to the slower tiers
-through the background writer.
+CPU tier); put hands a chunk (put_many: a step's chunks) to the CPU tier at once
+and to the slower tiers through the background writer, which writes a step's
+chunks together.
 
 Ownership of memory objects: an object given to put() belongs to the manager.
 The CPU tier frees what it evicts; an object no tier keeps is freed once the
@@ -253,16 +254,27 @@ class StorageManager:
     # -- store --------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         """Store a filled chunk in every tier; the manager now owns `obj`."""
-        obj.stored_key = key
-        if self.writer is None:
-            if self.cpu is None or not self.cpu.put(key, obj):
-                obj.free()
+        self.put_many([key], [obj])
+
+    def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj]) -> None:
+        """Store a step's filled chunks in every tier: the slower tiers get them together
+        (the remote tier pipelines them per node); the manager now owns every object."""
+        items, in_cpu = [], []
+        for key, obj in zip(keys, objs):
+            obj.stored_key = key
+            if self.writer is None:
+                if self.cpu is None or not self.cpu.put(key, obj):
+                    obj.free()
+                continue
+            obj.ref_count_up()  # before the CPU tier may see it: it must not be evicted while queued
+            in_cpu.append(self.cpu is not None and self.cpu.put(key, obj))
+            items.append((key, obj, self.release if in_cpu[-1] else self._written_and_free))
+        if not items:
             return
-        obj.ref_count_up()  # before the CPU tier may see it: it must not be evicted while queued
-        in_cpu = self.cpu is not None and self.cpu.put(key, obj)
-        if not self.writer.submit(key, obj, self.release if in_cpu else self._written_and_free):
+        taken = self.writer.submit_many(items)
+        for (_, obj, _), kept in zip(items[taken:], in_cpu[taken:]):
             self.release(obj)
-            if not in_cpu:
+            if not kept:
                 obj.free()
 
     @staticmethod
