@@ -67,3 +67,21 @@ def test_checker_accepts_the_allowed_places(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     assert find_violations(tmp_path) == []
+
+
+MAX_MODULE_LINES = 400  # DESIGN.md: small modules with one concept each
+
+
+def modules_over(package: Path, limit: int = MAX_MODULE_LINES) -> list[str]:
+    return [f"{p.relative_to(package)}: {n} lines" for p in sorted(package.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > limit]
+
+
+def test_no_module_of_the_package_is_over_400_lines():
+    assert not modules_over(PACKAGE), "split these modules:\n" + "\n".join(modules_over(PACKAGE))
+
+
+def test_the_size_check_sees_a_long_module(tmp_path):
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert modules_over(tmp_path) == [f"long.py: {MAX_MODULE_LINES + 1} lines"]
