@@ -103,8 +103,8 @@ class LMCacheEngine:
             aligned = max(0, int(hold_from)) // self.config.chunk_size * self.config.chunk_size
             unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
             usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
-            # a server reads its own lower tiers when it pins: nothing here to prefetch
-            resident = self.storage.in_host_memory if prefetch and self.storage.reads_lower_tiers_here else None
+            # chunks outside host memory (this process's or the server's) are the prefetch thread's
+            resident = self.storage.in_host_memory if prefetch else None
             found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable, resident)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)

@@ -88,16 +88,16 @@ class LeaseTable:
         with self._lock:
             self._sweep()
             lease = _Lease(self._clock() + self.ttl)
-            later = len(keys)
-            fetched = self._fetch_ahead(keys) if resident is None else None
-            for index, key in enumerate(keys):
+            later = len(keys)  # from here on the prefetch thread reads
+            if resident is not None:
+                later = next((i for i, key in enumerate(keys) if key not in self._held and not resident(key)),
+                             len(keys))
+            fetched = self._fetch_ahead(keys[:later])
+            for index, key in enumerate(keys[:later]):
                 entry = self._held.get(key)
                 if entry is not None:
                     entry[1] += 1
                 else:
-                    if resident is not None and not resident(key):
-                        later = index
-                        break
                     obj = self._get(key) if fetched is None else fetched.pop(key, None)
                     if obj is None:
                         break
@@ -112,7 +112,7 @@ class LeaseTable:
             self._leases[lease_id] = lease
             if old is not None:
                 self._drop(old)
-            if later >= len(keys) or resident is None:
+            if later >= len(keys) or len(lease.keys) < later:  # nothing left to read, or a prefix ended it
                 lease.settled.set()
                 return len(lease.keys)
             self._prefetch(lease_id, lease, keys, later, usable)

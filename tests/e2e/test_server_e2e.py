@@ -4,10 +4,13 @@ A computes a prompt; B hits it through the server with output identical to B's o
 prefix-cache hit at the same split (769 tokens: both hits end at token 768); then the
 server is killed (B's requests still succeed) and started again (B hits again, no vLLM
 restart); last, A is started again (a new vLLM process, the same restarted server) and hits
-what B stored, with output identical to its own prefix hit at the same split."""
+what B stored, with output identical to its own prefix hit at the same split.
+A hit only on the server's disk L2 (after a server restart) is loaded asynchronously:
+vLLM parks the request while the lease's prefetch has the server read its disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -71,3 +74,32 @@ def test_two_vllm_engines_share_one_server_and_survive_its_restart(tiny_llama, t
         server.stop()
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def test_a_hit_only_on_the_servers_disk_is_loaded_asynchronously(tiny_llama, tmp_path):
+    p1 = prompt_token_ids(tiny_llama, 769, seed=25)
+    adapter = json.dumps({"type": "fs", "base_path": str(tmp_path / "l2"), "max_capacity_gb": 0.05})
+    server = CacheServerProcess(l1_gb=0.05, chunk_size=CHUNK, extra_args=("--l2-adapter", adapter)).start()
+    try:
+        def spec(steps):  # our connector class: asynchronous loads on
+            return {"model": tiny_llama, "connector": "lmcache", "llm": dict(ENGINE_ARGS), "steps": steps,
+                    "lmcache": {"chunk_size": CHUNK, "mp.host": "127.0.0.1", "mp.port": server.port}}
+
+        computed = run_engine(spec([gen("compute", p1), {"op": "flush"}]), tmp_path, "computer")["steps"]
+        assert computed["compute"]["loaded_tokens"] == [0]
+        server.stop()  # SIGTERM: the disk writes are finished
+        server.start()  # host memory empty, the disk re-indexed
+        assert server.status()["l1_chunks"] == 0
+
+        reader = run_engine(spec([
+            gen("hit", p1),
+            gen("own_prefix", p1, reset_prefix_cache=False),
+            {"op": "stats", "name": "stats"},
+        ]), tmp_path, "reader")["steps"]
+        assert reader["hit"]["loaded_tokens"] == [768]
+        assert_identical_outputs(reader["own_prefix"], reader["hit"])
+        (stats,) = reader["stats"]
+        assert stats["async_load"] is True and stats["adapter"]["async_loads"] == 1  # vLLM parked the request
+        assert stats["leases"]["prefetched"] == 3  # the server read the 3 chunks in the lease's prefetch
+    finally:
+        server.stop()

@@ -41,7 +41,6 @@ def _offset(slot) -> int | None:
 
 class ServerStorage:
     cpu = disk = remote = None  # the server's tiers are not this process's
-    reads_lower_tiers_here = False  # the server reads its disk/remote tiers itself when it pins
 
     def __init__(self, config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int,
                  fallbacks: tuple[tuple[str, int], ...] = ()):
@@ -138,10 +137,18 @@ class ServerStorage:
         return bool(reply["held"][0]) if reply is not None else False
 
     def in_host_memory(self, key: CacheEngineKey) -> bool:
-        if key in self._pinned:
-            return True
-        reply, _ = self._call("resident", keys=[key.to_string()])
-        return bool(reply["found"]) if reply is not None else False
+        """In the server's host memory (a pin needs no disk/remote read there)."""
+        return self.host_prefix([key]) == 1
+
+    def host_prefix(self, keys: list[CacheEngineKey]) -> int:
+        """How many of `keys`, from the first, are in the server's host memory (one round trip)."""
+        n = 0
+        while n < len(keys) and keys[n] in self._pinned:
+            n += 1
+        if n == len(keys):
+            return n
+        reply, _ = self._call("resident", keys=[k.to_string() for k in keys[n:]])
+        return n + int(reply["found"]) if reply is not None else n
 
     def pins(self) -> dict[str, int]:
         with self._lock:

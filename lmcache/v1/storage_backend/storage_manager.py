@@ -128,11 +128,6 @@ class StorageManager:
             transient = len(self._transient)
         return {"cpu_tier": self.cpu.pinned_count() if self.cpu is not None else 0, "transient": transient}
 
-    @property
-    def reads_lower_tiers_here(self) -> bool:
-        """Whether a get() may read the disk or remote tier in this process (prefetch helps)."""
-        return self.disk is not None or self.remote is not None
-
     def in_host_memory(self, key: CacheEngineKey) -> bool:
         return self.cpu is not None and self.cpu.contains(key)
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, is_dataclass
 MAX_SAMPLES = 4096  # per histogram between two asks (the scheduler asks several times a second)
 MAX_EVENTS = 65536
 _TIERS = ("cpu", "disk", "remote")
+SERVER_L2 = "server_l2"  # a hit's run outside the lmcache server's host memory: a pin there reads its L2
 _ERROR_CAUSES = ("corrupt", "refused", "tier_down", "dropped")
 
 
@@ -147,6 +148,11 @@ def hit_runs(engine, tokens, hit: int, key_material=None) -> list | None:
     """[[tier, tokens], ...] in prefix order for the first `hit` tokens; None where
     the engine has only the CPU tier (every hit is a host-memory hit)."""
     storage = engine.storage
+    host_prefix = getattr(storage, "host_prefix", None)
+    if host_prefix is not None:  # the lmcache server's host memory, then whatever its L2 holds
+        chunks = list(engine.token_db.chunks(tokens, hit, key_material))
+        in_host = sum(c.end - c.start for c in chunks[:host_prefix([c.key for c in chunks])]) if chunks else 0
+        return [[tier, n] for tier, n in (("cpu", in_host), (SERVER_L2, hit - in_host)) if n > 0]
     if storage.disk is None and storage.remote is None:
         return None
     runs: list = []

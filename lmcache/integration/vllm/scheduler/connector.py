@@ -59,7 +59,8 @@ class SchedulerConnector:
         self.leases = SchedulerLeases()
         self._async_requests: set[str] = set()  # looked up, and their hit needs a slow tier
         self._blocks_held: set[str] = set()  # finished requests whose blocks wait for their saves
-        self._has_slow_tier = bool((config.local_disk and config.max_local_disk_size > 0) or config.remote_url)
+        self._has_slow_tier = bool((config.local_disk and config.max_local_disk_size > 0) or config.remote_url
+                                   or config.mp_host is not None or config.mp_server_urls)  # the server's L2
         self.events: KVEventTracker | None = None
         self._event_requests: dict = {}
         # Only our connector class hands events to vLLM (take_events); its wrapper does not.
