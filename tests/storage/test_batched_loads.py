@@ -7,7 +7,6 @@ round trip per chunk and fails these tests."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 from lmcache.v1.cache_engine import TransferSpec
 from lmcache.v1.config import LMCacheEngineConfig
 from tests.helpers.host_connector import bits
+from tests.helpers.s3_calls import CallsInFlight
 from tests.helpers.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 from tests.helpers.workload import make_engine, prompt_kv, prompt_tokens, store_prompt
 
@@ -125,25 +125,9 @@ def test_s3_load_sends_its_gets_in_parallel(s3_env):
     assert writer.flush(20)
     writer.close()
     engine, conn = engine_for(url, s3_endpoint_url=s3_env.endpoint)
-    lock, in_flight, most, gets = threading.Lock(), [0], [0], [0]
-
-    def sent(model, **_):
-        if model.name == "GetObject":
-            with lock:
-                gets[0] += 1
-                in_flight[0] += 1
-                most[0] = max(most[0], in_flight[0])
-
-    def answered(model, **_):
-        if model.name == "GetObject":
-            with lock:
-                in_flight[0] -= 1
-
-    events = engine.storage.remote._client.meta.events
-    events.register("before-call.s3", sent)
-    events.register("after-call.s3", answered)
+    gets = CallsInFlight(engine.storage.remote._client, "GetObject")
     assert engine.lookup(prompt_tokens(1, N), lease_id="load") == N
-    assert gets[0] == N // CS  # one GET per (small) chunk
-    assert most[0] > 1, "the load's GETs went one after another"
+    assert gets.calls == N // CS  # one GET per (small) chunk
+    assert gets.most > 1, "the load's GETs went one after another"
     assert leased_load_is_exact(engine, conn, 1)
     engine.close()

@@ -7,11 +7,11 @@ pipeline's bytes fit in a few of the server's 16 KiB reads."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from lmcache.v1.config import LMCacheEngineConfig
+from tests.helpers.s3_calls import CallsInFlight
 from tests.helpers.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
 
@@ -75,27 +75,11 @@ def test_cluster_step_is_one_pipeline_per_master(redis_cluster):
 def test_s3_step_sends_its_puts_in_parallel(s3_env):
     url = f"s3://{BUCKET}/batched-writes/"
     engine, conn = engine_for(url, s3_endpoint_url=s3_env.endpoint)
-    lock, in_flight, most, puts = threading.Lock(), [0], [0], [0]
-
-    def sent(model, **_):
-        if model.name == "PutObject":
-            with lock:
-                puts[0] += 1
-                in_flight[0] += 1
-                most[0] = max(most[0], in_flight[0])
-
-    def answered(model, **_):
-        if model.name == "PutObject":
-            with lock:
-                in_flight[0] -= 1
-
-    events = engine.storage.remote._client.meta.events
-    events.register("before-call.s3", sent)
-    events.register("after-call.s3", answered)
+    puts = CallsInFlight(engine.storage.remote._client, "PutObject")
     assert store_prompt(engine, conn, 1, N) == N
     assert engine.flush(20)
-    assert puts[0] == N // CS  # one PUT per (small) chunk
-    assert most[0] > 1, "the step's PUTs went one after another"
+    assert puts.calls == N // CS  # one PUT per (small) chunk
+    assert puts.most > 1, "the step's PUTs went one after another"
     engine.close()
     reader, rconn = engine_for(url, s3_endpoint_url=s3_env.endpoint)
     loaded, exact = check_prompt(reader, rconn, 1, N)
