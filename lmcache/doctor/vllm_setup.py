@@ -132,8 +132,8 @@ def findings_from(results: list[dict]) -> list[Finding]:
             out.append(Finding("vllm.offloading_backend", WARN if error else OK,
                                f"{'.'.join(OFFLOADING_CLASS)}: " + (f"does not import: {error}" if error else
                                                                     f"imports ({r['resolved']})"),
-                               "this package does not provide the offloading backend yet: use kv_connector "
-                               "\"lmcache\" or \"LMCacheConnectorV1\" instead of --kv-offloading-backend lmcache"))
+                               "--kv-offloading-backend lmcache needs this class: reinstall this package; the error "
+                               "above names the missing piece"))
         elif name == "adapter":
             out.append(Finding("vllm.adapter", FAIL if error else OK,
                                f"{'.'.join(ADAPTER)}: " + (f"does not import: {error}" if error else "imports"),
