@@ -11,16 +11,10 @@ import pytest
 
 from lmcache.v1.config import LMCacheEngineConfig
 from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.redis_counters import round_trips_and_calls
 
 pytestmark = pytest.mark.redis
 N = 256  # tokens: 16 chunks of 16
-
-
-def counters(client) -> tuple[int, int]:
-    """(socket reads the Redis server processed, GETs it ran), asked on a connection made beforehand."""
-    reads = int(client.info("stats")["total_reads_processed"])
-    gets = int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
-    return reads, gets
 
 
 def test_a_pin_reads_its_l2_chunks_in_one_round_trip(cache_server_factory, redis_server, redis_url):
@@ -39,9 +33,9 @@ def test_a_pin_reads_its_l2_chunks_in_one_round_trip(cache_server_factory, redis
         assert engine.lookup(prompt_tokens(2, N)) == 0  # the server's L2 connection is made
         client = redis_server.client()
         client.ping()
-        before = counters(client)
+        before = round_trips_and_calls(client, "get")
         assert engine.lookup(prompt_tokens(1, N), lease_id="load") == N  # pins the 16 chunks: read from L2
-        after = counters(client)
+        after = round_trips_and_calls(client, "get")
         gets, reads = after[1] - before[1], after[0] - before[0] - 2  # less the INFO commands' own 2 reads
         assert gets == N // 16
         # the lookup's EXISTS round trip and the pin's GET round trip

@@ -17,6 +17,7 @@ from tests.helpers.host_connector import bits
 from tests.helpers.s3_calls import CallsInFlight
 from tests.helpers.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 from tests.helpers.workload import make_engine, prompt_kv, prompt_tokens, store_prompt
+from tests.helpers.redis_counters import round_trips_and_calls
 
 pytestmark = pytest.mark.redis
 CS, N = 16, 512  # 32 chunks per prompt
@@ -27,14 +28,6 @@ def engine_for(url: str, **kw):
                                                remote_url=url, remote_timeout=5.0, remote_connect_timeout=1.0,
                                                remote_retry_interval=1.0, **kw)
     return make_engine(config, N)
-
-
-def counters(client) -> tuple[int, int]:
-    """(socket reads the server processed, GET commands it ran), from INFO (asked on a
-    connection made beforehand: a new one's handshake would be reads too)."""
-    reads = int(client.info("stats")["total_reads_processed"])
-    gets = int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
-    return reads, gets
 
 
 def leased_load_is_exact(engine, conn, p: int) -> bool:
@@ -55,9 +48,9 @@ def assert_one_round_trip_per_node(url: str, nodes: list) -> None:
     clients = [node.client() for node in nodes]
     for client in clients:
         client.ping()
-    before = [counters(client) for client in clients]
+    before = [round_trips_and_calls(client, "get") for client in clients]
     assert engine.lookup(prompt_tokens(1, N), lease_id="load") == N  # reads the 32 chunks
-    after = [counters(client) for client in clients]
+    after = [round_trips_and_calls(client, "get") for client in clients]
     gets = [a[1] - b[1] for a, b in zip(after, before)]
     # less the INFO commands' own 2 reads: the lookup's EXISTS round trip, the load's GET
     # round trip, and maybe a replica's REPLCONF ACK (one a second)
@@ -80,10 +73,10 @@ def assert_load_without_lease_is_one_round_trip_per_node(url: str, nodes: list) 
     clients = [node.client() for node in nodes]
     for client in clients:
         client.ping()
-    before = [counters(client) for client in clients]
+    before = [round_trips_and_calls(client, "get") for client in clients]
     conn.cache.zero_()
     loaded = engine.batched_retrieve([TransferSpec(prompt_tokens(1, N), torch.arange(N))])[0]
-    after = [counters(client) for client in clients]
+    after = [round_trips_and_calls(client, "get") for client in clients]
     gets = [a[1] - b[1] for a, b in zip(after, before)]
     reads = [a[0] - b[0] - 2 for a, b in zip(after, before)]  # less the INFO commands' own 2 reads
     assert sum(gets) == N // CS, gets

@@ -14,6 +14,7 @@ from lmcache.v1.config import LMCacheEngineConfig
 from tests.helpers.s3_calls import CallsInFlight
 from tests.helpers.s3_server import BUCKET, s3_env, s3_server  # noqa: F401 - fixtures
 from tests.helpers.workload import check_prompt, make_engine, prompt_tokens, store_prompt
+from tests.helpers.redis_counters import round_trips_and_calls
 
 pytestmark = pytest.mark.redis
 CS, N = 2, 64  # 32 chunks of 2 KiB per prompt
@@ -26,24 +27,16 @@ def engine_for(url: str, **kw):
     return make_engine(config, N)
 
 
-def counters(client) -> tuple[int, int]:
-    """(socket reads the server processed, SET commands it ran), from INFO (asked on a
-    connection made beforehand: a new one's handshake would be reads too)."""
-    reads = int(client.info("stats")["total_reads_processed"])
-    sets = int(client.info("commandstats").get("cmdstat_set", {}).get("calls", 0))
-    return reads, sets
-
-
 def assert_pipelined_per_node(url: str, nodes: list) -> None:
     engine, conn = engine_for(url)
     assert engine.lookup(prompt_tokens(1, N)) == 0  # connections made, topology learnt
     clients = [node.client() for node in nodes]
     for client in clients:
         client.ping()
-    before = [counters(client) for client in clients]
+    before = [round_trips_and_calls(client, "set") for client in clients]
     assert store_prompt(engine, conn, 1, N) == N  # one step: 32 chunks
     assert engine.flush(20)
-    after = [counters(client) for client in clients]
+    after = [round_trips_and_calls(client, "set") for client in clients]
     sets = [a[1] - b[1] for a, b in zip(after, before)]
     # less the INFO commands' own 2 reads, and maybe a replica's REPLCONF ACK (one a second)
     reads = [a[0] - b[0] - 2 for a, b in zip(after, before)]
