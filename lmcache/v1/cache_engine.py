@@ -61,7 +61,7 @@ class LMCacheEngine:
         self.token_db = ChunkedTokenDatabase(
             config.chunk_size, metadata, save_unfull_chunk=config.save_unfull_chunk, namespace=config.cache_namespace
         )
-        self.storage = build_storage(config, self.stats)  # in process, or the node's lmcache server
+        self.storage = build_storage(config, self.stats, self.token_db.owns)  # here, or the node's lmcache server
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl,
                                  get_many=self.storage.get_many)
         self.gpu_connector = None
@@ -104,8 +104,8 @@ class LMCacheEngine:
             unheld = sum(1 for c in chunks[:found] if c.end <= aligned)
             usable = lambda i, obj: self._usable(chunks[unheld + i], obj)  # noqa: E731
             # chunks outside host memory (this process's or the server's) are the prefetch thread's
-            resident = self.storage.in_host_memory if prefetch else None
-            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable, resident)
+            resident_prefix = self.storage.host_prefix if prefetch else None
+            found = unheld + self.leases.acquire(lease_id, keys[unheld:found], usable, resident_prefix)
         hit = chunks[found - 1].end if found else 0
         self.stats.add(lookups=1, lookup_tokens=len(tokens), hit_tokens=hit)
         return hit

@@ -12,7 +12,7 @@ load. The retrieve takes the chunks from here; the lease ends when the retrieve 
 planned its copies, when the scheduler says the request went away, or after `ttl`
 seconds (a lost request must not pin memory forever).
 
-A prefetching lookup (`acquire(..., resident=...)`, used where vLLM loads asynchronously)
+A prefetching lookup (`acquire(..., resident_prefix=...)`, used where vLLM loads asynchronously)
 holds only what is already in host memory at once and hands the rest to one background
 thread that reads it from the disk or remote tier; the lookup answers at once with what
 the tiers hold, and the load waits for the prefetch (`wait`). A chunk the prefetch cannot
@@ -78,20 +78,20 @@ class LeaseTable:
 
     def acquire(self, lease_id: str, keys: list[CacheEngineKey],
                 usable: Callable[[int, MemoryObj], bool] | None = None,
-                resident: Callable[[CacheEngineKey], bool] | None = None) -> int:
+                resident_prefix: Callable[[list[CacheEngineKey]], int] | None = None) -> int:
         """Hold `keys` from the first for `lease_id`; returns how many are held (a
         prefix). `usable(i, obj)` may refuse the object read for keys[i] (e.g. a
         wrong shape): the prefix ends there. A lease id asked again is renewed:
-        the new prefix replaces the old. With `resident` (prefetch): keys from the
-        first one `resident` says is not in host memory are read by the prefetch
-        thread, and the answer counts them all (see the module doc)."""
+        the new prefix replaces the old. With `resident_prefix` (prefetch: how many
+        of the keys, from the first, are in host memory; asked once, before the lock,
+        since on a server it is a round trip): from the first key past that prefix
+        that no lease holds, the prefetch thread reads, and the answer counts them all
+        (see the module doc)."""
+        in_memory = resident_prefix(keys) if resident_prefix is not None else len(keys)
         with self._lock:
             self._sweep()
             lease = _Lease(self._clock() + self.ttl)
-            later = len(keys)  # from here on the prefetch thread reads
-            if resident is not None:
-                later = next((i for i, key in enumerate(keys) if key not in self._held and not resident(key)),
-                             len(keys))
+            later = next((i for i in range(in_memory, len(keys)) if keys[i] not in self._held), len(keys))
             fetched = self._fetch_ahead(keys[:later])
             for index, key in enumerate(keys[:later]):
                 entry = self._held.get(key)

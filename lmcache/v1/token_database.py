@@ -240,6 +240,11 @@ class ChunkedTokenDatabase:
         layout = layout_key(metadata)
         self._key_suffix = (dtype_name(metadata.kv_dtype), f"{layout}.{tag}" if tag else layout)
 
+    def owns(self, key: CacheEngineKey) -> bool:
+        """`key` is one this database makes (same model, shard, dtype and layout)."""
+        return (key.model_name, key.world_size, key.worker_id) == self._key_prefix and \
+            (key.dtype, key.fingerprint) == self._key_suffix
+
     def chunks(self, tokens, num_tokens: int | None = None,
                key_material: Sequence[bytes | None] | None = None) -> list[Chunk]:
         """Every chunk of the first `num_tokens` tokens (default: all); the

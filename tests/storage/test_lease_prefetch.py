@@ -38,10 +38,20 @@ class SlowTier:
         return [k for k, o in self.objs.items() if o.in_use]
 
 
+def prefix_in(fast):
+    """A resident_prefix over a tier whose keys in `fast` are in host memory."""
+    def count(keys):
+        n = 0
+        while n < len(keys) and keys[n] in fast:
+            n += 1
+        return n
+    return count
+
+
 def test_the_lookup_answers_before_the_slow_reads_and_the_load_waits_for_them():
     tier = SlowTier("abcd", fast="ab")
     leases = LeaseTable(tier.get, tier.release, ttl=60)
-    assert leases.acquire("L", list("abcd"), resident=lambda k: k in tier.fast) == 4
+    assert leases.acquire("L", list("abcd"), resident_prefix=prefix_in(tier.fast)) == 4
     assert tier.reads == ["a", "b"] and not leases.wait("L", timeout=0.05)  # c, d not read yet
     tier.gate.set()
     assert leases.wait("L", timeout=10)
@@ -57,7 +67,7 @@ def test_a_chunk_the_prefetch_cannot_read_ends_the_lease_there():
     tier = SlowTier("abcd", fast="a", missing="c")
     tier.gate.set()
     leases = LeaseTable(tier.get, tier.release, ttl=60)
-    assert leases.acquire("L", list("abcd"), resident=lambda k: k in tier.fast) == 4  # optimistic
+    assert leases.acquire("L", list("abcd"), resident_prefix=prefix_in(tier.fast)) == 4  # optimistic
     assert leases.wait("L", timeout=10)
     assert leases.held_chunks == 2 and leases.prefetch_stopped == 1  # a, b; never d
     assert "d" not in tier.reads
@@ -68,12 +78,12 @@ def test_a_chunk_the_prefetch_cannot_read_ends_the_lease_there():
 def test_a_lease_released_or_renewed_during_its_prefetch_holds_nothing_after():
     tier = SlowTier("abcde")
     leases = LeaseTable(tier.get, tier.release, ttl=60)
-    slow = lambda k: False  # noqa: E731
-    leases.acquire("L", list("ab"), resident=slow)
-    leases.acquire("M", list("cd"), resident=slow)
-    leases.acquire("M", list("c"), resident=slow)  # renewed: the new prefix replaces the old
+    slow = prefix_in(())
+    leases.acquire("L", list("ab"), resident_prefix=slow)
+    leases.acquire("M", list("cd"), resident_prefix=slow)
+    leases.acquire("M", list("c"), resident_prefix=slow)  # renewed: the new prefix replaces the old
     leases.release("L")
-    leases.acquire("N", list("e"), resident=slow)  # queued behind the others (one thread, in order)
+    leases.acquire("N", list("e"), resident_prefix=slow)  # queued behind the others (one thread, in order)
     tier.gate.set()
     assert leases.wait("N", timeout=10) and leases.wait("M", timeout=10) and leases.wait("L", timeout=0)
     assert leases.held_chunks == 2 and {leases.take(k) is not None for k in "ce"} == {True}
@@ -101,7 +111,7 @@ def test_the_prefetch_reads_its_chunks_in_one_get_many_call():
         return out
 
     leases = LeaseTable(tier.get, tier.release, ttl=60, get_many=get_many)
-    assert leases.acquire("L", list("abcde"), resident=lambda k: k in tier.fast) == 5  # optimistic
+    assert leases.acquire("L", list("abcde"), resident_prefix=prefix_in(tier.fast)) == 5  # optimistic
     assert leases.wait("L", timeout=10)
     # one call for the host-memory prefix (the lookup's), one for every chunk the prefetch reads
     assert calls == [["a"], list("bcde")]

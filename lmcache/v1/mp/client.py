@@ -56,6 +56,9 @@ class Connection:
             self.sock.close()
             raise
         self.server_chunk_size = reply.get("chunk_size")
+        self.server_id = str(reply.get("server_id"))[:64]
+        events_next = reply.get("events_next")
+        self.events_next = events_next if isinstance(events_next, int) and not isinstance(events_next, bool) else 0
         self.sock.settimeout(timeout)
         self.lock = threading.Lock()
         self.retired = False  # no new requests (a timeout or a lost connection)
@@ -153,7 +156,9 @@ class ServerLink:
         self._arenas: dict[str, Arena] = {}
         self._conn: Connection | None = None
         self._lock = threading.Lock()
-        self._chunk_warned = False
+        # (server_id, its event number) when this link first reached that server: its
+        # tier events from there on concern this process (server_events.py)
+        self.epoch: tuple[str, int] | None = None
 
     def connection(self) -> Connection | None:
         conn = self._conn
@@ -179,6 +184,8 @@ class ServerLink:
                 self.outage.failed(failure)
                 return None
             self._conn = conn
+            if self.epoch is None or self.epoch[0] != conn.server_id:
+                self.epoch = (conn.server_id, conn.events_next)
         self.outage.worked()
         return conn
 

@@ -5,7 +5,8 @@ put      -> commit the slot under its key (one-way; the server now owns it);
 lookup_prefix -> the server's answer over all its tiers;
 get      -> the slot pinned for this process and mapped here; release -> unpinned.
 A chunk pinned here once is pinned once on the server, whoever reads it here (a lease,
-a load); the last release unpins it. Disk and remote tiers are the server's.
+a load); the last release unpins it. Disk and remote tiers are the server's; so are the
+chunk events (sync_events: the server's tiers' events for this engine's keys).
 
 While the server is down every call is a miss: allocate returns None (the store is
 dropped), lookups find nothing, and no call waits longer than the request timeout.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import torch
 
@@ -22,6 +24,7 @@ from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat
 from lmcache.v1.mp.arena import Arena, SlotObj
 from lmcache.v1.mp.client import Connection, RequestFailed, ServerLink
+from lmcache.v1.mp.server_events import ServerEvents
 from lmcache.v1.mp.shared_cache import DTYPES, FORMATS, dtype_name
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.storage_backend.storage_manager import ALREADY_HELD
@@ -43,12 +46,14 @@ class ServerStorage:
     cpu = disk = remote = None  # the server's tiers are not this process's
 
     def __init__(self, config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int,
-                 fallbacks: tuple[tuple[str, int], ...] = ()):
+                 fallbacks: tuple[tuple[str, int], ...] = (), owns: Callable[[CacheEngineKey], bool] | None = None):
+        """`owns`: which keys are this engine's (its chunk events); default none."""
         self.config = config
         self.stats = stats
         self.link = ServerLink(host, port, stats, timeout=config.remote_timeout,
                                connect_timeout=config.remote_connect_timeout,
                                retry_interval=min(config.remote_retry_interval, 2.0), fallbacks=fallbacks)
+        self.events = ServerEvents(self.link, stats, owns or (lambda key: False))
         self._pinned: dict[CacheEngineKey, tuple[SlotObj, Connection]] = {}
         self._keys: dict[int, CacheEngineKey] = {}  # id(pinned obj) -> key
         self._lock = threading.Lock()
@@ -136,12 +141,9 @@ class ServerStorage:
         reply, _ = self._call("contains", keys=[key.to_string()])
         return bool(reply["held"][0]) if reply is not None else False
 
-    def in_host_memory(self, key: CacheEngineKey) -> bool:
-        """In the server's host memory (a pin needs no disk/remote read there)."""
-        return self.host_prefix([key]) == 1
-
     def host_prefix(self, keys: list[CacheEngineKey]) -> int:
-        """How many of `keys`, from the first, are in the server's host memory (one round trip)."""
+        """How many of `keys`, from the first, are in the server's host memory (a pin needs no
+        disk/remote read there): one round trip."""
         n = 0
         while n < len(keys) and keys[n] in self._pinned:
             n += 1
@@ -247,6 +249,11 @@ class ServerStorage:
         except RequestFailed as exc:
             self.link.failed(conn, exc)
         return True
+
+    def sync_events(self) -> None:
+        """Tell this engine's observers what the server's tiers stored and lost since the
+        last call (server_events.py): one round trip."""
+        self.events.sync()
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush()

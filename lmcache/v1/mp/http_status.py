@@ -34,6 +34,10 @@ def prometheus_text(status: dict) -> str:
     for name, value in sorted(stats.items()):
         if name.startswith("misses_"):
             gauge(f"{name}_total", value, f"Chunks missed or dropped: {name[7:]}.", "counter")
+    if status.get("requests"):
+        lines.append(f"# HELP {PREFIX}requests_total Messages served, by op.")
+        lines.append(f"# TYPE {PREFIX}requests_total counter")
+        lines.extend(f'{PREFIX}requests_total{{op="{op}"}} {float(n)}' for op, n in sorted(status["requests"].items()))
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,9 @@ arena file (mode 0600, or 0660 with a configured group) is the permission.
 Requests carry `id` and get a reply with the same `id` (`ok` true, or `error`);
 one-way messages (commit, free, unpin) carry no `id` and get no reply. Keys are
 CacheEngineKey strings; the server parses them before use.
+
+Versions: 1 first; 2 added the `events` request (what the server's tiers stored and
+lost, event_log.py) and `events_next` in the hello reply.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import socket
 import struct
 
 PROTOCOL = "lmcache-mp"
-VERSION = 1
+VERSION = 2
 MAX_FRAME = 4 << 20  # bytes of JSON in one frame (a 1M-token prompt's keys fit)
 MAX_HELLO_FRAME = 4096  # before auth a peer may send no more than this
 MAX_KEYS = 16384  # keys in one request
 _LEN = struct.Struct(">I")
 
 # ops with a reply / without
-REQUESTS = frozenset({"lookup", "resident", "contains", "alloc", "reserve", "pin", "stats", "ping"})
+REQUESTS = frozenset({"lookup", "resident", "contains", "alloc", "reserve", "pin", "stats", "ping", "events"})
 ONE_WAY = frozenset({"commit", "free", "unpin"})
 
 

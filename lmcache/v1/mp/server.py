@@ -96,7 +96,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             return None
         P.send(sock, {"ok": True, "protocol": P.PROTOCOL, "version": P.VERSION, "arena": cache.arena.path,
                       "arena_bytes": cache.arena.size, "server_id": self.server.server_id,
-                      "chunk_size": self.server.chunk_size})
+                      "chunk_size": self.server.chunk_size, "events_next": cache.events.next})
         auth = P.recv(sock, P.MAX_HELLO_FRAME)
         token = auth.get("token")
         if auth.get("op") != "auth" or not isinstance(token, str) or not hmac.compare_digest(
@@ -123,6 +123,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
             op = message.get("op")
             request_id = message.get("id")
+            self.server.cache.count_request(op if op in P.REQUESTS or op in P.ONE_WAY else "unknown")
             try:
                 reply = self._dispatch(op, message, client)
             except P.ProtocolError as exc:
@@ -170,4 +171,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             return {"ok": True, "status": cache.status()}
         if op == "ping":
             return {"ok": True}
+        if op == "events":
+            events, after, lost = cache.events.since(P.int_field(message, "since"))
+            return {"ok": True, "events": events, "next": after, "lost": lost}
         raise P.ProtocolError(f"unknown op {str(op)[:40]!r}; known: {', '.join(sorted(P.REQUESTS | P.ONE_WAY))}")

@@ -18,6 +18,7 @@ import torch
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory import MemoryFormat
 from lmcache.v1.mp.arena import Arena, ArenaPool, SlotObj
+from lmcache.v1.mp.event_log import EventLog
 from lmcache.v1.mp.protocol import ProtocolError
 from lmcache.v1.storage_backend.stats import EngineStats
 from lmcache.v1.storage_backend.storage_manager import StorageManager
@@ -55,9 +56,16 @@ class SharedCache:
         self.arena = arena
         self.pool = ArenaPool(arena)
         self.stats = EngineStats()
+        self.events = EventLog()  # what the tiers store and lose, for the clients' KV events
+        self.stats.add_observer(self.events.record)
         self.storage = StorageManager(config, self.stats, pool=self.pool)
-        self._lock = threading.Lock()  # per-client tables
+        self._lock = threading.Lock()  # per-client tables, request counts
         self.clients: set[ClientState] = set()
+        self.requests: dict[str, int] = {}  # op -> messages served (requests and one-way)
+
+    def count_request(self, op: str) -> None:
+        with self._lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
 
     # -- connections -------------------------------------------------------------
     def connect(self, name: str) -> ClientState:
@@ -86,12 +94,7 @@ class SharedCache:
         return self.storage.lookup_prefix([parse_key(k) for k in keys])
 
     def resident(self, keys: list[str]) -> int:
-        n = 0
-        for key in keys:
-            if not self.storage.in_host_memory(parse_key(key)):
-                break
-            n += 1
-        return n
+        return self.storage.host_prefix([parse_key(k) for k in keys])
 
     def contains(self, keys: list[str]) -> list[bool]:
         return [self.storage.contains_local(parse_key(k)) for k in keys]
@@ -182,6 +185,7 @@ class SharedCache:
             allocated = sum(len(c.allocated) for c in self.clients)
             pinned = sum(sum(e[1] for e in c.pinned.values()) for c in self.clients)
             clients = len(self.clients)
+            requests = dict(self.requests)
         cpu = self.storage.cpu
         return {
             "clients": clients,
@@ -193,6 +197,7 @@ class SharedCache:
             "pins": pinned,
             "l2": [t.name for t in (self.storage.disk, self.storage.remote) if t is not None],
             "stats": self.stats.as_dict(),
+            "requests": requests,
         }
 
     def close(self) -> None:

@@ -36,10 +36,11 @@ def _addresses(urls: list[str]) -> list[tuple[str, int]]:
     return [(u.rsplit(":", 1)[0], int(u.rsplit(":", 1)[1])) for u in urls]
 
 
-def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
+def build_storage(config: LMCacheEngineConfig, stats: EngineStats, owns=None):
+    """`owns(key)`: whether a key is the engine's (the server's chunk events for it are its)."""
     if config.mp_server_urls:
         (host, port), *fallbacks = _addresses(config.mp_server_urls)
-        return _server_storage(config, stats, host, port, tuple(fallbacks))
+        return _server_storage(config, stats, host, port, tuple(fallbacks), owns)
     host = config.mp_host
     if host is None:
         return StorageManager(config, stats)
@@ -50,14 +51,14 @@ def build_storage(config: LMCacheEngineConfig, stats: EngineStats):
                         why, AUTO_HOST, config.mp_port, config.max_local_cpu_size)
             return StorageManager(config, stats)
         host = AUTO_HOST
-    return _server_storage(config, stats, host, config.mp_port, ())
+    return _server_storage(config, stats, host, config.mp_port, (), owns)
 
 
 def _server_storage(config: LMCacheEngineConfig, stats: EngineStats, host: str, port: int,
-                    fallbacks: tuple[tuple[str, int], ...]):
+                    fallbacks: tuple[tuple[str, int], ...], owns):
     from lmcache.v1.mp.client_storage import ServerStorage
 
-    storage = ServerStorage(config, stats, host, port, fallbacks)
+    storage = ServerStorage(config, stats, host, port, fallbacks, owns)
     conn = storage.link.connection()
     if conn is not None:
         logger.info("LMCache: host cache is the shared lmcache server at %s (%.3g GB of shared memory)",

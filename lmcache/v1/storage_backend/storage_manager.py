@@ -131,6 +131,10 @@ class StorageManager:
     def in_host_memory(self, key: CacheEngineKey) -> bool:
         return self.cpu is not None and self.cpu.contains(key)
 
+    def host_prefix(self, keys: list[CacheEngineKey]) -> int:
+        """How many of `keys`, from the first, are in host memory (the CPU tier)."""
+        return self.cpu.prefix_count(keys) if self.cpu is not None else 0
+
     def lookup_prefix(self, keys: list[CacheEngineKey]) -> int:
         """How many of `keys`, from the first, some tier holds. No side effects on
         what is cached (a scheduler may ask again and again)."""
@@ -276,6 +280,9 @@ class StorageManager:
     def _written_and_free(obj: MemoryObj) -> None:
         obj.ref_count_down()
         obj.free()
+
+    def sync_events(self) -> None:
+        """Nothing to do: the tiers here tell the observers as they go (ServerStorage's asks its server)."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued disk/remote writes are done; False on timeout."""

@@ -8,7 +8,9 @@ request carries (`Request.block_hashes`: vLLM's own hashes, made with its config
 `--prefix-caching-hash-algo`). When a worker's tier reports that it stored or lost
 that chunk (metrics/worker.py, collected by the scheduler), the note becomes a
 `BlockStored` or `BlockRemoved`, published by vLLM with its own events
-(`take_events`). Everything happens in the scheduler process, on every device.
+(`take_events`). Everything happens in the scheduler process, on every device. With
+the host tier in an `lmcache server`, the server's tiers are the ones that report
+(lmcache/v1/mp/server_events.py), under the same tier names.
 
 A vLLM block belongs to the chunk holding its last token: once that chunk (and the
 prefix before it) is stored, the whole block is. With tensor parallelism every rank

@@ -92,6 +92,8 @@ class WorkerMetrics:
                 self._events.append([tier, bool(stored), key.chunk_hash, int(key.worker_id)])
 
     def reply(self, counters, engine) -> dict:
+        if self.collect_events and engine is not None:
+            engine.storage.sync_events()  # a server's tiers tell their events when asked
         with self._lock:
             events, self._events = list(self._events), deque(maxlen=MAX_EVENTS)
         samples = {}
@@ -148,10 +150,10 @@ def hit_runs(engine, tokens, hit: int, key_material=None) -> list | None:
     """[[tier, tokens], ...] in prefix order for the first `hit` tokens; None where
     the engine has only the CPU tier (every hit is a host-memory hit)."""
     storage = engine.storage
-    host_prefix = getattr(storage, "host_prefix", None)
-    if host_prefix is not None:  # the lmcache server's host memory, then whatever its L2 holds
+    if storage.cpu is None and storage.disk is None and storage.remote is None:
+        # the tiers are the lmcache server's: its host memory, then whatever its L2 holds
         chunks = list(engine.token_db.chunks(tokens, hit, key_material))
-        in_host = sum(c.end - c.start for c in chunks[:host_prefix([c.key for c in chunks])]) if chunks else 0
+        in_host = sum(c.end - c.start for c in chunks[:storage.host_prefix([c.key for c in chunks])]) if chunks else 0
         return [[tier, n] for tier, n in (("cpu", in_host), (SERVER_L2, hit - in_host)) if n > 0]
     if storage.disk is None and storage.remote is None:
         return None
