@@ -63,7 +63,7 @@ class LMCacheEngine:
         )
         self.storage = build_storage(config, self.stats, self.token_db.owns)  # here, or the node's lmcache server
         self.leases = LeaseTable(self.storage.get, self.storage.release, config.lookup_lease_ttl,
-                                 get_many=self.storage.get_many)
+                                 get_many=self.storage.get_many, prefetch_get_many=self.storage.get_many_in_background)
         self.gpu_connector = None
         if gpu_connector is not None:
             self.set_gpu_connector(gpu_connector)

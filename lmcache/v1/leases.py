@@ -53,12 +53,14 @@ class LeaseTable:
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
         get_many: Callable[[list], list] | None = None,
+        prefetch_get_many: Callable[[list], list] | None = None,
     ):
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {ttl!r}")
         self._get = get  # the storage manager's get(): object with a reader reference, or None
         self._release = release  # ... and its release()
         self._get_many = get_many  # several keys in one go (a prefix): one round trip to a server
+        self._prefetch_get_many = prefetch_get_many or get_many  # the same, for the prefetch thread
         self.ttl = float(ttl)
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
@@ -164,9 +166,9 @@ class LeaseTable:
                 return
             need = [key for key in keys[start:] if key not in self._held]
         fetched: dict = {}
-        if self._get_many is not None and need:  # the slow reads in one call, outside the lock
-            fetched = dict(zip(need, self._get_many(need)))
-        asked = set(need) if self._get_many is not None else set()
+        if self._prefetch_get_many is not None and need:  # the slow reads in one call, outside the lock
+            fetched = dict(zip(need, self._prefetch_get_many(need)))
+        asked = set(need) if self._prefetch_get_many is not None else set()
         try:
             self._hold_fetched(lease_id, lease, keys, start, usable, fetched, asked)
         finally:

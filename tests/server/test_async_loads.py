@@ -38,18 +38,21 @@ def restarted_disk_server(cache_server_factory, tmp_path):
 
 @pytest.fixture
 def gated_pins(monkeypatch):
-    """ServerStorage.get_many (the pins) run by the real code, but only once `gate` is set;
-    `callers` records which thread asked for how many keys."""
-    real = ServerStorage.get_many
+    """The pins of ServerStorage (get_many, and get_many_in_background: the prefetch's) run
+    by the real code, the prefetch's only once `gate` is set; `callers` records which
+    thread asked for how many keys."""
     gate, callers = threading.Event(), []
 
-    def gated(self, keys):
-        callers.append((threading.current_thread().name, len(keys)))
-        if threading.current_thread() is not threading.main_thread():
-            gate.wait(60)
-        return real(self, keys)
+    def gated(real):
+        def pins(self, keys):
+            callers.append((threading.current_thread().name, len(keys)))
+            if threading.current_thread() is not threading.main_thread():
+                gate.wait(60)
+            return real(self, keys)
+        return pins
 
-    monkeypatch.setattr(ServerStorage, "get_many", gated)
+    for name in ("get_many", "get_many_in_background"):
+        monkeypatch.setattr(ServerStorage, name, gated(getattr(ServerStorage, name)))
     return gate, callers
 
 

@@ -144,16 +144,20 @@ class ServerLink:
 
     def __init__(self, host: str, port: int, stats: EngineStats, *, timeout: float = 2.0,
                  connect_timeout: float = 0.5, retry_interval: float = 10.0,
-                 fallbacks: tuple[tuple[str, int], ...] = ()):
+                 fallbacks: tuple[tuple[str, int], ...] = (), twin_of: "ServerLink | None" = None, role: str = ""):
+        """`twin_of`: a second link to the same server(s) for a thread whose round trips must
+        not wait behind that link's (the server answers each connection in order); it shares
+        that link's outage (one line and one back-off per outage) and mapped arenas. `role`
+        names it in the server's log."""
         self.addresses = [(host, port), *fallbacks]
         self.host, self.port = host, port
         self.address = f"{host}:{port}"  # the one connected to last
         self.timeout, self.connect_timeout = timeout, connect_timeout
         named = ", ".join(f"{h}:{p}" for h, p in self.addresses)
-        self.outage = Outage(f"lmcache server{'s' if fallbacks else ''} {named}", logger, stats, retry_interval,
-                             tier="server")
-        self.name = f"pid {os.getpid()}"
-        self._arenas: dict[str, Arena] = {}
+        self.outage = twin_of.outage if twin_of is not None else Outage(
+            f"lmcache server{'s' if fallbacks else ''} {named}", logger, stats, retry_interval, tier="server")
+        self.name = f"pid {os.getpid()}{' ' + role if role else ''}"
+        self._arenas: dict[str, Arena] = twin_of._arenas if twin_of is not None else {}
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         # (server_id, its event number) when this link first reached that server: its

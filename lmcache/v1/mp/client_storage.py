@@ -14,6 +14,7 @@ dropped), lookups find nothing, and no call waits longer than the request timeou
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Callable
@@ -50,23 +51,27 @@ class ServerStorage:
         """`owns`: which keys are this engine's (its chunk events); default none."""
         self.config = config
         self.stats = stats
-        self.link = ServerLink(host, port, stats, timeout=config.remote_timeout,
-                               connect_timeout=config.remote_connect_timeout,
-                               retry_interval=min(config.remote_retry_interval, 2.0), fallbacks=fallbacks)
+        link = functools.partial(ServerLink, host, port, stats, timeout=config.remote_timeout,
+                                 connect_timeout=config.remote_connect_timeout,
+                                 retry_interval=min(config.remote_retry_interval, 2.0), fallbacks=fallbacks)
+        self.link = link()
+        # the lease prefetch's pins, which may wait for the server's L2 reads: connected on first use
+        self.background_link = link(twin_of=self.link, role="prefetch")
         self.events = ServerEvents(self.link, stats, owns or (lambda key: False))
         self._pinned: dict[CacheEngineKey, tuple[SlotObj, Connection]] = {}
         self._keys: dict[int, CacheEngineKey] = {}  # id(pinned obj) -> key
         self._lock = threading.Lock()
         self._full_logged = False
 
-    def _call(self, op: str, **fields) -> tuple[dict | None, Connection | None]:
-        conn = self.link.connection()
+    def _call(self, op: str, link: ServerLink | None = None, **fields) -> tuple[dict | None, Connection | None]:
+        link = link or self.link
+        conn = link.connection()
         if conn is None:
             return None, None
         try:
             return conn.call(op, **fields), conn
         except RequestFailed as exc:
-            self.link.failed(conn, exc)
+            link.failed(conn, exc)
             return None, None
 
     def _arena(self, conn: Connection) -> Arena:
@@ -163,6 +168,14 @@ class ServerStorage:
 
     def get_many(self, keys: list[CacheEngineKey]) -> list[SlotObj]:
         """The prefix of `keys` the server holds, each with a reader reference (release())."""
+        return self._pin_prefix(keys, self.link)
+
+    def get_many_in_background(self, keys: list[CacheEngineKey]) -> list[SlotObj]:
+        """get_many for the lease prefetch thread, over a connection of its own: the server's
+        L2 reads its pins wait for never hold up the step's round trips."""
+        return self._pin_prefix(keys, self.background_link)
+
+    def _pin_prefix(self, keys: list[CacheEngineKey], link: ServerLink) -> list[SlotObj]:
         out: list[SlotObj] = []
         with self._lock:
             while len(out) < len(keys) and keys[len(out)] in self._pinned:
@@ -172,7 +185,7 @@ class ServerStorage:
         if len(out) == len(keys):
             return out
         wanted = keys[len(out):]
-        reply, conn = self._call("pin", keys=[k.to_string() for k in wanted])
+        reply, conn = self._call("pin", link, keys=[k.to_string() for k in wanted])
         if reply is None:
             return out
         slots = reply.get("slots") or []
@@ -258,6 +271,7 @@ class ServerStorage:
     def close(self, timeout: float = 30.0) -> None:
         self.flush()
         self.link.close()  # the server gives back whatever this process still held
+        self.background_link.close()
         with self._lock:
             self._pinned.clear()
             self._keys.clear()

@@ -210,6 +210,10 @@ class StorageManager:
                     unused.free()
         return out
 
+    def get_many_in_background(self, keys: list[CacheEngineKey]) -> list[MemoryObj]:
+        """get_many for a background reader (the lease prefetch): the same here."""
+        return self.get_many(keys)
+
     def _promote(self, key: CacheEngineKey, obj: MemoryObj) -> MemoryObj:
         obj.stored_key = key
         obj.ref_count_up()
