@@ -40,6 +40,14 @@ class Heard:
         return items
 
 
+def store_and_hear(engine, conn, heard: Heard, p: int) -> list:
+    """Store prompt p, let the server have it all, and what the engine then hears."""
+    assert store_prompt(engine, conn, p, N) == N
+    engine.storage.flush()
+    engine.storage.sync_events()
+    return heard.take()
+
+
 def keys_of(engine, p: int) -> list:
     return [c.key for c in engine.token_db.chunks(prompt_tokens(p, N))]
 
@@ -56,10 +64,7 @@ def test_an_engine_hears_its_stores_and_the_evictions_anothers_stores_caused(cac
     other, other_conn = other_model_engine(config)
     try:
         heard = Heard(mine)
-        assert store_prompt(mine, my_conn, 1, N) == N
-        mine.storage.flush()
-        mine.storage.sync_events()
-        assert heard.take() == [("cpu", True, k) for k in keys_of(mine, 1)]  # in order, this engine's keys
+        assert store_and_hear(mine, my_conn, heard, 1) == [("cpu", True, k) for k in keys_of(mine, 1)]  # in order
 
         # the same tokens under another model: a different key, not this engine's chunk
         assert store_prompt(other, other_conn, 1, N) == N
@@ -87,10 +92,7 @@ def test_a_server_gone_is_everything_lost_once_and_a_restarted_one_starts_afresh
     engine, conn = make_engine(config, N)
     try:
         heard = Heard(engine)
-        store_prompt(engine, conn, 1, N)
-        engine.storage.flush()
-        engine.storage.sync_events()
-        assert len(heard.take()) == 4
+        assert len(store_and_hear(engine, conn, heard, 1)) == 4
         cache_server.kill()
         assert engine.lookup(prompt_tokens(1, N)) == 0  # the step thread notices the outage
         engine.storage.sync_events()
@@ -112,10 +114,7 @@ def test_the_same_server_after_an_outage_tells_again_what_it_still_holds(cache_s
     engine, conn = make_engine(config, N)
     try:
         heard = Heard(engine)
-        store_prompt(engine, conn, 1, N)
-        engine.storage.flush()
-        engine.storage.sync_events()
-        told = heard.take()
+        told = store_and_hear(engine, conn, heard, 1)
         link = engine.storage.link
         link.failed(link.current(), OSError("timed out (the test)"))  # our side gave up; the server lives on
         engine.storage.sync_events()
