@@ -93,3 +93,11 @@ def test_a_valkey_cluster_adapter_serves_after_a_restart(cache_server_factory, r
     adapter = json.dumps({"type": "valkey", "startup_nodes": nodes, "cluster_mode": True})
     server = cache_server_factory(extra_args=("--l2-adapter", adapter)).start()
     _stored_then_served_after_restart(server)
+
+
+def test_a_resp_adapters_password_works_and_never_reaches_the_log(cache_server_factory, redis_factory):
+    redis = redis_factory("--requirepass", "pw-9f3a")
+    adapter = json.dumps({"type": "resp", "host": "127.0.0.1", "port": redis.port, "password": "pw-9f3a"})
+    server = cache_server_factory(extra_args=("--l2-adapter", adapter)).start()
+    _stored_then_served_after_restart(server)
+    assert "127.0.0.1:%d" % redis.port in server.log() and "pw-9f3a" not in server.log()
