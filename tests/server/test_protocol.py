@@ -109,19 +109,3 @@ def test_the_http_port_serves_health_status_and_prometheus_metrics(module_server
     assert status["l1_bytes"] > 0 and "pins" in status
     metrics = get("/metrics")[1]
     assert "# TYPE lmcache_server_l1_used_bytes gauge" in metrics and "lmcache_server_misses_absent_total" in metrics
-
-
-def test_l2_adapters_map_to_the_tiers_and_unknown_ones_are_refused_by_name():
-    from lmcache.v1.mp.l2_adapters import AdapterError, parse_adapters
-
-    got = parse_adapters(['{"type": "fs", "base_path": "/var/cache/x", "max_capacity_gb": 10}',
-                          '{"type": "resp", "host": "10.0.0.1", "port": 6379, "password": "p@ss"}'])
-    assert got == {"local_disk": "/var/cache/x", "max_local_disk_size": 10,
-                   "remote_url": "redis://:p%40ss@10.0.0.1:6379"}
-    assert parse_adapters(['{"type": "valkey", "startup_nodes": ["h:7000"], "database_id": 2}']) == {
-        "remote_url": "valkey://h:7000/2"}
-    for bad, why in (('{"type": "s3"}', "not provided here; accepted: fs, resp, valkey, lm"),
-                     ('{"type": "nope"}', "unknown"), ("not json", "is not JSON"),
-                     ('{"type": "fs"}', "field 'base_path' is required")):
-        with pytest.raises(AdapterError, match=why):
-            parse_adapters([bad])

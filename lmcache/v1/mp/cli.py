@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="tokens per chunk clients should use (default 256)")
     parser.add_argument("--l2-adapter", action="append", default=[], metavar="JSON",
-                        help='a tier below host memory, repeatable: {"type": "fs"|"resp"|"valkey"|"lm", ...}')
+                        help='a tier below host memory, repeatable: {"type": "fs"|"resp"|"valkey"|"s3"|"lm", ...}')
     parser.add_argument("--http-port", type=int, default=None,
                         help="serve /healthcheck, /status and Prometheus /metrics on this port (default: off)")
     parser.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP port (default 127.0.0.1)")
@@ -53,7 +53,9 @@ def _config(args, parser_error):
         parser_error(f"--port {args.port} is not a TCP port (1..65535)")
     overrides: dict = {}
     try:
-        overrides.update(parse_adapters(args.l2_adapter))
+        l2 = parse_adapters(args.l2_adapter)
+        overrides.update(l2.overrides)
+        os.environ.update(l2.environment)  # what boto3 reads (this process is the server alone)
         config = load_config(extra_config={})
         if args.l1_size_gb is not None:
             overrides["max_local_cpu_size"] = args.l1_size_gb
@@ -75,6 +77,7 @@ def run(args) -> int:
     from lmcache.v1.mp.http_status import StatusServer
     from lmcache.v1.mp.server import CacheServer
     from lmcache.v1.mp.shared_cache import SharedCache
+    from lmcache.v1.remote_urls import redact_url
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -107,7 +110,8 @@ def run(args) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        l2 = ", ".join(t for t in (config.local_disk and f"disk {config.local_disk}", config.remote_url) if t)
+        l2 = ", ".join(t for t in (config.local_disk and f"disk {config.local_disk}",
+                                   config.remote_url and redact_url(config.remote_url)) if t)
         logger.info("lmcache server listening on %s:%d (protocol v%d; L1 %.3f GB shared memory in %s; L2: %s; "
                     "chunk %d%s)", args.host, server.port, _protocol_version(), config.max_local_cpu_size,
                     arena.path, l2 or "none", config.chunk_size,
