@@ -32,7 +32,7 @@ def measure(args, model: str, start_vllm, device_type: str) -> dict:
     """`start_vllm(server_port)`: an LLM whose host tier is in process (None) or the server's."""
     from vllm import SamplingParams
 
-    from lmcache.integration.vllm.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
+    from lmcache.integration.vllm.metrics.worker_stats import loaded_tokens, reset_vllm_prefix_cache, shutdown_llm
     from lmcache.testing.cache_server import CacheServerProcess
     from lmcache.testing.tiny_llama import make_prompt
 
