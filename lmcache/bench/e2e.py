@@ -137,7 +137,7 @@ def _measure(args, model, llm, device_type, step, total, where) -> dict:
         return time.perf_counter() - start
 
     with Phase(step(), total, "warming up", eta_key=f"e2e.warmup.{device_type}"):
-        warm = make_prompt(model, 1024, vocab, seed=999)
+        warm = make_prompt(model, min(1024, args.prompt_tokens), vocab, seed=999)  # within max_model_len
         for _ in range(2):
             reset_vllm_prefix_cache(llm)
             ttft(warm)

@@ -50,7 +50,7 @@ def measure(args, model: str, start_vllm, device_type: str) -> dict:
             llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
             return time.perf_counter() - start
 
-        warm = make_prompt(model, 1024, vocab, seed=999)
+        warm = make_prompt(model, min(1024, args.prompt_tokens), vocab, seed=999)  # within max_model_len
         for llm in engines.values():
             for _ in range(2):
                 reset_vllm_prefix_cache(llm)
