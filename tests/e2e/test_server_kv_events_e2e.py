@@ -38,6 +38,7 @@ CHUNK = 256
 CHUNK_BYTES = 256 * 2048  # the tiny model's KV per chunk (256 tokens x 2 KiB)
 
 
+@pytest.mark.e2e_core  # also on vLLM 0.27.1
 def test_kv_events_through_the_server_follow_its_stores_evictions_and_death(tiny_llama, tmp_path):
     server = CacheServerProcess(l1_gb=5.5 * CHUNK_BYTES / 1024**3, chunk_size=CHUNK,
                                 log_path=tmp_path / "lmcache-server.log").start()
