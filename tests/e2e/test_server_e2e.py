@@ -32,7 +32,6 @@ def gen(name, *prompts, **kw):
     return {"op": "generate", "name": name, "prompts": list(prompts), "max_tokens": 4, "logprobs": 5, **kw}
 
 
-@pytest.mark.e2e_core  # also on vLLM 0.27.1
 def test_two_vllm_engines_share_one_server_and_survive_its_restart(tiny_llama, tmp_path):
     p1, p3, p4 = (prompt_token_ids(tiny_llama, 769, seed=s) for s in (21, 23, 24))
     server = CacheServerProcess(l1_gb=0.05, chunk_size=CHUNK).start()
