@@ -88,7 +88,7 @@ def store_for(tier: str, redis_url: str | None,
             try:
                 yield (S3Backend(f"s3://{BUCKET}/bench", endpoint_url=server.endpoint, timeout=30.0,
                                  integrity=integrity),
-                       server.client(), {"bucket": BUCKET})
+                       server.client(read_timeout=30.0), {"bucket": BUCKET})  # as long as ours
             finally:
                 for k, v in saved.items():
                     if v is None:

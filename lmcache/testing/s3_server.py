@@ -41,14 +41,15 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
-    def client(self):
+    def client(self, read_timeout: float = 5.0):
+        """boto3 on this server; one attempt, a short read timeout (tests see an outage at once)."""
         import boto3
         from botocore.config import Config
 
         return boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-            config=Config(retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=5,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=read_timeout,
                           s3={"addressing_style": "path"}))
 
     def command(self) -> list[str]:

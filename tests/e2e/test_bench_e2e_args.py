@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tests.helpers.bench_cli import run_bench
+
 
 @pytest.mark.parametrize("args", [["--hit-repeats", "0"], ["--rounds", "0"], ["--prompt-tokens", "100"]])
 def test_bench_e2e_refuses_bad_settings(args):
@@ -21,12 +23,7 @@ def test_the_smallest_bench_e2e_runs_and_loads_the_hit(tiny_llama, mode):
     the bench's 1,024-token warm-up): it finishes, prints its JSON line last, and every
     engine loaded the hit (in process, and through a real `lmcache server`). Its timings
     are the bench's to report, not checked here."""
-    import json
-
-    out = subprocess.run([sys.executable, "-m", "lmcache", "bench", "e2e", *mode, "--model", tiny_llama,
-                          "--prompt-tokens", "768", "--rounds", "1", "--hit-repeats", "1"],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])  # the JSON line comes last
+    result, _ = run_bench("e2e", *mode, "--model", tiny_llama, "--prompt-tokens", "768", "--rounds", "1",
+                          "--hit-repeats", "1", timeout=900)  # the JSON line comes last
     loaded = [v for k, v in result.items() if k.startswith("loaded_tokens")]
     assert loaded == [767] * (2 if mode else 1)  # all but the last token, which vLLM computes

