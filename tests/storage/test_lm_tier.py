@@ -3,6 +3,8 @@ it, a server killed mid-run and restarted, a dead server at start, replies that
 do not describe a chunk, keys that do not fit upstream's shape, and config."""
 
 import logging
+import os
+import signal
 import socket
 import threading
 
@@ -84,6 +86,30 @@ def test_engine_through_lm_tier_and_a_second_engine_finds_it(lm_server):
     assert other.lookup(prompt_tokens(2, N)) == 0
     engine.close()
     other.close()
+
+
+def test_a_stored_chunk_is_on_the_server_when_put_returns(lm_server):
+    """The protocol's PUT has no reply; a stored chunk must still be there for every other
+    client (another vLLM's lookup) by the time put() says True: while the server is
+    stopped, put() waits for it, and once it runs again another connection finds the chunk."""
+    pool = HostMemoryPool(8 * MB)
+    obj = make_obj(pool, torch.float16, False)
+    writer = LMServerBackend(lm_server.url, timeout=60.0)
+    reader = LMServerBackend(lm_server.url)
+    assert writer.health()  # connected before the server stops
+    result = {}
+    os.kill(lm_server.proc.pid, signal.SIGSTOP)
+    try:
+        thread = threading.Thread(target=lambda: result.update(stored=writer.put(key(1), obj)))
+        thread.start()
+        thread.join(2.0)
+        assert thread.is_alive(), "put() returned while the server could not have stored anything"
+    finally:
+        os.kill(lm_server.proc.pid, signal.SIGCONT)
+    thread.join(60)
+    assert result["stored"] is True and reader.contains(key(1))
+    writer.close()
+    reader.close()
 
 
 def test_server_killed_mid_run_then_restarted(lm_factory, caplog):

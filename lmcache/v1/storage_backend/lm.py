@@ -17,7 +17,8 @@ come from a small pool, so the background writer's PUTs do not wait behind the
 engine's GETs; a connection that saw any error is closed, never reused.
 `timeout` (remote_timeout) is a deadline for a whole operation (a GET with its
 payload, a lookup's EXISTs, a PUT), not per read: a server that trickles bytes
-cannot hold a request past it.
+cannot hold a request past it. A batch of PUTs ends with a HEALTH round trip on the
+same connection (put_many): stored means visible to every other client.
 """
 
 from __future__ import annotations
@@ -242,36 +243,66 @@ class LMServerBackend:
 
     def put_many(self, keys: list[CacheEngineKey], objs: list[MemoryObj],
                  checksums: list[ChecksumMemo | None] | None = None) -> list[bool]:
-        """put() of each chunk in turn (the protocol has no batched write)."""
+        """PUT the chunks on one connection, then one HEALTH round trip. The protocol's PUT
+        has no reply, but a server handles a connection's requests in order, so its HEALTH
+        answer means every chunk before it is stored: True then means another client's
+        lookup finds it. All False (counted as dropped) if the server is down or the batch
+        cannot be sent; a chunk that cannot be encoded is False alone."""
         checksums = checksums or [None] * len(keys)
-        return [self.put(key, obj, memo) for key, obj, memo in zip(keys, objs, checksums)]
+        stored = [False] * len(keys)
+        if not self._outage.usable():
+            self._stats.miss("dropped", len(keys), tier=self.name)
+            return stored
+        frames = []  # (index, header, payload)
+        for i, (key, obj, memo) in enumerate(zip(keys, objs, checksums)):
+            header = self._put_header(key, obj, memo)
+            if header is not None:
+                frames.append((i, header, memoryview(payload_view(obj.tensor))))
+        if not frames:
+            return stored
+        try:
+            self._exchange(lambda sock, _: self._send_and_confirm(sock, frames))
+        except OSError as exc:
+            self._outage.failed(exc)
+            self._stats.miss("dropped", len(frames), tier=self.name)
+            return stored
+        except BadReply as exc:
+            self._outage.worked()
+            self._log_once("put-reply", "the HEALTH after a PUT was answered with %s: chunks not counted as stored", exc)
+            self._stats.miss("dropped", len(frames), tier=self.name)
+            return stored
+        self._outage.worked()
+        for i, _, _ in frames:
+            stored[i] = True
+            self._shunned.discard(keys[i])
+            self._stats.chunk_event(self.name, True, keys[i])
+        return stored
 
     def put(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None = None) -> bool:
-        """PUT the chunk (the protocol has no reply to a PUT); False, counted as
-        dropped, if the server is down or the chunk cannot be sent."""
-        if not self._outage.usable():
-            self._stats.miss("dropped", tier=self.name)
-            return False
+        """put_many() of one chunk: True once the server has stored it."""
+        return self.put_many([key], [obj], [checksum])[0]
+
+    def _put_header(self, key: CacheEngineKey, obj: MemoryObj, checksum: ChecksumMemo | None) -> bytes | None:
         try:
             if self._integrity.has_secret:
-                header = sealed_put_header(key, obj, self._integrity, checksum)
-            else:
-                header = _put_header(key, obj)
+                return sealed_put_header(key, obj, self._integrity, checksum)
+            return _put_header(key, obj)
         except (lm_keys.KeyEncodingError, P.ProtocolError, serde.SerdeError) as exc:
             self._log_once("put", "chunk not stored: %s", exc)
             self._stats.miss("dropped", tier=self.name)
-            return False
-        payload = memoryview(payload_view(obj.tensor))
-        try:
-            self._exchange(lambda sock, by: (P.send_all(sock, header, by), P.send_all(sock, payload, by)))
-        except OSError as exc:
-            self._outage.failed(exc)
-            self._stats.miss("dropped", tier=self.name)
-            return False
-        self._outage.worked()
-        self._shunned.discard(key)
-        self._stats.chunk_event(self.name, True, key)
-        return True
+            return None
+
+    def _send_and_confirm(self, sock: socket.socket, frames: list[tuple[int, bytes, memoryview]]) -> None:
+        """Each chunk by its own deadline (remote_timeout from when its sending starts), then the HEALTH."""
+        for _, header, payload in frames:
+            by = self._deadline()
+            P.send_all(sock, header, by)
+            P.send_all(sock, payload, by)
+        by = self._deadline()
+        P.send_all(sock, P.pack_request(P.HEALTH, HEALTH_KEY), by)
+        reply = _read_reply(sock, by)
+        if reply.code != P.SUCCESS or reply.length != 0:
+            raise BadReply(f"code {reply.code}, length {reply.length}")
 
     def remove(self, key: CacheEngineKey) -> None:
         """The protocol has no delete (the server's LRU eviction removes entries): the
